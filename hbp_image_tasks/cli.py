@@ -1,0 +1,152 @@
+"""Shared command-line plumbing: logging options, job counts, error-to-exit-code mapping.
+
+Every console script builds its parser from these helpers and runs its work
+through :func:`run_command`, so options and exit codes never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Iterable
+
+from . import errors
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces every registered secret in log records by ``***``."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self._secrets: set[str] = {s for s in secrets if s}
+
+    def add(self, secret: str | None) -> None:
+        """Registers one more secret to hide from every later line."""
+        if secret:
+            self._secrets.add(secret)
+
+    def redact(self, text: str) -> str:
+        """Returns ``text`` with every registered secret replaced."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = self.redact(record.getMessage())
+            record.msg, record.args = message, None
+            if record.exc_info:
+                record.exc_text = self.redact(
+                    "".join(traceback.format_exception(*record.exc_info))
+                ).rstrip("\n")
+                record.exc_info = None
+        return True
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the stacked ``-v``/``-q`` counters."""
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more output: -v shows debug messages and tracebacks, -vv also "
+             "the HTTP libraries' debug messages (secrets are always hidden)")
+    group.add_argument(
+        "-q", "--quiet", action="count", default=0,
+        help="less output: -q shows only warnings and errors (no progress), "
+             "-qq only errors")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """Returns the net verbosity: 0 normal, >0 verbose, <0 quiet."""
+    return getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+
+
+def configure_logging(level: int, stream=None) -> RedactingFilter:
+    """Sets up the root logger for a command run; returns its redacting filter."""
+    python_level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(level, -2), logging.DEBUG)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    redactor = RedactingFilter()
+    handler.addFilter(redactor)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_hbp_handler", False):
+            root.removeHandler(old)
+    handler._hbp_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(python_level)
+    # Third-party libraries are noisy at DEBUG; show them only from -vv on.
+    library_level = logging.DEBUG if level >= 2 else max(python_level, logging.WARNING)
+    for name in ("urllib3", "swiftclient", "keystoneauth", "requests", "PIL"):
+        logging.getLogger(name).setLevel(library_level)
+    return redactor
+
+
+def default_jobs() -> int:
+    """Returns the CPUs this process may use, honouring Slurm's allocation."""
+    for variable in ("SLURM_CPUS_PER_TASK", "HBP_JOBS"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def add_jobs_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                    what: str = "parallel workers") -> None:
+    """Adds ``--jobs N`` with the allocation-aware default."""
+    parser.add_argument(
+        "-j", "--jobs", type=positive_int, default=None, metavar="N",
+        help=f"number of {what} (default: the CPUs this process may use, "
+             "from SLURM_CPUS_PER_TASK or the CPU affinity mask)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks and shows defaults."""
+
+
+def run_command(work: Callable[[RedactingFilter], int | None],
+                args: argparse.Namespace, stream=None) -> int:
+    """Runs ``work`` with logging set up; maps failures to one line and an exit code."""
+    level = verbosity(args)
+    redactor = configure_logging(level, stream)
+    try:
+        result = work(redactor)
+        return errors.EXIT_OK if result is None else int(result)
+    except errors.HbpError as exc:
+        if level >= 1:
+            logger.debug("traceback", exc_info=True)
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the same command again to resume")
+        return errors.EXIT_SIGINT
+    except Exception as exc:  # a bug: one line, the traceback only with -v
+        if level >= 1:
+            logger.error("unexpected error", exc_info=True)
+        else:
+            logger.error("unexpected error: %s: %s (run with -v for the traceback)",
+                         type(exc).__name__, redactor.redact(str(exc)))
+        return errors.EXIT_INTERNAL

@@ -1,0 +1,82 @@
+"""Error types of hbp-image-tasks, one per boundary, and the exit codes they map to.
+
+``main()`` of every command turns these into a one-line message and the exit
+code documented here (and in the README), so job scripts can act on it.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOURCE = 3
+EXIT_CONVERSION = 4
+EXIT_UPLOAD = 5
+EXIT_SIGINT = 130
+EXIT_INTERRUPTED = 143
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_INTERNAL}    unexpected internal error (a bug: please report it with -v output)
+  {EXIT_USAGE}    bad usage or bad input (options, settings file, parameters, input files)
+  {EXIT_SOURCE}    fetching the input failed (HTTP or Swift error, verification failed)
+  {EXIT_CONVERSION}    conversion to Neuroglancer precomputed failed
+  {EXIT_UPLOAD}    upload to Swift or its verification failed
+  {EXIT_SIGINT}  interrupted by SIGINT (Ctrl-C); the same command resumes
+  {EXIT_INTERRUPTED}  interrupted by SIGTERM (e.g. walltime); the same command resumes
+"""
+
+
+class HbpError(Exception):
+    """Base of all expected failures; ``exit_code`` is what ``main()`` returns."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(HbpError):
+    """Bad options, settings or parameters given by the user."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(UsageError):
+    """Input data that cannot be used (corrupt image, mixed sizes, bad names)."""
+
+
+class SettingsError(UsageError):
+    """The Swift settings file is missing, unsafe or invalid."""
+
+
+class RemoteError(HbpError):
+    """A remote store (HTTP server, Swift, Keystone) failed or refused a request."""
+
+    exit_code = EXIT_SOURCE
+
+
+class FetchError(RemoteError):
+    """Fetching the input failed."""
+
+    exit_code = EXIT_SOURCE
+
+
+class ConversionError(HbpError):
+    """Converting the input to Neuroglancer precomputed failed."""
+
+    exit_code = EXIT_CONVERSION
+
+
+class UploadError(RemoteError):
+    """Uploading or verifying the uploaded dataset failed."""
+
+    exit_code = EXIT_UPLOAD
+
+
+class Interrupted(HbpError):
+    """A signal asked the work to stop; state was saved so the same command resumes."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, signal_number: int | None = None):
+        super().__init__(message)
+        if signal_number == 2:
+            self.exit_code = EXIT_SIGINT
