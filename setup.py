@@ -39,6 +39,7 @@ setup(
             "ingest_ngs = hbp_image_tasks.ingest_ngs:main",
             "upload_results = hbp_image_tasks.upload_results:main",
             "ingest = hbp_image_tasks.ingest:main",
+            "check_viewer = hbp_image_tasks.check_viewer:main",
         ],
     },
     classifiers=[
