@@ -1,4 +1,4 @@
-"""Packaging of hbp-image-tasks: metadata lives here, the version on one line."""
+"""Packaging of hbp-image-tasks: all metadata lives here (release number on one line)."""
 from setuptools import find_packages, setup
 
 with open("README.md", encoding="utf-8") as readme:
