@@ -1,0 +1,90 @@
+"""Shared command-line plumbing: exit codes, job counts, progress lines, redaction."""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+
+import pytest
+
+from hbp_image_tasks import cli, errors
+from hbp_image_tasks.progress import Progress, format_bytes, format_duration
+
+
+def namespace(verbose: int = 0, quiet: int = 0) -> argparse.Namespace:
+    return argparse.Namespace(verbose=verbose, quiet=quiet)
+
+
+@pytest.mark.parametrize("error, code", [
+    (errors.UsageError("bad option"), 2),
+    (errors.SettingsError("bad settings"), 2),
+    (errors.FetchError("404"), 3),
+    (errors.ConversionError("corrupt"), 4),
+    (errors.UploadError("403"), 5),
+    (errors.Interrupted("stop", signal_number=15), 143),
+    (errors.Interrupted("stop", signal_number=2), 130),
+])
+def test_run_command_maps_each_error_to_its_exit_code_and_one_line(error, code):
+    stream = io.StringIO()
+
+    def work(redactor):
+        raise error
+
+    assert cli.run_command(work, namespace(), stream=stream) == code
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 1 and str(error) in lines[0]
+
+
+def test_unexpected_error_is_one_line_without_verbose_and_a_traceback_with_it():
+    def work(redactor):
+        raise ValueError("boom")
+
+    quiet, verbose = io.StringIO(), io.StringIO()
+    assert cli.run_command(work, namespace(), stream=quiet) == errors.EXIT_INTERNAL
+    assert cli.run_command(work, namespace(verbose=1), stream=verbose) == 1
+    assert len(quiet.getvalue().strip().splitlines()) == 1
+    assert "Traceback" not in quiet.getvalue()
+    assert "Traceback" in verbose.getvalue()
+
+
+def test_registered_secret_is_hidden_in_messages_and_tracebacks():
+    stream = io.StringIO()
+
+    def work(redactor):
+        redactor.add("s3cr3t-value")
+        logging.getLogger("test").debug("password is %s", "s3cr3t-value")
+        raise RuntimeError("auth failed for s3cr3t-value")
+
+    cli.run_command(work, namespace(verbose=2), stream=stream)
+    output = stream.getvalue()
+    assert "s3cr3t-value" not in output
+    assert "password is ***" in output and "Traceback" in output
+
+
+def test_default_jobs_honours_slurm_allocation(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "7")
+    assert cli.default_jobs() == 7
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("HBP_JOBS", raising=False)
+    import os
+    assert cli.default_jobs() == len(os.sched_getaffinity(0))
+
+
+def test_progress_without_tty_logs_counts_bytes_and_rate(caplog):
+    caplog.set_level(logging.INFO)
+    with Progress("fetch", total=4, total_bytes=4096, interval=0.05,
+                  use_tty=False) as progress:
+        for _ in range(3):
+            progress.update(1, 1024)
+        progress.add_retry()
+    final = caplog.records[-1].getMessage()
+    assert final.startswith("fetch: 3/4 files, 3.0 KiB/4.0 KiB")
+    assert "files/s" in final and "1 retries" in final
+    assert "\r" not in caplog.text and "\x1b" not in caplog.text
+
+
+def test_human_formats():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 1024 ** 3) == "3.0 GiB"
+    assert format_duration(3723) == "1h02m03s"
+    assert format_duration(65) == "1m05s"
