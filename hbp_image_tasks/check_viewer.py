@@ -1,26 +1,483 @@
-"""The `check_viewer` command (not implemented yet)."""
+"""Proves that a published precomputed dataset opens in the real Neuroglancer viewer.
+
+Opens the Neuroglancer client (from the `neuroglancer` Python package) in headless
+Chromium, points it at the dataset through a local logging proxy, and checks that
+the viewer became ready, every chunk request succeeded, no chunk failed to decode
+and the data panel shows data. Saves a screenshot of what the viewer showed.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
 import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import quote
+
+import requests
 
 from . import cli, errors
+from .viewer_server import ClientServer, DatasetProxy, ProxiedRequest, find_client_dir
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("install the browser extra and Chromium: "
+                "pip install hbp-image-tasks[browser] && apt-get install chromium")
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser",
+                       "google-chrome", "google-chrome-stable")
+# WebGL2 without a GPU (SwiftShader through ANGLE) and nothing that phones home:
+# the machines that run this have no network and no display.
+CHROMIUM_ARGS = (
+    "--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+    "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+    "--ignore-gpu-blocklist", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-default-apps", "--disable-extensions",
+)
+VIEWPORT = {"width": 1024, "height": 768}
+READY_POLLS = 5  # consecutive "ready" answers that count as settled
+POLL_SECONDS = 0.2
+CHUNK_ERROR_TEXT = "Error retrieving chunk"
+RGB_SHADER = ("void main() {\n  emitRGB(vec3(toNormalized(getDataValue(0)), "
+              "toNormalized(getDataValue(1)), toNormalized(getDataValue(2))));\n}\n")
+DEFAULT_MIN_FRACTION = 0.02
+PANEL_OVERLAYS_HIDDEN = ".neuroglancer-rendered-data-panel * { visibility: hidden !important; }"
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {errors.EXIT_OK}    the viewer loaded and rendered the dataset
+  {errors.EXIT_INTERNAL}    unexpected internal error (a bug: please report it with -v output)
+  {errors.EXIT_USAGE}    bad usage, or Chromium / Playwright / Neuroglancer missing
+  {errors.EXIT_SOURCE}    the viewer could not load or render the dataset (the reason is logged)
+  {errors.EXIT_SIGINT}  interrupted by SIGINT (Ctrl-C)
+"""
+
+EXAMPLES = """\
+examples:
+  check_viewer https://swift.example.org/v1/AUTH_x/bigbrain --screenshot bigbrain.png
+  check_viewer https://swift.example.org/v1/AUTH_x/atlas --type segmentation --segments 1 2 3
+"""
 
 
-def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+class BrowserMissing(errors.UsageError):
+    """Chromium, Playwright or the Neuroglancer client is not installed."""
+
+
+class ViewerCheckError(errors.RemoteError):
+    """The viewer could not load or render the dataset."""
+
+
+@dataclasses.dataclass
+class RenderReport:
+    """What the viewer did with one dataset; ``ok`` says whether it counts as rendered."""
+
+    url: str
+    layer_type: str
+    problems: list[str]
+    ready: bool
+    requests: list[ProxiedRequest]
+    console_errors: list[str]
+    page_errors: list[str]
+    signal_fraction: float  # bright (image) or saturated (segmentation) share of the panel
+    screenshot: Path | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Tells whether the dataset rendered with no problem."""
+        return not self.problems
+
+    @property
+    def chunk_requests(self) -> list[ProxiedRequest]:
+        """Returns the requests that fetched chunk data."""
+        return [r for r in self.requests if r.is_chunk]
+
+    def summary(self) -> str:
+        """Returns one line: the verdict and its main reason."""
+        chunks = self.chunk_requests
+        if self.ok:
+            return (f"{self.url}: rendered as {self.layer_type} in {self.seconds:.1f} s "
+                    f"({len(chunks)} chunk requests, all 200; "
+                    f"{self.signal_fraction:.1%} of the data panel shows data)")
+        return f"{self.url}: the viewer cannot show this dataset: {'; '.join(self.problems)}"
+
+
+def find_chromium(explicit: str | None = None) -> str:
+    """Returns the path of a Chromium binary (``explicit``, $CHROMIUM, or a known place)."""
+    for candidate in (explicit, os.environ.get("CHROMIUM"), *CHROMIUM_CANDIDATES):
+        if not candidate:
+            continue
+        path = candidate if os.sep in candidate else shutil.which(candidate)
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+        if candidate == explicit:
+            raise BrowserMissing(f"Chromium binary {explicit!r} not found or not executable")
+    raise BrowserMissing(f"Chromium not found; {INSTALL_HINT}")
+
+
+def missing_requirements(chromium: str | None = None) -> str | None:
+    """Returns why the viewer check cannot run here (one line), or None if it can."""
+    try:
+        import playwright.sync_api  # noqa: F401  (only checking that it is there)
+        find_client_dir()
+        find_chromium(chromium)
+    except ImportError as exc:
+        return f"{exc}; {INSTALL_HINT}"
+    except BrowserMissing as exc:
+        return str(exc)
+    return None
+
+
+def read_info(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Returns the dataset's ``info`` JSON; raises ViewerCheckError when it is unusable."""
+    info_url = f"{url.rstrip('/')}/info"
+    try:
+        response = requests.get(info_url, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ViewerCheckError(f"{info_url}: cannot be fetched: {exc}") from exc
+    if response.status_code != 200:
+        raise ViewerCheckError(f"{info_url}: HTTP {response.status_code} {response.reason}")
+    try:
+        info = response.json()
+    except ValueError as exc:
+        raise ViewerCheckError(f"{info_url}: not valid JSON: {exc}") from exc
+    scales = info.get("scales") if isinstance(info, dict) else None
+    if not scales or not isinstance(scales, list):
+        raise ViewerCheckError(f"{info_url}: no 'scales' list: not a precomputed volume")
+    for index, scale in enumerate(scales):
+        missing = [key for key in ("key", "size", "resolution", "chunk_sizes", "encoding")
+                   if key not in scale]
+        if missing:
+            raise ViewerCheckError(f"{info_url}: scale {index} lacks {', '.join(missing)}")
+    if info.get("type") not in ("image", "segmentation"):
+        raise ViewerCheckError(f"{info_url}: 'type' is {info.get('type')!r}, "
+                               "not 'image' or 'segmentation'")
+    return info
+
+
+def viewer_state(source: str, info: dict[str, Any], layer_type: str,
+                 segments: Sequence[int] = (), layout: str = "4panel") -> dict[str, Any]:
+    """Returns a Neuroglancer state that shows the whole dataset at ``source``, UI overlays off."""
+    layer: dict[str, Any] = {"type": layer_type, "source": f"precomputed://{source}",
+                             "name": "dataset"}
+    if layer_type == "image" and int(info.get("num_channels", 1)) == 3:
+        layer["shader"] = RGB_SHADER
+    if layer_type == "segmentation":
+        if segments:
+            layer["segments"] = [str(s) for s in segments]
+        else:
+            # Without selected segments, show all of them in the cross-sections.
+            layer["notSelectedAlpha"] = 0.5
+    scale0 = info["scales"][0]
+    # The zoom is in metres per screen pixel; fit the largest extent into one panel.
+    extent = max(n * r * 1e-9 for n, r in zip(scale0["size"], scale0["resolution"]))
+    panel_pixels = min(VIEWPORT["width"], VIEWPORT["height"]) / (2 if layout == "4panel" else 1)
+    return {
+        "layers": [layer],
+        "layout": layout,
+        "crossSectionScale": extent / (panel_pixels * 0.8),
+        "projectionScale": extent * 2.0,
+        "crossSectionBackgroundColor": "#000000",
+        "showAxisLines": False,
+        "showScaleBar": False,
+        "showDefaultAnnotations": False,
+        "selectedLayer": {"visible": False},
+    }
+
+
+def viewer_url(page_url: str, state: dict[str, Any]) -> str:
+    """Returns the viewer page URL with ``state`` in its fragment."""
+    return page_url + "#!" + quote(json.dumps(state, separators=(",", ":")), safe="")
+
+
+def signal_fraction(png: bytes, layer_type: str) -> float:
+    """Returns the share of pixels that show data: bright ones (image) or saturated colours (segmentation)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    if pixels.size == 0:
+        return 0.0
+    high = pixels.max(axis=2)
+    if layer_type == "segmentation":
+        low = pixels.min(axis=2)
+        saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0)
+        mask = (saturation >= 0.4) & (high >= 40)
+    else:
+        mask = high >= 64
+    return float(mask.mean())
+
+
+class Browser:
+    """Headless Chromium with the Neuroglancer client served locally; reuse it for several checks."""
+
+    def __init__(self, chromium: str | None = None):
+        reason = missing_requirements(chromium)
+        if reason:
+            raise BrowserMissing(reason)
+        self.chromium = find_chromium(chromium)
+        self._client: ClientServer | None = None
+        self._playwright = None
+        self._browser = None
+
+    def __enter__(self) -> "Browser":
+        from playwright.sync_api import sync_playwright
+
+        self._client = ClientServer().start()
+        try:
+            self._playwright = sync_playwright().start()
+            self._browser = self._playwright.chromium.launch(
+                executable_path=self.chromium, headless=True, args=list(CHROMIUM_ARGS))
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        logger.debug("started %s (version %s)", self.chromium, self._browser.version)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
+        if self._playwright is not None:
+            self._playwright.stop()
+            self._playwright = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def check(self, url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
+              screenshot: Path | str | None = None, timeout: float = 60.0,
+              min_fraction: float = DEFAULT_MIN_FRACTION, layout: str = "4panel"
+              ) -> RenderReport:
+        """Opens ``url`` in the viewer; returns what happened (raises only if ``info`` is unusable)."""
+        assert self._browser is not None and self._client is not None, "use 'with Browser()'"
+        started = time.monotonic()
+        info = read_info(url, timeout=min(timeout, 30.0))
+        layer_type = layer_type or info["type"]
+        with DatasetProxy(url, timeout=timeout) as proxy:
+            state = viewer_state(proxy.url, info, layer_type, segments, layout)
+            context = self._browser.new_context(viewport=VIEWPORT)
+            try:
+                return self._render(context, proxy, url, state, layer_type, screenshot,
+                                    timeout, min_fraction, started)
+            finally:
+                context.close()
+
+    def _render(self, context, proxy: DatasetProxy, url: str, state: dict[str, Any],
+                layer_type: str, screenshot: Path | str | None, timeout: float,
+                min_fraction: float, started: float) -> RenderReport:
+        assert self._client is not None
+        page = context.new_page()
+        console_errors: list[str] = []
+        page_errors: list[str] = []
+
+        def on_console(message) -> None:
+            text = message.text
+            logger.debug("console %s: %s", message.type, text)
+            if message.type == "error" or CHUNK_ERROR_TEXT in text:
+                console_errors.append(text)
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: page_errors.append(str(error)))
+        page.goto(viewer_url(self._client.url, state), wait_until="load",
+                  timeout=timeout * 1000)
+        deadline = started + timeout
+        ready = False
+        streak = 0
+        while time.monotonic() < deadline:
+            if page_errors or any(CHUNK_ERROR_TEXT in line for line in console_errors):
+                break
+            is_ready = page.evaluate("() => !!(window.viewer && window.viewer.isReady())")
+            chunk_seen = any(r.is_chunk for r in proxy.requests)
+            streak = streak + 1 if (is_ready and chunk_seen) else 0
+            if streak >= READY_POLLS:
+                ready = True
+                break
+            page.wait_for_timeout(POLL_SECONDS * 1000)
+        saved = save_png(page.screenshot(), screenshot) if screenshot else None
+        fraction = self._panel_fraction(page, layer_type)
+        report = RenderReport(
+            url=url, layer_type=layer_type, problems=[], ready=ready,
+            requests=proxy.requests, console_errors=console_errors, page_errors=page_errors,
+            signal_fraction=fraction, screenshot=saved,
+            seconds=time.monotonic() - started)
+        report.problems = judge(report, timeout, min_fraction)
+        return report
+
+    @staticmethod
+    def _panel_fraction(page, layer_type: str) -> float:
+        """Returns the share of the first data panel's pixels that show data, overlays hidden."""
+        panel = page.locator(".neuroglancer-rendered-data-panel").first
+        if not panel.count():
+            return 0.0
+        # The panel's widgets (dimensions, buttons) are grey and white: hide them so
+        # that an empty panel measures as empty.
+        page.add_style_tag(content=PANEL_OVERLAYS_HIDDEN)
+        page.wait_for_timeout(100)
+        box = panel.bounding_box()
+        if not box:
+            return 0.0
+        return signal_fraction(crop(page.screenshot(), box), layer_type)
+
+
+def crop(png: bytes, box: dict[str, float]) -> bytes:
+    """Returns the part of a PNG screenshot inside a Playwright bounding box, as PNG."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    left, top = int(box["x"]), int(box["y"])
+    part = image.crop((left, top, left + int(box["width"]), top + int(box["height"])))
+    out = io.BytesIO()
+    part.save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_png(png: bytes, path: Path | str) -> Path:
+    """Writes a PNG under a temporary name, then renames it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.part")
+    temporary.write_bytes(png)
+    os.replace(temporary, path)
+    return path
+
+
+def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str]:
+    """Returns the reasons why ``report`` does not count as a good render (empty if it does)."""
+    problems: list[str] = []
+    chunks = report.chunk_requests
+    failed = [r for r in report.requests if r.status not in (200, 206, 304)]
+    if failed:
+        shown = ", ".join(r.describe() for r in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        problems.append(f"{len(failed)} of {len(report.requests)} requests failed: {shown}{more}")
+    unencoded = [r for r in report.requests if r.gzip_body_without_header]
+    if unencoded:
+        problems.append(f"{len(unencoded)} responses are gzip data without "
+                        f"'Content-Encoding: gzip' (e.g. {unencoded[0].path})")
+    if not chunks:
+        problems.append("the viewer requested no chunk")
+    origins = {r.allow_origin for r in report.requests if r.status in (200, 206)}
+    if report.requests and "" in origins:
+        problems.append("responses lack the Access-Control-Allow-Origin header (CORS): "
+                        "viewers on other sites cannot read them")
+    chunk_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT in line]
+    if chunk_errors:
+        problems.append(f"{len(chunk_errors)} chunks failed to load: {chunk_errors[0]}")
+    other_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT not in line]
+    if other_errors:
+        problems.append(f"console error: {other_errors[0]}")
+    if report.page_errors:
+        problems.append(f"uncaught error in the page: {report.page_errors[0]}")
+    if not report.ready and not problems:
+        problems.append(f"the viewer was not ready after {timeout:g} s")
+    if report.ready and report.signal_fraction < min_fraction:
+        what = "saturated colours" if report.layer_type == "segmentation" else "bright pixels"
+        problems.append(f"the data panel looks empty: {report.signal_fraction:.2%} {what} "
+                        f"(at least {min_fraction:.0%} expected)")
+    return problems
+
+
+def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
+                 screenshot: Path | str | None = None, timeout: float = 60.0,
+                 min_fraction: float = DEFAULT_MIN_FRACTION, chromium: str | None = None,
+                 layout: str = "4panel") -> RenderReport:
+    """Opens the dataset at ``url`` in headless Neuroglancer; returns the report of a good render.
+
+    Raises ViewerCheckError (with the reasons) when the viewer cannot show it,
+    BrowserMissing when Chromium, Playwright or the Neuroglancer client is missing.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise errors.UsageError(f"{url!r} is not an http(s) URL of a precomputed dataset")
+    with Browser(chromium) as browser:
+        report = browser.check(url, layer_type=layer_type, segments=segments,
+                               screenshot=screenshot, timeout=timeout,
+                               min_fraction=min_fraction, layout=layout)
+    for entry in report.requests:
+        logger.debug("%s", entry.describe())
+    if report.screenshot:
+        logger.info("screenshot saved to %s", report.screenshot)
+    if not report.ok:
+        raise ViewerCheckError(report.summary())
+    return report
+
+
+def _segment_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a segment number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"segment {value} is not >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
+def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
     """Parses the command line of `check_viewer`."""
-    parser = argparse.ArgumentParser(prog="check_viewer", description=__doc__,
-                                     epilog=errors.EXIT_CODES_HELP,
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="check_viewer", description=__doc__,
+        epilog=EXAMPLES + "\n" + EXIT_CODES_HELP + f"\nneeds: {INSTALL_HINT}",
+        formatter_class=cli.HelpFormatter)
+    parser.add_argument("url", help="public http(s) URL of the dataset: the directory "
+                                    "holding its 'info' file, e.g. a Swift container URL")
+    parser.add_argument("--type", dest="layer_type", choices=("image", "segmentation"),
+                        default=None, help="layer type (default: the 'type' in 'info')")
+    parser.add_argument("--segments", type=_segment_id, nargs="+", default=[], metavar="ID",
+                        help="segments to select in a segmentation (default: show all)")
+    parser.add_argument("--screenshot", type=Path, default=None, metavar="FILE.png",
+                        help="save what the viewer showed to this PNG file")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help="give up when the viewer is not ready after this long")
+    parser.add_argument("--min-fraction", type=_fraction, default=DEFAULT_MIN_FRACTION,
+                        metavar="F", help="share of the data panel that must show data "
+                        "(bright pixels for images, saturated colours for segmentations)")
+    parser.add_argument("--layout", choices=("4panel", "xy", "xz", "yz"), default="4panel",
+                        help="viewer layout; the check looks at the first (xy) panel")
+    parser.add_argument("--chromium", default=None, metavar="PATH",
+                        help="Chromium binary (default: $CHROMIUM, then "
+                             "/usr/lib/chromium/chromium or chromium on the PATH)")
     cli.add_logging_options(parser)
-    return parser.parse_args(argv)
+    return parser.parse_args(None if argv is None else list(argv))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Iterable[str] | None = None) -> int:
     """Runs `check_viewer`; returns the exit code."""
-    parse_command_line(argv)
-    print("ingest: not implemented yet", file=sys.stderr)
-    return errors.EXIT_USAGE
+    args = parse_command_line(argv)
+
+    def work(_redactor: cli.RedactingFilter) -> None:
+        report = check_viewer(args.url, layer_type=args.layer_type, segments=args.segments,
+                              screenshot=args.screenshot, timeout=args.timeout,
+                              min_fraction=args.min_fraction, chromium=args.chromium,
+                              layout=args.layout)
+        print(report.summary())
+
+    return cli.run_command(work, args)
 
 
 if __name__ == "__main__":
