@@ -1,26 +1,654 @@
-"""The `fetch_input` command (not implemented yet)."""
+"""fetch_input: download the input of a conversion (one URL, or a selection of a
+Swift container's objects with --stacks) to the cluster's filesystem, verified.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import email.message
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
 import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator, Mapping
+from urllib.parse import unquote, urlparse
 
 from . import cli, errors
+from .download import (DEFAULT_RETRY, RetryPolicy, download, file_md5,
+                       stated_md5, temporary_path)
+from .errors import FetchError, InputError, UsageError
+from .progress import Progress, format_bytes
+from .settings import SwiftSettings, add_settings_option, load_settings_from
+from .swift import (ObjectInfo, ObjectStream,
+                    PublicContainer, SwiftConnection, http_session, open_url,
+                    parse_container_url)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "fetch_manifest.json"
+MANIFEST_VERSION = 1
+# Downloads wait on the network, not the CPU: more streams than cores pay off.
+DEFAULT_JOBS = 16
+
+SEED_STACK_EXAMPLE = r"""
+examples:
+  # a selection of a public container's objects (a stack of sections)
+  fetch_input --stacks \
+    --filter 'Pitx3-tTA-horizontal-case6513/6513_PitX3_tiffs/6513_Pitx3_tTA_lacZ_Xgal_s01\d_0.22.tif' \
+    --destination ./source \
+    https://object.cscs.ch/v1/AUTH_6ebec77683fb472f94d352be92b5a577/tTA-atlas
+
+  # one file (a volume)
+  fetch_input --destination ./source \
+    https://github.com/HumanBrainProject/neuroglancer-scripts/raw/master/examples/JuBrain/colin27T1_seg.nii.gz
+
+--filter is a Python regular expression matched against the WHOLE object name
+(re.fullmatch): 'data/raw/original/pm31\d{2}o.png' selects pm3100o.png ..
+pm3199o.png under data/raw/original/, but not pm3100o.png.bak nor
+other/data/raw/original/pm3100o.png. Quote it for the shell. Its literal start
+(here 'data/raw/original/pm31') is sent as the listing's prefix, so only
+matching names are listed. Objects keep their names as paths under the
+destination; a rerun fetches only what is missing or differs (size and MD5),
+and fetch_manifest.json in the destination lists the selected objects in order.
+"""
+
+
+# --------------------------------------------------------------------------
+# Results and manifest
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FetchResult:
+    """What a fetch did; ``to_json()`` gives it as a JSON-ready dict."""
+
+    files: int
+    bytes: int
+    downloaded: int
+    skipped: int
+    manifest_path: Path | None
+    listing_fingerprint: str
+    elapsed: float
+    retries: int = 0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the result as a JSON-serialisable dict."""
+        data = dataclasses.asdict(self)
+        data["manifest_path"] = str(self.manifest_path) if self.manifest_path else None
+        return data
+
+    def summary(self) -> str:
+        """Returns the one-line result shown to the user."""
+        if self.dry_run:
+            return (f"would fetch {self.files} file(s), {format_bytes(self.bytes)} "
+                    f"({self.bytes} bytes); {self.skipped} already present with the "
+                    f"right size")
+        if not self.downloaded:
+            return (f"nothing to do: all {self.files} file(s) "
+                    f"({format_bytes(self.bytes)}) already complete and verified")
+        return (f"fetched {self.files} file(s), {format_bytes(self.bytes)}: "
+                f"{self.downloaded} downloaded, {self.skipped} already complete, "
+                f"in {self.elapsed:.1f} s")
+
+
+def listing_fingerprint(entries: Iterable[tuple[str, int, str | None]]) -> str:
+    """Returns the SHA-256 of the sorted (name, bytes, hash) list."""
+    digest = hashlib.sha256()
+    for name, size, md5 in sorted(entries):
+        digest.update(f"{name}\0{size}\0{md5 or ''}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def write_manifest(destination: Path, source: str, filter_regex: str | None,
+                   objects: list[dict[str, Any]]) -> Path:
+    """Writes ``fetch_manifest.json`` atomically; returns its path."""
+    path = destination / MANIFEST_NAME
+    temporary = temporary_path(path)
+    data = {"version": MANIFEST_VERSION, "source": source, "filter": filter_regex,
+            "objects": objects}
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=1)
+        stream.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+# --------------------------------------------------------------------------
+# Selecting objects
+# --------------------------------------------------------------------------
+
+_REGEX_META = set(".^$*+?{}[]\\|()")
+_OPTIONAL_QUANTIFIERS = set("*?{")
+
+
+def literal_prefix(pattern: str) -> str:
+    """Returns the literal text every full match of ``pattern`` starts with.
+
+    Stops at the first metacharacter; a last literal character that a
+    following ``?``, ``*`` or ``{`` quantifier applies to is left out, and any
+    alternation gives no prefix at all.
+    """
+    compiled = re.compile(pattern)
+    if "|" in pattern or compiled.flags & (re.IGNORECASE | re.VERBOSE):
+        return ""
+    prefix: list[str] = []
+    i = 1 if pattern.startswith("^") else 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1].isalnum():
+                break  # \d, \w, \A...: a class or an anchor, not a literal
+            literal, step = pattern[i + 1], 2
+        elif char in _REGEX_META:
+            break
+        else:
+            literal, step = char, 1
+        i += step
+        if i < len(pattern) and pattern[i] in _OPTIONAL_QUANTIFIERS:
+            break
+        prefix.append(literal)
+    return "".join(prefix)
+
+
+def compile_filter(filter_regex: str | None) -> re.Pattern[str] | None:
+    """Returns the compiled ``--filter``, or raises UsageError naming the problem."""
+    if filter_regex is None:
+        return None
+    try:
+        return re.compile(filter_regex)
+    except re.error as exc:
+        raise UsageError(f"--filter {filter_regex!r} is not a valid regular "
+                         f"expression: {exc}") from None
+
+
+def check_object_name(name: str) -> PurePosixPath:
+    """Returns ``name`` as a relative path, or raises InputError if unsafe."""
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif "\0" in name:
+        problem = "it contains a NUL character"
+    elif name.startswith("/"):
+        problem = "it is an absolute path"
+    else:
+        parts = name.split("/")
+        if any(part in ("..", ".") for part in parts):
+            problem = "it contains a '.' or '..' component"
+        elif any(not part for part in parts):
+            problem = "it contains an empty path component ('//' or a trailing '/')"
+    if problem:
+        raise InputError(f"object name {name!r} cannot be written under the "
+                         f"destination: {problem}")
+    return PurePosixPath(name)
+
+
+def is_directory_marker(info: ObjectInfo) -> bool:
+    """Returns True for a pseudo-directory marker (``dir/`` or application/directory)."""
+    return info.name.endswith("/") or (
+        info.bytes == 0 and info.content_type.startswith("application/directory"))
+
+
+def check_layout(objects: list[ObjectInfo]) -> None:
+    """Refuses selections whose local paths would collide with each other."""
+    names = {info.name for info in objects}
+    for info in objects:
+        parents = info.name.split("/")[:-1]
+        for depth in range(1, len(parents) + 1):
+            parent = "/".join(parents[:depth])
+            if parent in names:
+                raise InputError(
+                    f"objects {parent!r} and {info.name!r} cannot both be "
+                    f"written: {parent!r} would be a file and a directory")
+    if MANIFEST_NAME in names:
+        raise InputError(f"object {MANIFEST_NAME!r} would be overwritten by the "
+                         f"fetch manifest of the same name")
+
+
+def _open_container(source_url: str, settings: SwiftSettings | None, jobs: int,
+                    policy: RetryPolicy):
+    """Returns (location, lister(prefix, page_size), opener(name, start))."""
+    location = parse_container_url(source_url)
+    if settings is None:
+        container = PublicContainer(
+            location, session=http_session(jobs, policy.attempts, policy.backoff),
+            error_type=FetchError)
+        return (location, container.iter_objects, container.open_object)
+    # The URL names the account; the credentials only bring the token.
+    connection = SwiftConnection(
+        dataclasses.replace(settings, os_storage_url=location.storage_url),
+        retries=policy.attempts, starting_backoff=policy.backoff,
+        max_backoff=policy.max_backoff, error_type=FetchError)
+
+    def lister(prefix: str = "", page_size: int | None = None):
+        return connection.iter_objects(location.container, prefix, page_size)
+
+    def opener(name: str, start: int = 0) -> ObjectStream:
+        return connection.open_object(location.container, name, start)
+    return location, lister, opener
+
+
+def select_objects(source_url: str, filter_regex: str | None,
+                   settings: SwiftSettings | None = None,
+                   page_size: int | None = None,
+                   policy: RetryPolicy = DEFAULT_RETRY) -> list[ObjectInfo]:
+    """Returns the container's objects whose whole name matches ``filter_regex``.
+
+    Lists every page (``marker``; ``page_size`` None asks for the server's
+    maximum, ``container_listing_limit``), narrowed by the URL's path and the regex's
+    literal prefix; pseudo-directory markers are dropped; raises InputError for
+    unsafe or colliding names and UsageError when nothing matches.
+    """
+    pattern = compile_filter(filter_regex)
+    location, lister, _ = _open_container(source_url, settings, 1, policy)
+    prefix = location.prefix
+    if pattern is not None:
+        regex_prefix = literal_prefix(pattern.pattern)
+        if regex_prefix.startswith(prefix):
+            prefix = regex_prefix
+    listed = 0
+    selected: list[ObjectInfo] = []
+    for info in lister(prefix=prefix, page_size=page_size):
+        listed += 1
+        if not info.name.startswith(location.prefix) or is_directory_marker(info):
+            continue
+        if pattern is None or pattern.fullmatch(info.name):
+            check_object_name(info.name)
+            selected.append(info)
+    where = location.url + (f" (prefix {prefix!r})" if prefix else "")
+    logger.info("listed %d object(s) of %s; %d selected", listed, where, len(selected))
+    if not selected:
+        raise UsageError(
+            f"no object of {where} matches: {listed} object(s) listed, "
+            + (f"none matches --filter {filter_regex!r} as a whole name"
+               if filter_regex is not None else "none is a file"))
+    check_layout(selected)
+    return selected
+
+
+# --------------------------------------------------------------------------
+# Stacks
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Done:
+    downloaded: bool
+    md5: str
+
+
+def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
+                 filter_regex: str | None, jobs: int, settings: SwiftSettings | None,
+                 force: bool, show_progress: bool,
+                 should_stop: Callable[[], bool], policy: RetryPolicy
+                 ) -> FetchResult:
+    started = time.monotonic()
+    total_bytes = sum(info.bytes for info in objects)
+    _, _, opener = _open_container(source, settings, jobs, policy)
+    cancel = threading.Event()
+    manifest = destination / MANIFEST_NAME
+    # An old manifest would describe an input set that is not complete any more.
+    if manifest.exists():
+        manifest.unlink()
+
+    def stopping() -> bool:
+        return cancel.is_set() or should_stop()
+
+    def fetch_one(info: ObjectInfo, progress: Progress) -> _Done | None:
+        if stopping():
+            return None
+        path = destination / info.name
+        expected_md5 = None if info.is_large else info.hash
+        if not force and path.is_file() and path.stat().st_size == info.bytes:
+            # Hashing is the only proof that a file of the right size is complete.
+            md5 = file_md5(path)
+            if expected_md5 is None or md5 == expected_md5:
+                progress.update(1, info.bytes)
+                return _Done(False, md5)
+            logger.warning("%s differs from %s (MD5 %s, expected %s): fetching "
+                           "it again", path, info.name, md5, expected_md5)
+        elif path.is_dir():
+            raise InputError(f"{path} is a directory, but object {info.name!r} "
+                             f"must be written there")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        md5 = download(path, lambda start: opener(info.name, start),
+                       expected_size=info.bytes, expected_md5=expected_md5,
+                       description=f"object {info.name!r}", policy=policy,
+                       on_bytes=lambda n: progress.update(0, n),
+                       on_retry=progress.add_retry)
+        progress.update(1, 0)
+        return _Done(True, md5)
+
+    results: dict[int, _Done] = {}
+    failures: list[BaseException] = []
+    with Progress("fetch", total=len(objects), total_bytes=total_bytes,
+                  enabled=show_progress) as progress, \
+            ThreadPoolExecutor(jobs, thread_name_prefix="fetch") as pool:
+        pending: dict[Future, int] = {}
+
+        def collect(done: Iterable[Future]) -> None:
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    outcome = future.result()
+                except BaseException as exc:  # noqa: B902 - reported below
+                    failures.append(exc)
+                    cancel.set()
+                    continue
+                if outcome is not None:
+                    results[index] = outcome
+
+        for index, info in enumerate(objects):
+            if stopping():
+                break
+            # A bounded queue, so that should_stop is honoured within a few files.
+            while len(pending) >= 2 * jobs:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                collect(done)
+            pending[pool.submit(fetch_one, info, progress)] = index
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            collect(done)
+        retries = progress.retries
+
+    if failures:
+        first = failures[0]
+        extra = (f" ({len(failures)} objects failed; "
+                 f"{len(results)} of {len(objects)} are complete)"
+                 if len(failures) > 1 else "")
+        if isinstance(first, errors.HbpError):
+            raise type(first)(f"{first}{extra}") from None
+        if isinstance(first, OSError):
+            raise FetchError(f"writing {first.filename or destination}: "
+                             f"{first.strerror or first}{extra}") from None
+        raise first
+    if len(results) < len(objects):
+        raise errors.Interrupted(
+            f"fetch stopped after {len(results)} of {len(objects)} objects; "
+            f"run the same command again to fetch the rest")
+    entries = [{"name": info.name, "path": info.name, "bytes": info.bytes,
+                "md5": results[index].md5} for index, info in enumerate(objects)]
+    manifest_path = write_manifest(destination, source, filter_regex, entries)
+    downloaded = sum(1 for done in results.values() if done.downloaded)
+    return FetchResult(
+        files=len(objects), bytes=total_bytes, downloaded=downloaded,
+        skipped=len(objects) - downloaded, manifest_path=manifest_path,
+        listing_fingerprint=listing_fingerprint(
+            (info.name, info.bytes, info.hash) for info in objects),
+        elapsed=time.monotonic() - started, retries=retries)
+
+
+# --------------------------------------------------------------------------
+# Single URL
+# --------------------------------------------------------------------------
+
+def file_name_from(url: str, headers: Mapping[str, str]) -> str | None:
+    """Returns the file name from ``Content-Disposition``, else the URL's path."""
+    disposition = headers.get("content-disposition")
+    if disposition:
+        message = email.message.Message()
+        message["content-disposition"] = disposition
+        name = message.get_filename()
+        if name:
+            # Only the last component: a server must not choose the directory.
+            name = name.replace("\\", "/").rsplit("/", 1)[-1]
+            if name not in ("", ".", ".."):
+                return name
+    name = unquote(PurePosixPath(urlparse(url).path).name)
+    return name if name not in ("", ".", "..") else None
+
+
+def _validator(headers: Mapping[str, str]) -> str | None:
+    etag = headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("last-modified")
+
+
+def _fetch_url(url: str, destination: Path, *, output: str | None, force: bool,
+               dry_run: bool, show_progress: bool, policy: RetryPolicy
+               ) -> FetchResult:
+    started = time.monotonic()
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UsageError(f"{url!r} is not an http(s) URL")
+    session = http_session(2, policy.attempts, policy.backoff)
+    # Compression would make Content-Length describe other bytes than we write.
+    base_headers = {"Accept-Encoding": "identity"}
+    first = open_url(session, url, 0, error_type=FetchError, headers=base_headers)
+    with first:
+        name = output or file_name_from(url, first.headers)
+        if not name:
+            raise UsageError(f"{url} names no file: pass --output NAME")
+        relative = check_object_name(name)
+        path = destination / relative
+        size = (int(first.headers["content-length"])
+                if first.status == 200 and "content-length" in first.headers else None)
+        md5 = stated_md5(first.headers)
+
+        def result(downloaded: bool, file_md5_hex: str | None,
+                   manifest: Path | None, dry: bool = False,
+                   present: int = 0) -> FetchResult:
+            nbytes = size if size is not None else (
+                path.stat().st_size if path.is_file() else 0)
+            return FetchResult(
+                files=1, bytes=nbytes, downloaded=int(downloaded),
+                skipped=present if dry else int(not downloaded),
+                manifest_path=manifest,
+                listing_fingerprint=listing_fingerprint(
+                    [(str(relative), nbytes, file_md5_hex or md5)]),
+                elapsed=time.monotonic() - started, dry_run=dry)
+
+        def manifest_for(file_md5_hex: str) -> Path:
+            return write_manifest(destination, url, None, [{
+                "name": str(relative), "path": str(relative),
+                "bytes": path.stat().st_size, "md5": file_md5_hex}])
+
+        present = path.is_file() and size is not None and path.stat().st_size == size
+        if dry_run:
+            return result(False, None, None, dry=True, present=int(present))
+        if path.is_dir():
+            raise InputError(f"{path} is a directory; pass --output NAME")
+        if path.exists() and not force:
+            local_md5 = file_md5(path) if present else None
+            if present and (md5 is None or local_md5 == md5):
+                logger.info("%s is already complete (%d bytes%s): nothing to do",
+                            path, size, f", MD5 {md5}" if md5 else "")
+                return result(False, local_md5, manifest_for(local_md5))
+            raise UsageError(
+                f"{path} exists and differs from {url} (local "
+                f"{path.stat().st_size} bytes, remote "
+                f"{size if size is not None else 'unknown'} bytes"
+                + (f", MD5 {local_md5} vs {md5}" if md5 and local_md5 else "")
+                + "): pass --force to replace it")
+        validator = _validator(first.headers)
+
+        def opener(start: int) -> ObjectStream:
+            headers = dict(base_headers)
+            if start and validator:
+                headers["If-Range"] = validator  # never splice two versions
+            return open_url(session, url, start, error_type=FetchError,
+                            headers=headers)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Progress(f"fetch {relative}", total=1, total_bytes=size,
+                      enabled=show_progress) as progress:
+            downloaded_md5 = download(
+                path, opener, expected_size=size, expected_md5=md5, first=first,
+                description=url, policy=policy,
+                on_bytes=lambda n: progress.update(0, n),
+                on_retry=progress.add_retry)
+            progress.update(1, 0)
+            retries = progress.retries
+    outcome = result(True, downloaded_md5, manifest_for(downloaded_md5))
+    outcome.retries = retries
+    return outcome
+
+
+# --------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------
+
+def fetch(source: str, destination: Path, *, stacks: bool = False,
+          filter_regex: str | None = None, jobs: int | None = None,
+          settings: SwiftSettings | None = None, force: bool = False,
+          dry_run: bool = False, output: str | None = None,
+          show_progress: bool = True,
+          should_stop: Callable[[], bool] | None = None,
+          objects: list[ObjectInfo] | None = None,
+          policy: RetryPolicy = DEFAULT_RETRY,
+          page_size: int | None = None) -> FetchResult:
+    """Fetches ``source`` into ``destination``; returns what was done.
+
+    With ``stacks``, ``source`` is a Swift container URL and every object
+    whose whole name matches ``filter_regex`` is fetched (``objects``, if
+    given, is the selection already made by :func:`select_objects`).
+    Raises FetchError for remote failures, UsageError/InputError for bad
+    options or names, Interrupted when ``should_stop()`` became true.
+    """
+    destination = Path(destination)
+    jobs = jobs or DEFAULT_JOBS
+    should_stop = should_stop or (lambda: False)
+    if not stacks:
+        if filter_regex is not None:
+            raise UsageError("--filter needs --stacks (a container URL)")
+        if not dry_run:
+            destination.mkdir(parents=True, exist_ok=True)
+        return _fetch_url(source, destination, output=output, force=force,
+                          dry_run=dry_run, show_progress=show_progress,
+                          policy=policy)
+    if output is not None:
+        raise UsageError("--output applies to a single URL, not to --stacks")
+    if objects is None:
+        objects = select_objects(source, filter_regex, settings, page_size, policy)
+    if dry_run:
+        present = sum(1 for info in objects
+                      if (destination / info.name).is_file()
+                      and (destination / info.name).stat().st_size == info.bytes)
+        for info in objects:
+            logger.debug("would fetch %s (%d bytes)", info.name, info.bytes)
+        return FetchResult(
+            files=len(objects), bytes=sum(info.bytes for info in objects),
+            downloaded=0, skipped=present, manifest_path=None,
+            listing_fingerprint=listing_fingerprint(
+                (info.name, info.bytes, info.hash) for info in objects),
+            elapsed=0.0, dry_run=True)
+    destination.mkdir(parents=True, exist_ok=True)
+    return _fetch_stack(source, destination, objects, filter_regex=filter_regex,
+                        jobs=jobs, settings=settings, force=force,
+                        show_progress=show_progress, should_stop=should_stop,
+                        policy=policy)
+
+
+def add_fetch_options(parser: argparse.ArgumentParser,
+                      destination_flag: str = "--destination",
+                      exclude: Iterable[str] = ()) -> argparse._ArgumentGroup:
+    """Adds the fetch option group (``exclude`` names dests to leave out)."""
+    skip = set(exclude)
+    group = parser.add_argument_group("fetching the input")
+    group.add_argument(
+        "--stacks", action="store_true",
+        help="the URL is a Swift container (https://HOST/v1/AUTH_<project>/"
+             "<container>[/<prefix>]): fetch its objects selected by --filter, "
+             "listing every page")
+    group.add_argument(
+        "--filter", metavar="REGEX", default=None,
+        help="with --stacks: a Python regular expression that must match the "
+             "WHOLE object name (re.fullmatch), e.g. "
+             r"'data/raw/original/pm31\d{2}o.png'. Default: every object")
+    group.add_argument(
+        destination_flag, dest="destination", metavar="DIR", required=True,
+        help="directory to write to; objects keep their names as relative paths")
+    if "jobs" not in skip:
+        group.add_argument(
+            "--jobs", dest="jobs", type=cli.positive_int, default=DEFAULT_JOBS,
+            metavar="N", help="parallel downloads for --stacks")
+    if "settings" not in skip:
+        add_settings_option(
+            group, purpose="to read a private container (without it, the "
+                           "container must be public)")
+    if "force" not in skip:
+        group.add_argument(
+            "--force", action="store_true",
+            help="fetch again even files that are already complete, and replace "
+                 "an existing different file")
+    if "dry_run" not in skip:
+        group.add_argument(
+            "--dry-run", action="store_true",
+            help="only list what would be fetched (count, bytes) and exit")
+    if "output" not in skip:
+        group.add_argument(
+            "--output", metavar="NAME", default=None,
+            help="without --stacks: file name to write under the destination "
+                 "(default: from Content-Disposition or the URL)")
+    return group
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `fetch_input`."""
-    parser = argparse.ArgumentParser(prog="fetch_input", description=__doc__,
-                                     epilog=errors.EXIT_CODES_HELP,
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fetch_input", description=__doc__,
+        epilog=SEED_STACK_EXAMPLE + "\n" + errors.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter)
+    parser.add_argument("url", metavar="URL",
+                        help="URL of one file, or with --stacks of a Swift container")
+    add_fetch_options(parser)
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
 
 
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], int | None]]:
+    """Turns SIGTERM/SIGINT into a flag; yields a function giving the signal seen."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(number, frame):  # noqa: ARG001
+        if received:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        received.append(number)
+        logger.warning("signal %d: finishing the files in progress, then stopping",
+                       number)
+
+    previous = {sig: signal.signal(sig, handler)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs `fetch_input`; returns the exit code."""
-    parse_command_line(argv)
-    print("fetch_input: not implemented yet", file=sys.stderr)
-    return errors.EXIT_USAGE
+    args = parse_command_line(argv)
+
+    def work(redactor: cli.RedactingFilter) -> int:
+        settings = load_settings_from(args.settings, required=False)
+        if settings is not None:
+            redactor.add(settings.os_password.reveal())
+        with stop_on_signals() as received:
+            try:
+                result = fetch(
+                    args.url, Path(args.destination), stacks=args.stacks,
+                    filter_regex=args.filter, jobs=args.jobs, settings=settings,
+                    force=args.force, dry_run=args.dry_run, output=args.output,
+                    show_progress=cli.verbosity(args) >= 0,
+                    should_stop=lambda: received() is not None)
+            except errors.Interrupted as exc:
+                raise errors.Interrupted(str(exc), received()) from None
+        print(result.summary())
+        return errors.EXIT_OK
+
+    return cli.run_command(work, args)
 
 
 if __name__ == "__main__":
