@@ -1,26 +1,462 @@
-"""The `ingest_ngs` command (not implemented yet)."""
+"""Convert a stack of 2D sections or a 3D volume to a Neuroglancer precomputed pyramid.
+
+SOURCE is a directory of sections (PNG, TIFF, JPEG; natural sort order), a
+fetch manifest (or the download directory holding one), or a volume file that
+nibabel reads (NIfTI, MINC, Analyze, MGH). The output directory gets the
+`info` file and every scale of a dyadic pyramid (flat chunk layout), written
+with neuroglancer-scripts' encoders by a thread pool. A killed conversion
+resumes from its last checkpoint when the same command is run again.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
 
-from . import cli, errors
+import numpy as np
+
+from . import cli, errors, parameters as parameters_module
+from .parameters import ConversionParameters, parse_parameters
+from .progress import Progress, format_bytes, format_duration
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = ".hbp-conversion-state.json"
+CHECKPOINT_NAME = ".hbp-conversion-checkpoint.npz"
+COMPLETE_NAME = ".hbp-conversion-complete.json"
+CHECKPOINT_INTERVAL = 30.0  # seconds of work a hard kill may cost at most
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What a conversion produced: scales, chunk and byte counts, timings."""
+
+    scales: list
+    chunks: int
+    bytes_written: int
+    input_count: int
+    input_bytes: int
+    wall_seconds: float
+    destination: str = ""
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        """Returns the result as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Returns the result as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def is_complete(destination: Path) -> bool:
+    """Returns whether ``destination`` holds a finished conversion."""
+    destination = Path(destination)
+    return (destination / COMPLETE_NAME).is_file() and (destination / "info").is_file()
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, document: dict) -> None:
+    from .pyramid import write_atomically
+    write_atomically(path, (json.dumps(document, indent=2, sort_keys=True) + "\n")
+                     .encode("utf-8"))
+
+
+def _output_dtype(source, params: ConversionParameters) -> str:
+    """Returns the output data_type, refusing silent clipping of the input."""
+    input_dtype = np.dtype(source.dtype)
+    if params.data_type is not None:
+        output = np.dtype(params.data_type)
+        if (params.input_max is None and np.issubdtype(input_dtype, np.integer)
+                and np.issubdtype(output, np.integer)
+                and input_dtype.itemsize > output.itemsize):
+            raise errors.InputError(
+                f"{source.paths[0]}: {input_dtype} samples do not fit parameter "
+                f"'data_type' {params.data_type}; give 'input_min'/'input_max' to "
+                "rescale them, or omit 'data_type' to keep the input's type")
+        return params.data_type
+    if params.input_max is not None:
+        return "uint8"
+    if params.encoding == "jpeg":
+        return "uint8"
+    if input_dtype.kind == "b":
+        return "uint8"
+    if input_dtype.kind == "f":
+        if params.type == "segmentation":
+            raise errors.InputError(f"{source.paths[0]}: floating-point samples "
+                                    "cannot be labels; give 'data_type'")
+        return "float32"
+    if input_dtype.kind == "i":
+        minimum = source.minimum()
+        if minimum is not None and minimum < 0:
+            if params.type == "segmentation":
+                raise errors.InputError(f"{source.paths[0]}: negative labels "
+                                        f"(minimum {minimum:g})")
+            logger.warning("%s: signed samples down to %g are stored as float32",
+                           source.paths[0], minimum)
+            return "float32"
+        return f"uint{input_dtype.itemsize * 8}"
+    return input_dtype.name
+
+
+def _value_transform(input_dtype: np.dtype, output_dtype: str,
+                     params: ConversionParameters):
+    """Returns the per-block sample conversion, or None when samples are copied as is."""
+    from neuroglancer_scripts.data_types import get_chunk_dtype_transformer
+    output = np.dtype(output_dtype)
+    if params.input_max is None:
+        if input_dtype == output:
+            return None
+        transformer = get_chunk_dtype_transformer(input_dtype, output, warn=False)
+        # neuroglancer-scripts 1.2.0 passes preserve_input=False, which makes
+        # np.array(copy=False) raise under numpy 2 for int16 -> uint16.
+        return lambda block: transformer(block, preserve_input=True)
+    low = params.input_min if params.input_min is not None else 0.0
+    high = params.input_max
+    out_low, out_high = ((float(np.iinfo(output).min), float(np.iinfo(output).max))
+                         if np.issubdtype(output, np.integer) else (0.0, 1.0))
+    slope = (out_high - out_low) / (high - low)
+    transformer = get_chunk_dtype_transformer(np.float64, output, warn=False)
+
+    def rescale(block: np.ndarray) -> np.ndarray:
+        work = block.astype(np.float64)
+        work -= low
+        work *= slope
+        work += out_low
+        return transformer(work, preserve_input=False)
+    return rescale
+
+
+def _fingerprint(params: ConversionParameters, info: dict, source) -> str:
+    document = {"parameters": params.to_dict(), "info": info,
+                "inputs": source.identity(), "format": 1}
+    text = json.dumps(document, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _remove_previous_output(destination: Path) -> None:
+    """Removes what an earlier, different conversion left in ``destination``."""
+    old_info = _read_json(destination / "info") or {}
+    for scale in old_info.get("scales", []):
+        key = str(scale.get("key", ""))
+        target = destination / key
+        if key and ".." not in key and target.is_dir():
+            shutil.rmtree(target)
+    for name in (COMPLETE_NAME, STATE_NAME, CHECKPOINT_NAME, "info"):
+        try:
+            (destination / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _prepare_destination(destination: Path, fingerprint: str) -> Optional[dict]:
+    """Returns the resumable state for ``fingerprint``, cleaning stale output."""
+    destination.mkdir(parents=True, exist_ok=True)
+    state = _read_json(destination / STATE_NAME)
+    complete = _read_json(destination / COMPLETE_NAME)
+    ours = state is not None or complete is not None
+    if not ours:
+        entries = [e for e in destination.iterdir() if not e.name.startswith(".")]
+        if entries:
+            raise errors.UsageError(
+                f"{destination}: not empty and holds no conversion state of "
+                "ingest_ngs; give an empty or new --destination")
+        return None
+    for document in (state, complete):
+        if document is not None and document.get("fingerprint") != fingerprint:
+            logger.warning("%s holds a conversion of other input or parameters; "
+                           "starting over", destination)
+            _remove_previous_output(destination)
+            return None
+    return state
+
+
+def convert(source: Path, destination: Path, parameters: ConversionParameters,
+            jobs: int | None = None, show_progress: bool = True,
+            should_stop: Callable[[], bool] | None = None,
+            order_file: Path | None = None) -> ConversionResult:
+    """Converts ``source`` into a precomputed pyramid in ``destination``; returns the result.
+
+    Raises InputError for unusable input, ConversionError when writing fails
+    and Interrupted (after saving a checkpoint) when ``should_stop()`` turns
+    true; the same call then resumes.
+    """
+    from neuroglancer_scripts import precomputed_io
+    from neuroglancer_scripts.accessor import DataAccessError
+    from . import pyramid, sources
+
+    started = time.monotonic()
+    source, destination = Path(source), Path(destination)
+    jobs = jobs or cli.default_jobs()
+    params = parameters
+    input_source = sources.open_source(source, order_file, params.channels)
+    if params.type == "segmentation" and input_source.channels != 1:
+        raise errors.InputError(f"{source}: RGB input cannot be a segmentation")
+    if params.encoding == "jpeg" and input_source.channels not in (1, 3):
+        raise errors.InputError(f"{source}: jpeg needs 1 or 3 channels")
+    data_type = _output_dtype(input_source, params)
+    voxel_size = params.voxel_size_nm() or input_source.voxel_size_nm
+    if voxel_size is None:
+        logger.warning("no 'voxel_size' given for the section stack: using 1 um "
+                       "isotropic voxels (give e.g. {\"voxel_size\": [20, 20, 20], "
+                       "\"voxel_unit\": \"um\"})")
+        voxel_size = (parameters_module.DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
+    info = pyramid.build_info(
+        data_type, input_source.channels, input_source.size, voxel_size,
+        params.voxel_offset, params.type, params.effective_encoding,
+        params.chunk_size, params.max_scales)
+    if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
+        raise errors.UsageError("parameter 'encoding': jpeg needs uint8 samples, "
+                                f"the input gives {info['data_type']}")
+    transform = _value_transform(np.dtype(input_source.dtype), info["data_type"], params)
+    fingerprint = _fingerprint(params, info, input_source)
+    scales = [{"key": s["key"], "size": s["size"], "chunk_size": s["chunk_sizes"][0],
+               "resolution": s["resolution"]} for s in info["scales"]]
+
+    state = _prepare_destination(destination, fingerprint)
+    if state is None and is_complete(destination):
+        previous = _read_json(destination / COMPLETE_NAME) or {}
+        if previous.get("fingerprint") == fingerprint:
+            logger.info("%s is already complete", destination)
+            return ConversionResult(**previous["result"])
+
+    accessor = pyramid.AtomicFileAccessor(destination, gzip=params.gzip,
+                                          compresslevel=params.compression_level)
+    logger.info("converting %s into %s: %s %s, %d scales, %d jobs",
+                input_source.description, destination, info["data_type"],
+                params.effective_encoding, len(info["scales"]), jobs)
+    total_chunks = pyramid.count_chunks(info)
+    depth_total = input_source.size[2]
+    try:
+        if state is None:
+            # The state file first: it marks the directory as ours to resume.
+            _write_json(destination / STATE_NAME,
+                        {"fingerprint": fingerprint, "slabs_done": 0})
+            precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
+        downscaler = pyramid.make_downscaler(params.effective_downscaling_method, info)
+    except DataAccessError as exc:
+        raise errors.ConversionError(f"{destination}: {exc}") from None
+
+    progress = Progress("chunks", total=total_chunks, unit="chunks",
+                        enabled=show_progress)
+    executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ingest")
+    try:
+        builder = pyramid.PyramidBuilder(
+            info, accessor, downscaler, executor,
+            encoder_options={"jpeg_quality": params.jpeg_quality},
+            on_chunk=lambda nbytes: progress.update(1, nbytes))
+        slab_depth = builder.slab_depth
+        slab_count = -(-depth_total // slab_depth)
+        next_slab = 0
+        resumed = False
+        if state is not None and state.get("slabs_done"):
+            next_slab = _restore(destination, state, builder)
+            resumed = True
+            progress.update(builder.chunks_written, builder.bytes_written)
+            logger.info("resuming %s at slab %d/%d", destination, next_slab + 1,
+                        slab_count)
+        last_checkpoint = time.monotonic()
+        for slab_index in range(next_slab, slab_count):
+            z0 = slab_index * slab_depth
+            z1 = min(z0 + slab_depth, depth_total)
+            slab_started = time.monotonic()
+            input_source.read(z0, z1, builder.slab(z1 - z0), transform, executor)
+            read_seconds = time.monotonic() - slab_started
+            builder.push(z1 - z0, last=slab_index == slab_count - 1)
+            logger.log(logging.INFO if show_progress else logging.DEBUG,
+                       "slab %d/%d (sections %d-%d): read %.1f s, written %.1f s; %s",
+                       slab_index + 1, slab_count, z0, z1 - 1, read_seconds,
+                       time.monotonic() - slab_started - read_seconds, progress.line())
+            stop = should_stop is not None and should_stop()
+            if slab_index + 1 < slab_count and (
+                    stop or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
+                    or not any(level.filled for level in builder.levels)):
+                _checkpoint(destination, fingerprint, slab_index + 1, builder)
+                last_checkpoint = time.monotonic()
+            if stop and slab_index + 1 < slab_count:
+                raise errors.Interrupted(
+                    f"conversion into {destination} stopped after slab "
+                    f"{slab_index + 1}/{slab_count}; run the same command to resume")
+    except DataAccessError as exc:
+        raise errors.ConversionError(f"{destination}: {exc}") from None
+    except OSError as exc:
+        raise errors.ConversionError(f"{destination}: cannot write "
+                                     f"({exc.strerror or exc})") from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+
+    result = ConversionResult(
+        scales=scales, chunks=builder.chunks_written, bytes_written=builder.bytes_written,
+        input_count=len(input_source.paths) if input_source.kind == "stack" else 1,
+        input_bytes=input_source.input_bytes,
+        wall_seconds=round(time.monotonic() - started, 3),
+        destination=str(destination), resumed=resumed)
+    _write_json(destination / COMPLETE_NAME,
+                {"fingerprint": fingerprint, "result": result.to_dict()})
+    for name in (STATE_NAME, CHECKPOINT_NAME):
+        try:
+            (destination / name).unlink()
+        except FileNotFoundError:
+            pass
+    logger.info("converted %s: %d chunks, %s in %s", destination, result.chunks,
+                format_bytes(result.bytes_written), format_duration(result.wall_seconds))
+    return result
+
+
+def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -> None:
+    """Saves the lower scales' pending planes, then the state that points to them."""
+    positions, pending = builder.state()
+    if pending:
+        temporary = destination / (CHECKPOINT_NAME + ".tmp")
+        with open(temporary, "wb") as stream:
+            np.savez(stream, **pending)
+        os.replace(temporary, destination / CHECKPOINT_NAME)
+    _write_json(destination / STATE_NAME, {
+        "fingerprint": fingerprint, "slabs_done": slabs_done, "levels": positions,
+        "chunks": builder.chunks_written, "bytes": builder.bytes_written,
+        "pending": sorted(pending), "saved": time.time(),
+    })
+
+
+def _restore(destination: Path, state: dict, builder) -> int:
+    """Loads a checkpoint into ``builder``; returns the first slab still to do."""
+    pending = {}
+    if state.get("pending"):
+        try:
+            with np.load(destination / CHECKPOINT_NAME) as archive:
+                pending = {name: archive[name] for name in state["pending"]}
+        except (OSError, ValueError, KeyError) as exc:
+            raise errors.ConversionError(
+                f"{destination / CHECKPOINT_NAME}: unreadable checkpoint ({exc}); "
+                f"delete {destination} and convert again") from None
+    builder.restore(state["levels"], pending)
+    builder.chunks_written = int(state.get("chunks", 0))
+    builder.bytes_written = int(state.get("bytes", 0))
+    return int(state["slabs_done"])
+
+
+def add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the conversion option group (shared with `ingest`)."""
+    group = parser.add_argument_group("conversion")
+    group.add_argument(
+        "--parameters", metavar="JSON|@FILE", default=None,
+        help="conversion parameters as inline JSON or @file.json, e.g. "
+             "'{\"voxel_size\": [20, 20, 20], \"voxel_unit\": \"um\"}' "
+             "(see the parameter list below; every key has a default)")
+    group.add_argument(
+        "--order-file", type=Path, default=None, metavar="FILE",
+        help="text file listing the section file names in z order, one per line "
+             "(default: natural sort of the names, s2 before s10)")
+    group.add_argument(
+        "--print-parameters", action="store_true",
+        help="print the effective parameters as JSON and exit")
+    cli.add_jobs_option(group, what="threads decoding sections and writing chunks")
+
+
+EXAMPLES = """\
+examples:
+  ingest_ngs /scratch/stack --destination /scratch/stack-ngs \\
+      --parameters '{"voxel_size": [20, 20, 20], "voxel_unit": "um"}'
+  ingest_ngs brain.nii.gz --destination out/ --parameters @params.json --jobs 8
+  ingest_ngs labels.nii.gz --destination labels-ngs/ \\
+      --parameters '{"type": "segmentation"}'
+  ingest_ngs --print-parameters --parameters '{"gzip": false}'
+"""
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `ingest_ngs`."""
-    parser = argparse.ArgumentParser(prog="ingest_ngs", description=__doc__,
-                                     epilog=errors.EXIT_CODES_HELP,
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ingest_ngs", description=__doc__,
+        epilog=EXAMPLES + "\n" + parameters_module.SCHEMA_HELP + "\n"
+        + errors.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter)
+    parser.add_argument("source", type=Path, nargs="?",
+                        help="directory of sections, fetch manifest (or the directory "
+                             "holding fetch_manifest.json), or a volume file")
+    parser.add_argument("--destination", "-d", type=Path, metavar="DIR",
+                        help="output directory of the precomputed dataset")
+    add_conversion_options(parser)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar or periodic progress lines")
     cli.add_logging_options(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.print_parameters and (args.source is None or args.destination is None):
+        parser.error("SOURCE and --destination DIR are required")
+    return args
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT handlers; polled by the conversion between slabs."""
+
+    def __init__(self) -> None:
+        self.signal_number: Optional[int] = None
+
+    def __call__(self) -> bool:
+        return self.signal_number is not None
+
+    def install(self) -> Callable[[], None]:
+        """Installs the handlers (main thread only); returns a function restoring them."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(number, frame):  # noqa: ARG001 (signal API)
+            logger.warning("signal %d received: finishing the current slab, "
+                           "then saving the state", number)
+            self.signal_number = number
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous[number] = signal.signal(number, handler)
+
+        def restore() -> None:
+            for number, old in previous.items():
+                signal.signal(number, old)
+        return restore
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `ingest_ngs`; returns the exit code."""
-    parse_command_line(argv)
-    print("ingest_ngs: not implemented yet", file=sys.stderr)
-    return errors.EXIT_USAGE
+    args = parse_command_line(argv)
+
+    def work(redactor) -> int:
+        params = parse_parameters(args.parameters)
+        if args.print_parameters:
+            print(params.to_json())
+            return errors.EXIT_OK
+        stop = StopFlag()
+        restore = stop.install()
+        try:
+            result = convert(args.source, args.destination, params, jobs=args.jobs,
+                             show_progress=not args.no_progress and cli.verbosity(args) >= 0,
+                             should_stop=stop, order_file=args.order_file)
+        except errors.Interrupted as exc:
+            raise errors.Interrupted(str(exc), stop.signal_number) from None
+        finally:
+            restore()
+        print(f"{result.destination}: {len(result.scales)} scales, {result.chunks} "
+              f"chunks, {format_bytes(result.bytes_written)} in "
+              f"{format_duration(result.wall_seconds)}")
+        return errors.EXIT_OK
+
+    return cli.run_command(work, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""Writes a Neuroglancer precomputed pyramid from z-slabs, building lower scales in memory.
+
+neuroglancer-scripts does the format (info helpers, chunk encoders,
+downscalers, file accessor); this module only schedules the work: chunks
+are encoded, gzipped and written by a thread pool, and each chunk is
+downscaled straight into the next scale's buffer, so scale 0 is never re-read.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gzip
+import os
+import threading
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from neuroglancer_scripts import chunk_encoding, downscaling, dyadic_pyramid
+from neuroglancer_scripts.file_accessor import NO_COMPRESS_MIME_TYPES, FileAccessor
+from neuroglancer_scripts.scripts.generate_scales_info import set_info_params
+from neuroglancer_scripts.utils import ceil_div
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a hidden temporary name and a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(data)
+    os.replace(temporary, path)
+
+
+class AtomicFileAccessor(FileAccessor):
+    """neuroglancer-scripts' flat file accessor, writing whole files atomically.
+
+    gzip members carry no timestamp, so a resumed run writes the same bytes as
+    an uninterrupted one. ``store_chunk`` returns the bytes written.
+    """
+
+    def __init__(self, base_dir: Path, gzip: bool = True, compresslevel: int = 6):
+        super().__init__(str(base_dir), flat=True, gzip=gzip,
+                         compresslevel=compresslevel)
+
+    def _encode(self, path: Path, buf: bytes, mime_type: str) -> tuple:
+        if self.gzip and mime_type not in NO_COMPRESS_MIME_TYPES:
+            return (path.with_name(path.name + ".gz"),
+                    gzip.compress(buf, compresslevel=self.compresslevel, mtime=0))
+        return path, buf
+
+    def store_file(self, relative_path, buf, mime_type="application/octet-stream",
+                   overwrite=False):
+        path, data = self._encode(self.base_path / relative_path, buf, mime_type)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, data)
+
+    def store_chunk(self, buf, key, chunk_coords,
+                    mime_type="application/octet-stream", overwrite=True) -> int:
+        path, data = self._encode(self._chunk_path(key, chunk_coords), buf, mime_type)
+        write_atomically(path, data)
+        return len(data)
+
+
+def build_info(data_type: str, num_channels: int, size: Sequence[int],
+               resolution_nm: Sequence[float], voxel_offset: Sequence[int],
+               dataset_type: str, encoding: str, chunk_size: int,
+               max_scales: Optional[int]) -> dict:
+    """Returns a full pyramid *info* made by neuroglancer-scripts' helpers."""
+    info = {
+        "type": dataset_type,
+        "data_type": data_type,
+        "num_channels": int(num_channels),
+        "scales": [{
+            "encoding": encoding,
+            "size": [int(s) for s in size],
+            "resolution": [float(r) for r in resolution_nm],
+            "voxel_offset": [int(o) for o in voxel_offset],
+        }],
+    }
+    set_info_params(info, dataset_type=dataset_type, encoding=encoding)
+    dyadic_pyramid.fill_scales_for_dyadic_pyramid(
+        info, target_chunk_size=chunk_size, max_scales=max_scales)
+    # Lower scales keep the physical offset: express it in their own voxels.
+    full = info["scales"][0]
+    for scale in info["scales"][1:]:
+        factors = [round(r / r0) for r, r0 in zip(scale["resolution"], full["resolution"])]
+        scale["voxel_offset"] = [o // f for o, f in zip(full["voxel_offset"], factors)]
+    return info
+
+
+def count_chunks(info: dict) -> int:
+    """Returns the number of chunk files of all scales of ``info``."""
+    total = 0
+    for scale in info["scales"]:
+        chunk = scale["chunk_sizes"][0]
+        total += int(np.prod([ceil_div(s, c) for s, c in zip(scale["size"], chunk)]))
+    return total
+
+
+@dataclasses.dataclass
+class Level:
+    """One scale being built: its z-buffer and where it stands."""
+
+    key: str
+    size: List[int]
+    chunk: List[int]
+    offset: List[int]
+    factors: List[int]  # downscaling factors from the previous level (x, y, z)
+    encoder: chunk_encoding.ChunkEncoder
+    buffer: np.ndarray  # (C, capacity, Y, X)
+    filled: int = 0
+    z0: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer.shape[1]
+
+
+class PyramidBuilder:
+    """Receives scale-0 slabs in z order and writes every scale's chunks.
+
+    Call :meth:`slab` to get the buffer for the next slab, fill it, then
+    :meth:`push`; after the last slab call :meth:`finish`. Memory: one slab
+    plus the lower scales' buffers (about a third of a slab for isotropic data).
+    """
+
+    def __init__(self, info: dict, accessor: AtomicFileAccessor,
+                 downscaler: downscaling.Downscaler, executor: Executor,
+                 encoder_options: dict | None = None,
+                 on_chunk: Callable[[int], None] | None = None):
+        self.info = info
+        self.accessor = accessor
+        self.downscaler = downscaler
+        self.executor = executor
+        self.on_chunk = on_chunk
+        self.chunks_written = 0
+        self.bytes_written = 0
+        self._lock = threading.Lock()
+        dtype = np.dtype(info["data_type"]).newbyteorder("<")
+        channels = info["num_channels"]
+        self.levels: List[Level] = []
+        scales = info["scales"]
+        inflow = 0  # planes that one full flush of the previous level pushes
+        for index, scale in enumerate(scales):
+            size, chunk = list(scale["size"]), list(scale["chunk_sizes"][0])
+            if index == 0:
+                factors = [1, 1, 1]
+                capacity = chunk[2]
+            else:
+                previous = scales[index - 1]["size"]
+                factors = [1 if p == s else 2 for p, s in zip(previous, size)]
+                if size != [ceil_div(p, f) for p, f in zip(previous, factors)]:
+                    raise ValueError(f"scale {scale['key']} is not a dyadic "
+                                     "downscaling of the previous one")
+                capacity = max(chunk[2], inflow)
+            if index + 1 < len(scales):
+                next_fz = 1 if scales[index + 1]["size"][2] == size[2] else 2
+                # Flushes must hand z pairs to the next level (all powers of 2).
+                capacity = max(capacity, next_fz)
+                inflow = ceil_div(capacity, next_fz)
+            # A buffer as deep as the whole scale never overflows.
+            capacity = min(capacity, size[2])
+            shape = (channels, capacity, size[1], size[0])
+            self.levels.append(Level(
+                key=scale["key"], size=size, chunk=chunk,
+                offset=list(scale.get("voxel_offset", [0, 0, 0])),
+                factors=factors,
+                encoder=chunk_encoding.get_encoder(info, scale, encoder_options or {}),
+                buffer=np.empty(shape, dtype=dtype)))
+            (Path(accessor.base_path) / scale["key"]).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def slab_depth(self) -> int:
+        """Returns the number of sections per scale-0 slab."""
+        return self.levels[0].capacity
+
+    def slab(self, depth: int) -> np.ndarray:
+        """Returns the scale-0 buffer view to fill with the next ``depth`` sections."""
+        level = self.levels[0]
+        assert level.filled == 0 and depth <= level.capacity
+        return level.buffer[:, :depth]
+
+    def push(self, depth: int, last: bool) -> None:
+        """Writes the filled slab and every lower-scale chunk it completes."""
+        self.levels[0].filled = depth
+        self._flush(0, last)
+
+    def _flush(self, index: int, last: bool) -> None:
+        level = self.levels[index]
+        if level.filled == 0:
+            return
+        if level.filled < level.capacity and not last:
+            return
+        target = self.levels[index + 1] if index + 1 < len(self.levels) else None
+        futures: List[Future] = []
+        chunk_x, chunk_y = level.chunk[0], level.chunk[1]
+        for y0 in range(0, level.size[1], chunk_y):
+            for x0 in range(0, level.size[0], chunk_x):
+                futures.append(self.executor.submit(
+                    self._write_tile, level, target, x0, y0))
+        for future in futures:
+            future.result()
+        if target is not None:
+            target.filled += ceil_div(level.filled, target.factors[2])
+        level.z0 += level.filled
+        level.filled = 0
+        if target is not None:
+            self._flush(index + 1, last)
+
+    def _write_tile(self, level: Level, target: Optional[Level], x0: int, y0: int) -> None:
+        x1 = min(x0 + level.chunk[0], level.size[0])
+        y1 = min(y0 + level.chunk[1], level.size[1])
+        tile = level.buffer[:, :level.filled, y0:y1, x0:x1]
+        chunk_z = level.chunk[2]
+        ox, oy, oz = level.offset
+        for z in range(0, level.filled, chunk_z):
+            z1 = min(z + chunk_z, level.filled)
+            data = level.encoder.encode(tile[:, z:z1])
+            coords = (ox + x0, ox + x1, oy + y0, oy + y1,
+                      oz + level.z0 + z, oz + level.z0 + z1)
+            written = self.accessor.store_chunk(data, level.key, coords,
+                                                mime_type=level.encoder.mime_type)
+            with self._lock:
+                self.chunks_written += 1
+                self.bytes_written += written
+            if self.on_chunk is not None:
+                self.on_chunk(written)
+        if target is not None:
+            fx, fy, fz = target.factors
+            small = self.downscaler.downscale(tile, (fx, fy, fz))
+            start = target.filled
+            target.buffer[:, start:start + small.shape[1],
+                          y0 // fy:y0 // fy + small.shape[2],
+                          x0 // fx:x0 // fx + small.shape[3]] = small
+
+    def state(self) -> tuple:
+        """Returns (per-level positions, per-level pending planes) for a checkpoint."""
+        positions = [{"z0": lv.z0, "filled": lv.filled} for lv in self.levels]
+        pending = {f"level{i}": lv.buffer[:, :lv.filled]
+                   for i, lv in enumerate(self.levels) if lv.filled}
+        return positions, pending
+
+    def restore(self, positions: list, pending: dict) -> None:
+        """Puts back the positions and pending planes saved by :meth:`state`."""
+        for i, (level, position) in enumerate(zip(self.levels, positions)):
+            level.z0, level.filled = int(position["z0"]), int(position["filled"])
+            if level.filled:
+                level.buffer[:, :level.filled] = pending[f"level{i}"]
+
+
+def make_downscaler(method: str, info: dict) -> downscaling.Downscaler:
+    """Returns neuroglancer-scripts' downscaler for ``method`` (auto as compute-scales)."""
+    return downscaling.get_downscaler(method, info=copy.deepcopy(info), options={})

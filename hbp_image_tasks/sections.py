@@ -1,0 +1,198 @@
+"""Finding, ordering and reading the 2D sections of a stack.
+
+Sections come from a directory, a fetch manifest or an order file; they are
+ordered by natural sort (``s2`` before ``s10``) and read with Pillow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+MANIFEST_NAME = "fetch_manifest.json"
+
+# Pillow mode -> (numpy dtype, channels)
+_MODES = {
+    "1": ("uint8", 1),
+    "L": ("uint8", 1),
+    "I;16": ("uint16", 1),
+    "I;16L": ("uint16", 1),
+    "I;16B": ("uint16", 1),
+    "I;16N": ("uint16", 1),
+    "I": ("int32", 1),
+    "F": ("float32", 1),
+    "RGB": ("uint8", 3),
+}
+
+
+def natural_key(name: str) -> tuple:
+    """Returns a sort key that orders digit runs by value (``s2`` < ``s10``)."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(part), part) if part.isdigit() else (1, part.lower(), part)
+                 for part in parts if part != "") + (name,)
+
+
+def is_section_name(name: str) -> bool:
+    """Returns whether a file name looks like an image section (not hidden)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def find_manifest(source: Path) -> Optional[Path]:
+    """Returns the fetch manifest that ``source`` is or contains, else None."""
+    if source.is_file() and source.name == MANIFEST_NAME:
+        return source
+    if source.is_dir() and (source / MANIFEST_NAME).is_file():
+        return source / MANIFEST_NAME
+    return None
+
+
+def sections_from_manifest(manifest: Path) -> List[Path]:
+    """Returns the image sections listed by a fetch manifest, naturally sorted."""
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+        objects = document["objects"]
+        paths = [(str(entry["name"]), str(entry["path"])) for entry in objects]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{manifest}: not a valid fetch manifest ({exc})") from None
+    base = manifest.parent
+    result = []
+    for name, relative in paths:
+        if not is_section_name(Path(relative).name):
+            continue
+        path = base / relative
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {manifest} but missing")
+        result.append(path)
+    return sorted(result, key=lambda p: natural_key(p.relative_to(base).as_posix()))
+
+
+def sections_from_order_file(order_file: Path, base: Path) -> List[Path]:
+    """Returns sections in the order an order file gives (one name per line)."""
+    try:
+        lines = order_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{order_file}: cannot read the order file ({exc})") from None
+    result = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line) if Path(line).is_absolute() else base / line
+        if not path.is_file():
+            raise InputError(f"{order_file}:{number}: section {line!r} not found "
+                             f"in {base}")
+        result.append(path)
+    if len(set(result)) != len(result):
+        raise InputError(f"{order_file}: a section is listed twice")
+    return result
+
+
+def list_sections(source: Path, order_file: Path | None = None) -> List[Path]:
+    """Returns the section files of a stack, in z order."""
+    manifest = find_manifest(source)
+    if order_file is not None:
+        base = source.parent if source.is_file() else source
+        sections = sections_from_order_file(order_file, base)
+    elif manifest is not None:
+        sections = sections_from_manifest(manifest)
+    elif source.is_dir():
+        sections = sorted((p for p in source.iterdir()
+                           if p.is_file() and is_section_name(p.name)),
+                          key=lambda p: natural_key(p.name))
+    else:
+        raise InputError(f"{source}: not a directory of sections or a manifest")
+    if not sections:
+        raise InputError(f"{source}: no image sections found (looked for "
+                         f"{', '.join(IMAGE_SUFFIXES)})")
+    return sections
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionFormat:
+    """Width, height, sample type and channels shared by all sections of a stack."""
+
+    width: int
+    height: int
+    dtype: str
+    channels: int
+    mode: str
+
+    def describe(self) -> str:
+        """Returns e.g. ``2048x2048 uint8 grey``."""
+        kind = "RGB" if self.channels == 3 else "grey"
+        return f"{self.width}x{self.height} {self.dtype} {kind}"
+
+
+def _open(path: Path):
+    from PIL import Image
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: section not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def _format_of(path: Path, image) -> SectionFormat:
+    mode = image.mode
+    if mode in ("RGBA", "LA", "P", "PA"):
+        # Alpha and palettes are expanded to what a viewer shows.
+        effective = "RGB" if mode in ("RGBA", "P", "PA") else "L"
+    else:
+        effective = mode
+    if effective not in _MODES:
+        raise InputError(f"{path}: unsupported image mode {mode} (supported: "
+                         "8/16-bit grey, 32-bit float, RGB)")
+    dtype, channels = _MODES[effective]
+    width, height = image.size
+    return SectionFormat(width, height, dtype, channels, mode)
+
+
+def probe_section(path: Path) -> SectionFormat:
+    """Returns the format of one section, reading only its header."""
+    with _open(path) as image:
+        return _format_of(path, image)
+
+
+def read_section(path: Path, expected: SectionFormat, grey: bool = False) -> np.ndarray:
+    """Returns a section's pixels, (rows, columns) or (rows, columns, 3).
+
+    With ``grey``, RGB sections are converted to luminance by Pillow.
+
+    Raises InputError naming the file if it is corrupt or differs in size or
+    mode from the first section.
+    """
+    with _open(path) as image:
+        found = _format_of(path, image)
+        if (found.width, found.height) != (expected.width, expected.height):
+            raise InputError(f"{path}: size {found.width}x{found.height} differs from "
+                             f"the first section's {expected.width}x{expected.height}")
+        if (found.dtype, found.channels) != (expected.dtype, expected.channels):
+            raise InputError(f"{path}: mode {found.describe()} differs from the "
+                             f"first section's {expected.describe()}")
+        try:
+            image.load()
+            if image.mode in ("RGBA", "P", "PA"):
+                image = image.convert("RGB")
+            elif image.mode in ("LA", "1"):
+                image = image.convert("L")
+            if grey and image.mode == "RGB":
+                image = image.convert("L")
+            array = np.asarray(image)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("="))
+    expected_shape = ((expected.height, expected.width) if expected.channels == 1 or grey
+                      else (expected.height, expected.width, 3))
+    if array.shape != expected_shape:
+        raise InputError(f"{path}: decoded shape {array.shape} differs from "
+                         f"{expected_shape}")
+    return array

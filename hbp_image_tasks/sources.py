@@ -1,0 +1,161 @@
+"""Conversion inputs read slab by slab: section stacks and nibabel volumes.
+
+Both give (x, y, z) size, channels and sample type up front and then fill
+(C, Z, Y, X) slabs on demand, so memory never holds more than one slab.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from . import sections
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class StackSource:
+    """A stack of 2D sections: column -> x, row -> y, section -> z."""
+
+    kind = "stack"
+
+    def __init__(self, paths: List[Path], channels: Optional[int] = None):
+        self.paths = paths
+        self.format = sections.probe_section(paths[0])
+        if channels == 3 and self.format.channels == 1:
+            raise InputError(f"{paths[0]}: grey sections cannot give 'channels': 3")
+        self.grey = channels == 1 and self.format.channels == 3
+        self.channels = 1 if self.grey else self.format.channels
+        self.dtype = np.dtype(self.format.dtype)
+        self.size = (self.format.width, self.format.height, len(paths))
+        self.voxel_size_nm: Optional[Tuple[float, float, float]] = None
+        self.input_bytes = sum(p.stat().st_size for p in paths)
+        self.description = (f"{len(paths)} sections of {self.format.describe()} "
+                            f"from {paths[0].parent}")
+
+    def identity(self) -> list:
+        """Returns what identifies the input for resuming (names, sizes, mtimes)."""
+        result = []
+        for path in self.paths:
+            stat = path.stat()
+            result.append([str(path), stat.st_size, stat.st_mtime_ns])
+        return result
+
+    def minimum(self) -> Optional[float]:
+        """Returns None: sections are never signed."""
+        return None
+
+    def read(self, z0: int, z1: int, out: np.ndarray, transform: Optional[Transform],
+             executor: Executor) -> None:
+        """Decodes sections ``z0:z1`` in parallel into ``out`` (C, z1 - z0, Y, X)."""
+        def load(index: int) -> None:
+            path = self.paths[index]
+            array = sections.read_section(path, self.format, grey=self.grey)
+            plane = array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
+            if transform is not None:
+                plane = transform(plane)
+            out[:, index - z0] = plane
+
+        for future in [executor.submit(load, i) for i in range(z0, z1)]:
+            future.result()
+
+
+class VolumeSource:
+    """A 3D (or 3D + channels) volume that nibabel reads; voxel (i, j, k) -> (x, y, z)."""
+
+    kind = "volume"
+
+    def __init__(self, path: Path):
+        import nibabel
+        self.path = path
+        try:
+            self.image = nibabel.load(str(path))
+            shape = tuple(int(s) for s in self.image.shape)
+            first = np.asanyarray(self.image.dataobj[(0,) * len(shape)])
+        except Exception as exc:  # nibabel raises many types for bad files
+            raise InputError(f"{path}: cannot read volume "
+                             f"({type(exc).__name__}: {exc})") from None
+        if first.dtype.names is not None:
+            raise InputError(f"{path}: structured (RGB) volumes are not supported")
+        if len(shape) == 3:
+            channels = 1
+        elif len(shape) == 4 and shape[3] in (1, 3):
+            channels = shape[3]
+        elif len(shape) == 5 and shape[3] == 1 and shape[4] in (1, 3):
+            channels = shape[4]
+        else:
+            raise InputError(f"{path}: volume shape {shape} is not 3D "
+                             "(or 3D with 1 or 3 channels)")
+        self.shape = shape
+        self.channels = channels
+        self.dtype = first.dtype
+        if self.dtype == np.float64:
+            logger.info("%s: float64 samples are stored as float32", path)
+        self.size = shape[:3]
+        zooms = self.image.header.get_zooms()[:3]
+        try:
+            import nibabel.affines
+            zooms = nibabel.affines.voxel_sizes(self.image.affine)[:3]
+        except Exception:  # some formats have no affine; keep the header zooms
+            pass
+        self.voxel_size_nm = tuple(float(z) * 1e6 for z in zooms)
+        self.input_bytes = path.stat().st_size
+        self.paths = [path]
+        self.description = (f"volume {path.name} {'x'.join(map(str, shape))} "
+                            f"{self.dtype}")
+
+    def identity(self) -> list:
+        """Returns what identifies the input for resuming."""
+        stat = self.path.stat()
+        return [[str(self.path), stat.st_size, stat.st_mtime_ns]]
+
+    def _planes(self, z0: int, z1: int) -> np.ndarray:
+        try:
+            if len(self.shape) == 3:
+                data = np.asanyarray(self.image.dataobj[:, :, z0:z1])
+                return data.transpose(2, 1, 0)[np.newaxis]
+            data = np.asanyarray(self.image.dataobj[:, :, z0:z1])
+            data = data.reshape(data.shape[:3] + (self.channels,))
+            return data.transpose(3, 2, 1, 0)
+        except Exception as exc:
+            raise InputError(f"{self.path}: cannot read planes {z0}-{z1} "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    def minimum(self) -> Optional[float]:
+        """Returns the smallest sample (one pass over the file)."""
+        step = 64
+        return min(float(self._planes(z, min(z + step, self.size[2])).min())
+                   for z in range(0, self.size[2], step))
+
+    def read(self, z0: int, z1: int, out: np.ndarray, transform: Optional[Transform],
+             executor: Executor) -> None:
+        """Reads planes ``z0:z1`` into ``out`` (C, z1 - z0, Y, X)."""
+        planes = self._planes(z0, z1)
+        if transform is not None:
+            planes = transform(planes)
+        out[...] = planes
+
+
+def open_source(source: Path, order_file: Path | None = None,
+                channels: Optional[int] = None):
+    """Returns a StackSource or VolumeSource for a directory, manifest or volume file."""
+    if not source.exists():
+        raise InputError(f"{source}: no such file or directory")
+    if source.is_dir() or sections.find_manifest(source) is not None:
+        return StackSource(sections.list_sections(source, order_file), channels)
+    if order_file is not None:
+        raise InputError(f"{source}: --order-file only applies to section stacks")
+    if sections.is_section_name(source.name):
+        raise InputError(f"{source}: a single section; give the directory that "
+                         "holds the stack")
+    volume = VolumeSource(source)
+    if channels is not None and channels != volume.channels:
+        raise InputError(f"{source}: has {volume.channels} channel(s), "
+                         f"'channels' asks for {channels}")
+    return volume
