@@ -37,6 +37,7 @@ class ObjectInfo:
     content_type: str = ""
     last_modified: str = ""
     is_large: bool = False
+    slo_etag: str = ""  # a static large object's content ETag (MD5 of segment MD5s)
 
     @classmethod
     def from_listing(cls, entry: Mapping[str, Any]) -> "ObjectInfo":
@@ -49,6 +50,7 @@ class ObjectInfo:
             last_modified=entry.get("last_modified", ""),
             # A large object's listed hash is its manifest's, not the content MD5.
             is_large="slo_etag" in entry or entry.get("symlink_path") is not None,
+            slo_etag=str(entry.get("slo_etag", "")).strip('"'),
         )
 
 
@@ -185,7 +187,9 @@ class PublicContainer:
                      ) -> Iterator[ObjectInfo]:
         """Yields every object whose name starts with ``prefix``, page by page."""
         def get_page(marker: str) -> list[Mapping[str, Any]]:
-            params = {"format": "json", "limit": str(page_size), "marker": marker}
+            params = {"format": "json", "marker": marker}
+            if page_size:  # None: the server's maximum (a larger limit gets 412)
+                params["limit"] = str(page_size)
             if prefix:
                 params["prefix"] = prefix
             try:
@@ -322,9 +326,11 @@ class SwiftConnection:
             status = exc.http_status
             if status is None:
                 raise self.error_type(f"{description}: {exc.msg}") from None
-            raise self.error_type(
+            error = self.error_type(
                 f"{description}: {status} {exc.http_reason or ''}".strip()
-                + self._hint(status)) from None
+                + self._hint(status))
+            error.http_status = status  # lets callers retry e.g. a 422 (bad ETag)
+            raise error from None
         except requests.RequestException as exc:
             raise self.error_type(f"{description}: {type(exc).__name__}: {exc}"
                                   ) from None

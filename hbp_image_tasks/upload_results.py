@@ -1,26 +1,619 @@
-"""The `upload_results` command (not implemented yet)."""
+"""Upload a Neuroglancer precomputed dataset to OpenStack Swift, ready to be served.
+
+The container is made publicly readable with CORS (unless --private), chunks are
+stored under the names Neuroglancer requests with the right Content-Encoding,
+identical objects are skipped, and the result is verified against a fresh listing.
+
+examples:
+  upload_results results/bigbrain --container bigbrain --prefix 2015/8um
+  upload_results results/bigbrain --container bigbrain --dry-run
+  SWIFT_SETTINGS=~/.os_settings upload_results results/ --container test -j 32
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import signal
 import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from urllib.parse import quote
 
 from . import cli, errors
+from .errors import InputError, Interrupted, UploadError, UsageError
+from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
+from .progress import Progress, format_bytes, format_duration
+from .settings import add_settings_option, load_settings_from
+from .swift import PUBLIC_READ_ACL, ObjectInfo, SwiftConnection, http_session
+from .upload_plan import (MANIFEST_FILE, Digest, LocalObject, SegmentReader,
+                          check_conversion_complete, check_object_names,
+                          file_digest, normalize_prefix, read_exactly, scan,
+                          validate_container_name, write_json_atomically)
+
+__all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
+           "validate_container_name", "main", "DEFAULT_VIEWER_BASE"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT_SIZE = 1 << 30
+BAD_BODY_ATTEMPTS = 3  # a 422 means the body did not match its MD5 on the way
+MAX_EXAMPLES = 5
+HEADER_SAMPLE = 20  # objects whose served headers are checked after the upload
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class UploadResult:
+    """What an upload did (or, with ``dry_run``, would do)."""
+
+    uploaded: int
+    skipped: int
+    bytes_uploaded: int
+    total_objects: int
+    total_bytes: int
+    retries: int
+    public_url: str
+    neuroglancer_link: str
+    manifest_path: str | None
+    elapsed: float
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Returns the fields as a JSON object."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def default_upload_jobs() -> int:
+    """Returns the default number of parallel uploads: requests wait on the network."""
+    return min(32, max(8, 4 * cli.default_jobs()))
+
+
+def parse_size(text: str) -> int:
+    """argparse type: ``1073741824``, ``512M``, ``1G`` (binary units) -> bytes."""
+    value = text.strip().upper().rstrip("B").rstrip("I")
+    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES and value[-1:] else ""
+    number = value[:-1] if suffix else value
+    try:
+        size = int(float(number) * SIZE_SUFFIXES[suffix])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (examples: 1073741824, 512M, 1G)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
+def _container_name(text: str) -> str:
+    try:
+        return validate_container_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_upload_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the upload option group shared by `upload_results` and `ingest`."""
+    group = parser.add_argument_group("upload to Swift")
+    group.add_argument(
+        "--container", required=True, type=_container_name, metavar="NAME",
+        help="Swift container to upload to, created if missing (e.g. bigbrain)")
+    group.add_argument(
+        "--prefix", default="", metavar="PATH",
+        help="path of the dataset inside the container (e.g. 2015/8um); the "
+             "dataset's public URL is <storage URL>/<container>/<prefix>")
+    add_settings_option(group)
+    group.add_argument(
+        "--private", action="store_true",
+        help="do not make the container publicly readable nor set CORS; a viewer "
+             "will then need credentials to read the dataset")
+    group.add_argument(
+        "--cors-origin", default="*", metavar="ORIGIN",
+        help="origin allowed to read the dataset from a browser "
+             "(e.g. https://neuroglancer.example.org)")
+    group.add_argument(
+        "--force", dest="skip_identical", action="store_false",
+        help="upload every object, even those already in Swift with the same MD5")
+    group.add_argument(
+        "--no-skip-identical", dest="skip_identical", action="store_false",
+        help="same as --force")
+    group.add_argument(
+        "--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
+        metavar="BYTES",
+        help="files larger than this are uploaded as static large objects in "
+             "segments of this size (e.g. 512M, 1G)")
+    group.add_argument(
+        "--dry-run", action="store_true",
+        help="only list what would be uploaded and skipped (counts and bytes); "
+             "writes nothing")
+    group.add_argument(
+        "--viewer-base", default=DEFAULT_VIEWER_BASE, metavar="URL",
+        help="Neuroglancer viewer used for the printed link "
+             "(e.g. https://neuroglancer.example.org/)")
+
+
+def upload_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Returns the keyword arguments of :func:`upload` given by the shared options."""
+    return dict(prefix=args.prefix, public=not args.private,
+                cors_origin=args.cors_origin, skip_identical=args.skip_identical,
+                segment_size=args.segment_size, dry_run=args.dry_run,
+                viewer_base=args.viewer_base)
+
+
+def run_bounded(items: Iterable[T], work: Callable[[T], Any],
+                done: Callable[[T, Any], None], jobs: int,
+                should_stop: Callable[[], bool] | None, what: str) -> None:
+    """Runs ``work`` on each item with ``jobs`` threads, keeping few items queued.
+
+    ``should_stop`` is polled before each item starts: in-flight items finish,
+    then Interrupted is raised. The first failure stops new items too and is
+    raised once the in-flight ones have finished.
+    """
+    iterator: Iterator[T] = iter(items)
+    pending: dict[Any, T] = {}
+    failures: list[BaseException] = []
+    stopped = False
+    exhausted = False
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="upload") as pool:
+        while True:
+            while not (exhausted or stopped or failures) and len(pending) < 2 * jobs:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                item = next(iterator, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pending[pool.submit(work, item)] = item
+            if not pending:
+                break
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in finished:
+                item = pending.pop(future)
+                error = future.exception()
+                if error is not None:
+                    failures.append(error)
+                else:
+                    done(item, future.result())
+    if failures:
+        first = failures[0]
+        if len(failures) > 1 and isinstance(first, errors.HbpError):
+            raise type(first)(f"{first} (and {len(failures) - 1} more failure(s) "
+                              f"while {what})") from first
+        raise first
+    if stopped:
+        raise Interrupted(f"stopped while {what}; run the same command again "
+                          f"to resume (identical objects are skipped)")
+
+
+class _Uploader:
+    """PUTs objects of one dataset; safe to call from several threads."""
+
+    def __init__(self, connection: SwiftConnection, container: str, prefix: str,
+                 segment_size: int, container_headers: Mapping[str, str]):
+        self.connection = connection
+        self.container = container
+        self.prefix = prefix
+        self.segment_size = segment_size
+        self.container_headers = dict(container_headers)
+        self.segment_container = f"{container}_segments"
+        self._segments_ready = False
+        self._lock = threading.Lock()
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _retries_of_last_call(self) -> int:
+        # swiftclient counts the attempts of the last request on this thread.
+        return max(0, int(getattr(self.connection.connection(), "attempts", 1)) - 1)
+
+    def upload(self, local: LocalObject) -> tuple[Digest, int]:
+        """Uploads one object; returns its digest and the retries it needed."""
+        if local.size > self.segment_size:
+            return self._upload_large(local)
+        return self._upload_small(local)
+
+    def _headers(self, local: LocalObject) -> dict[str, str]:
+        return {"Content-Encoding": local.content_encoding} if local.content_encoding else {}
+
+    def _upload_small(self, local: LocalObject) -> tuple[Digest, int]:
+        name = self.full_name(local.name)
+        retries = 0
+        for attempt in range(1, BAD_BODY_ATTEMPTS + 1):
+            # Read once and hash what is sent, so the ETag matches the body.
+            data = read_exactly(local.path, local.size)
+            digest = Digest(_md5(data))
+            try:
+                etag = self.connection.put_object(
+                    self.container, name, io.BytesIO(data), content_length=len(data),
+                    etag=digest.md5, content_type=local.content_type,
+                    headers=self._headers(local))
+            except UploadError as exc:
+                retries += self._retries_of_last_call()
+                if getattr(exc, "http_status", None) == 422 and attempt < BAD_BODY_ATTEMPTS:
+                    logger.warning("%s (the body did not match its MD5 on the way); "
+                                   "sending it again", exc)
+                    retries += 1
+                    continue
+                raise
+            retries += self._retries_of_last_call()
+            if (etag or "").strip('"') != digest.md5:
+                raise UploadError(f"PUT {self.container}/{name}: Swift answered ETag "
+                                  f"{etag!r} but {local.path} has MD5 {digest.md5}")
+            return digest, retries
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ensure_segment_container(self) -> None:
+        with self._lock:
+            if not self._segments_ready:
+                self.connection.ensure_container(self.segment_container,
+                                                 self.container_headers)
+                self._segments_ready = True
+
+    def _upload_large(self, local: LocalObject) -> tuple[Digest, int]:
+        """Uploads a static large object: its segments, then its manifest."""
+        name = self.full_name(local.name)
+        digest = file_digest(local.path, local.size, self.segment_size)
+        self._ensure_segment_container()
+        # Segment names carry the content's ETag, so a rerun reuses them.
+        segment_prefix = (f"{name}/slo/{local.size}/{self.segment_size}/"
+                          f"{digest.slo_etag}/")
+        existing = {o.name: o for o in self.connection.iter_objects(
+            self.segment_container, prefix=segment_prefix)}
+        retries = 0
+        manifest = []
+        for index, (offset, length, md5) in enumerate(digest.segments):
+            segment_name = f"{segment_prefix}{index:08d}"
+            present = existing.get(segment_name)
+            if present is None or present.bytes != length or present.hash != md5:
+                with SegmentReader(local.path, offset, length) as reader:
+                    etag = self.connection.put_object(
+                        self.segment_container, segment_name, reader,
+                        content_length=length, etag=md5,
+                        content_type="application/octet-stream")
+                retries += self._retries_of_last_call()
+                if (etag or "").strip('"') != md5:
+                    raise UploadError(
+                        f"PUT {self.segment_container}/{segment_name}: Swift "
+                        f"answered ETag {etag!r}, expected {md5}")
+            manifest.append({"path": f"/{self.segment_container}/{segment_name}",
+                             "etag": md5, "size_bytes": length})
+        self.connection.put_object(
+            self.container, name, json.dumps(manifest), etag=digest.slo_etag,
+            content_type=local.content_type, headers=self._headers(local),
+            query_string="multipart-manifest=put")
+        retries += self._retries_of_last_call()
+        return digest, retries
+
+
+def _md5(data: bytes) -> str:
+    import hashlib
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _is_identical(remote: ObjectInfo, local: LocalObject, digest: Digest) -> bool:
+    """True if the listed object has the local size and content MD5."""
+    if remote.bytes != local.size:
+        return False
+    if remote.is_large:
+        # A large object's listed hash is its manifest's; compare the SLO ETag.
+        return bool(digest.segments) and remote.slo_etag == digest.slo_etag
+    return remote.hash == digest.md5
+
+
+def _describe_difference(remote: ObjectInfo | None, local: LocalObject,
+                         digest: Digest, full_name: str) -> str | None:
+    """Returns why the listed object differs from the local file, or None."""
+    if remote is None:
+        return f"{full_name}: missing"
+    if remote.bytes != local.size:
+        return f"{full_name}: {remote.bytes} bytes in Swift, {local.size} in {local.path}"
+    if remote.is_large:
+        if remote.slo_etag and digest.segments and remote.slo_etag != digest.slo_etag:
+            return (f"{full_name}: large object ETag {remote.slo_etag} in Swift, "
+                    f"{digest.slo_etag} expected")
+        return None
+    if remote.hash != digest.md5:
+        return f"{full_name}: MD5 {remote.hash} in Swift, {digest.md5} in {local.path}"
+    return None
+
+
+def _examples(problems: list[str]) -> str:
+    shown = "; ".join(problems[:MAX_EXAMPLES])
+    return shown + ("; ..." if len(problems) > MAX_EXAMPLES else "")
+
+
+def _public_url(connection: SwiftConnection, container: str, prefix: str) -> str:
+    url = connection.container_url(container, prefix).url
+    return f"{url}/{quote(prefix, safe='/')}" if prefix else url
+
+
+def _read_local_info(results_dir: Path) -> Mapping[str, Any] | None:
+    try:
+        info = json.loads((results_dir / "info").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _check_served_headers(connection: SwiftConnection, container: str,
+                          objects: list[LocalObject], full_name: Callable[[str], str]
+                          ) -> None:
+    """HEADs a sample of objects (info, one chunk per directory) and checks their headers.
+
+    Skipped objects may come from an older upload with other headers, and
+    wrong headers fail silently in the viewer (black volume), so look.
+    """
+    sample: dict[tuple[str, str, str], LocalObject] = {}
+    for local in objects:
+        key = (local.name.rsplit("/", 1)[0] if "/" in local.name else "",
+               local.content_type, local.content_encoding)
+        sample.setdefault(key, local)
+    problems = []
+    for local in list(sample.values())[:HEADER_SAMPLE]:
+        name = full_name(local.name)
+        headers = connection.call(f"HEAD {container}/{name}", "head_object",
+                                  container, name)
+        headers = {k.lower(): v for k, v in headers.items()}
+        encoding = headers.get("content-encoding", "")
+        content_type = headers.get("content-type", "").split(";")[0].strip()
+        if encoding != local.content_encoding:
+            problems.append(f"{name}: Content-Encoding {encoding!r}, expected "
+                            f"{local.content_encoding!r}")
+        elif content_type != local.content_type:
+            problems.append(f"{name}: Content-Type {content_type!r}, expected "
+                            f"{local.content_type!r}")
+    if problems:
+        raise UploadError(
+            f"{len(problems)} object(s) in {container} are served with the wrong "
+            f"headers (left by an older upload?): {_examples(problems)}; upload "
+            f"again with --force")
+
+
+def _check_public_access(public_url: str, cors_origin: str) -> None:
+    """GETs ``info`` anonymously, as a browser would, and checks the CORS answer."""
+    import requests
+
+    url = f"{public_url}/info"
+    origin = "https://example.org" if cors_origin == "*" else cors_origin.split()[0]
+    session = http_session(pool_size=1, retries=3)
+    try:
+        response = session.get(url, headers={"Origin": origin}, timeout=(15, 60))
+    except requests.RequestException as exc:
+        raise UploadError(f"anonymous GET {url} failed: {exc}") from None
+    finally:
+        session.close()
+    if response.status_code != 200:
+        raise UploadError(
+            f"anonymous GET {url}: {response.status_code} {response.reason}: the "
+            f"dataset is not publicly readable (X-Container-Read {PUBLIC_READ_ACL!r} "
+            f"refused by the cluster?)")
+    allowed = response.headers.get("Access-Control-Allow-Origin", "")
+    if allowed not in ("*", origin):
+        raise UploadError(
+            f"anonymous GET {url} with Origin {origin}: no matching "
+            f"Access-Control-Allow-Origin header (got {allowed!r}); a browser "
+            f"viewer would be refused (does the cluster enable CORS?)")
+
+
+def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
+           prefix: str = "", jobs: int | None = None, public: bool = True,
+           cors_origin: str = "*", skip_identical: bool = True,
+           segment_size: int = DEFAULT_SEGMENT_SIZE, dry_run: bool = False,
+           viewer_base: str = DEFAULT_VIEWER_BASE, show_progress: bool = True,
+           should_stop: Callable[[], bool] | None = None) -> UploadResult:
+    """Uploads RESULTS_DIR to ``container``/``prefix``, verifies it; returns what was done."""
+    started = time.monotonic()
+    results_dir = Path(results_dir)
+    validate_container_name(container)
+    prefix = normalize_prefix(prefix)
+    if segment_size < 1:
+        raise UsageError(f"segment size {segment_size} is not positive")
+    if not results_dir.is_dir():
+        raise InputError(f"{results_dir} is not a directory")
+    check_conversion_complete(results_dir)
+    objects, _ = scan(results_dir)
+    names = {local.name for local in objects}
+    if "info" not in names:
+        raise InputError(f"{results_dir} has no 'info' file: it is not a Neuroglancer "
+                         f"precomputed dataset (the output directory of ingest_ngs)")
+    check_object_names(objects, prefix)
+    jobs = jobs or default_upload_jobs()
+    total_bytes = sum(local.size for local in objects)
+    logger.info("%s: %d files, %s", results_dir, len(objects), format_bytes(total_bytes))
+
+    def full_name(name: str) -> str:
+        return f"{prefix}/{name}" if prefix else name
+
+    listing_prefix = f"{prefix}/" if prefix else ""
+    container_headers = ({"X-Container-Read": PUBLIC_READ_ACL,
+                          "X-Container-Meta-Access-Control-Allow-Origin": cors_origin}
+                         if public else {})
+    if dry_run:
+        exists = connection.head_container(container) is not None
+    else:
+        created = connection.ensure_container(container, container_headers)
+        exists = True
+        logger.info("container %s %s%s", container,
+                    "created" if created else "exists",
+                    ", publicly readable with CORS origin " + cors_origin
+                    if public else "")
+    if not public:
+        logger.warning("--private: the container is not made public; a viewer will "
+                       "need credentials to read the dataset")
+
+    remote: dict[str, ObjectInfo] = {}
+    if exists:
+        remote = {o.name: o for o in connection.iter_objects(container, listing_prefix)}
+        logger.info("%d objects already under %s/%s", len(remote), container,
+                    listing_prefix)
+
+    # Compare only what may be identical: present with the same size.
+    digests: dict[str, Digest] = {}
+    candidates = [local for local in objects
+                  if skip_identical and full_name(local.name) in remote
+                  and remote[full_name(local.name)].bytes == local.size]
+    if candidates:
+        with Progress("comparing", total=len(candidates),
+                      total_bytes=sum(c.size for c in candidates), unit="files",
+                      enabled=show_progress) as progress:
+            def record_digest(local: LocalObject, digest: Digest) -> None:
+                digests[local.name] = digest
+                progress.update(1, local.size)
+            run_bounded(candidates,
+                        lambda local: file_digest(local.path, local.size, segment_size),
+                        record_digest, jobs, should_stop, "comparing local files")
+    skipped = [local for local in candidates
+               if _is_identical(remote[full_name(local.name)], local,
+                                digests[local.name])]
+    skipped_names = {local.name for local in skipped}
+    to_upload = [local for local in objects if local.name not in skipped_names]
+    upload_bytes = sum(local.size for local in to_upload)
+    skipped_bytes = total_bytes - upload_bytes
+    public_url = _public_url(connection, container, prefix)
+    link = neuroglancer_link(public_url, viewer_base, info=_read_local_info(results_dir))
+
+    if dry_run:
+        for local in to_upload:
+            logger.debug("would upload %s -> %s", local.path, full_name(local.name))
+        logger.info("dry run: would upload %d objects (%s), skip %d identical (%s)",
+                    len(to_upload), format_bytes(upload_bytes), len(skipped),
+                    format_bytes(skipped_bytes))
+        return UploadResult(len(to_upload), len(skipped), upload_bytes, len(objects),
+                            total_bytes, 0, public_url, link, None,
+                            time.monotonic() - started, dry_run=True)
+
+    uploader = _Uploader(connection, container, prefix, segment_size,
+                         container_headers)
+    retries = 0
+    with Progress("uploading", total=len(to_upload), total_bytes=upload_bytes,
+                  unit="objects", enabled=show_progress) as progress:
+        def record_upload(local: LocalObject, outcome: tuple[Digest, int]) -> None:
+            nonlocal retries
+            digests[local.name], object_retries = outcome
+            retries += object_retries
+            progress.update(1, local.size)
+            if object_retries:
+                progress.add_retry(object_retries)
+        # Chunks first, then info and other JSON: a dataset whose info is
+        # visible never points at chunks that are not there yet.
+        for batch in ([o for o in to_upload if not o.is_metadata],
+                      [o for o in to_upload if o.is_metadata]):
+            run_bounded(batch, uploader.upload, record_upload, jobs, should_stop,
+                        "uploading")
+
+    # Verify against a fresh listing, not against what the PUTs answered.
+    listed = {o.name: o for o in connection.iter_objects(container, listing_prefix)}
+    problems = [problem for problem in (
+        _describe_difference(listed.get(full_name(local.name)), local,
+                             digests[local.name], full_name(local.name))
+        for local in objects) if problem]
+    if problems:
+        raise UploadError(
+            f"verification failed: {len(problems)} of {len(objects)} objects missing "
+            f"or different in container {container}: {_examples(problems)}")
+    extra = sorted(set(listed) - {full_name(name) for name in names})
+    if extra:
+        logger.warning("%d object(s) under %s/%s are not in %s (left in place), "
+                       "e.g. %s", len(extra), container, listing_prefix, results_dir,
+                       extra[0])
+    _check_served_headers(connection, container, objects, full_name)
+    if public:
+        _check_public_access(public_url, cors_origin)
+
+    manifest_path = results_dir / MANIFEST_FILE
+    write_json_atomically(manifest_path, {
+        "container": container,
+        "prefix": prefix,
+        "public_url": public_url,
+        "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "objects": [dict({"name": full_name(local.name), "bytes": local.size,
+                          "md5": digests[local.name].md5},
+                         **({"slo_etag": digests[local.name].slo_etag}
+                            if digests[local.name].segments else {}))
+                    for local in objects],
+    })
+    elapsed = time.monotonic() - started
+    logger.info("uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
+                "verified %d objects in %s", len(to_upload), format_bytes(upload_bytes),
+                len(skipped), format_bytes(skipped_bytes), retries, len(objects),
+                format_duration(elapsed))
+    return UploadResult(len(to_upload), len(skipped), upload_bytes, len(objects),
+                        total_bytes, retries, public_url, link, str(manifest_path),
+                        elapsed)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+    """Yields a ``should_stop`` that turns true once SIGTERM arrives (e.g. walltime)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `upload_results`."""
-    parser = argparse.ArgumentParser(prog="upload_results", description=__doc__,
-                                     epilog=errors.EXIT_CODES_HELP,
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="upload_results", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2] + "\n" + errors.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter)
+    parser.add_argument(
+        "results_dir", metavar="RESULTS_DIR", type=Path,
+        help="directory with the dataset's info file and chunks (the output of "
+             "ingest_ngs); dotfiles and symlinks in it are never uploaded")
+    add_upload_options(parser)
+    parser.add_argument(
+        "-j", "--jobs", type=cli.positive_int, default=None, metavar="N",
+        help=f"parallel uploads (default: 4 per CPU, between 8 and 32; here "
+             f"{default_upload_jobs()})")
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `upload_results`; returns the exit code."""
-    parse_command_line(argv)
-    print("upload_results: not implemented yet", file=sys.stderr)
-    return errors.EXIT_USAGE
+    args = parse_command_line(argv)
+
+    def work(redactor: cli.RedactingFilter) -> int:
+        settings = load_settings_from(args.settings)
+        redactor.add(settings.os_password.reveal())
+        connection = SwiftConnection(settings, error_type=UploadError)
+        with stop_on_sigterm() as should_stop:
+            try:
+                result = upload(args.results_dir, args.container, connection,
+                                jobs=args.jobs, show_progress=cli.verbosity(args) >= 0,
+                                should_stop=should_stop, **upload_options(args))
+            finally:
+                connection.close()
+        if result.dry_run:
+            print(f"dry run: would upload {result.uploaded} objects "
+                  f"({format_bytes(result.bytes_uploaded)}), skip {result.skipped} "
+                  f"identical ({format_bytes(result.total_bytes - result.bytes_uploaded)})")
+        if args.private:
+            print("the dataset is private: a viewer needs credentials to read it")
+        print(f"{'URL' if args.private else 'public URL'}: {result.public_url}")
+        print(f"Neuroglancer: {result.neuroglancer_link}")
+        return errors.EXIT_OK
+
+    return cli.run_command(work, args)
 
 
 if __name__ == "__main__":
