@@ -291,8 +291,8 @@ class Browser:
         ready = False
         streak = 0
         while time.monotonic() < deadline:
-            if page_errors or any(CHUNK_ERROR_TEXT in line for line in console_errors):
-                break
+            if page_errors or console_errors:
+                break  # already a failure: no need to wait for the deadline
             is_ready = page.evaluate("() => !!(window.viewer && window.viewer.isReady())")
             chunk_seen = any(r.is_chunk for r in proxy.requests)
             streak = streak + 1 if (is_ready and chunk_seen) else 0
@@ -348,34 +348,39 @@ def save_png(png: bytes, path: Path | str) -> Path:
     return path
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str]:
-    """Returns the reasons why ``report`` does not count as a good render (empty if it does)."""
+    """Returns the reasons why ``report`` does not count as a good render, most telling first."""
     problems: list[str] = []
-    chunks = report.chunk_requests
-    failed = [r for r in report.requests if r.status not in (200, 206, 304)]
+    served = [r for r in report.requests if r.status in (200, 206, 304)]
+    if any(not r.allow_origin for r in served):
+        problems.append("responses lack the Access-Control-Allow-Origin header (CORS): "
+                        "viewers on other sites cannot read them")
+    unencoded = [r for r in report.requests if r.gzip_body_without_header]
+    if unencoded:
+        problems.append(f"{_count(len(unencoded), 'response')} with gzip data but no "
+                        f"'Content-Encoding: gzip' header (e.g. {unencoded[0].path})")
+    failed = [r for r in report.requests if r not in served]
     if failed:
         shown = ", ".join(r.describe() for r in failed[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        problems.append(f"{len(failed)} of {len(report.requests)} requests failed: {shown}{more}")
-    unencoded = [r for r in report.requests if r.gzip_body_without_header]
-    if unencoded:
-        problems.append(f"{len(unencoded)} responses are gzip data without "
-                        f"'Content-Encoding: gzip' (e.g. {unencoded[0].path})")
-    if not chunks:
-        problems.append("the viewer requested no chunk")
-    origins = {r.allow_origin for r in report.requests if r.status in (200, 206)}
-    if report.requests and "" in origins:
-        problems.append("responses lack the Access-Control-Allow-Origin header (CORS): "
-                        "viewers on other sites cannot read them")
+        problems.append(f"{len(failed)} of {_count(len(report.requests), 'request')} "
+                        f"failed: {shown}{more}")
     chunk_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT in line]
     if chunk_errors:
-        problems.append(f"{len(chunk_errors)} chunks failed to load: {chunk_errors[0]}")
+        problems.append(f"{_count(len(chunk_errors), 'chunk')} failed to load: "
+                        f"{chunk_errors[0]}")
     other_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT not in line]
     if other_errors:
         problems.append(f"console error: {other_errors[0]}")
     if report.page_errors:
         problems.append(f"uncaught error in the page: {report.page_errors[0]}")
-    if not report.ready and not problems:
+    if not problems and not report.chunk_requests:
+        problems.append(f"the viewer requested no chunk within {timeout:g} s")
+    if not problems and not report.ready:
         problems.append(f"the viewer was not ready after {timeout:g} s")
     if report.ready and report.signal_fraction < min_fraction:
         what = "saturated colours" if report.layer_type == "segmentation" else "bright pixels"

@@ -1,0 +1,415 @@
+"""check_viewer: datasets open in the real Neuroglancer client in headless Chromium.
+
+The browser tests (marker ``browser``) skip when Chromium, Playwright or the
+Neuroglancer client is missing, except under CI=true where they must run.
+Screenshots of every rendered dataset land in test-artifacts/viewer/.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import requests
+import responses
+from PIL import Image
+
+from hbp_image_tasks import check_viewer as cv
+from hbp_image_tasks import errors
+from hbp_image_tasks.viewer_server import CLIENT_TOKEN, ClientServer, DatasetProxy
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
+ANATOMICAL = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def make_volumes() -> dict[str, tuple[np.ndarray, float, list[str]]]:
+    """Returns name -> (volume, voxel size in mm, extra converter options)."""
+    # A real brain MRI, scaled to 8 bits and upsampled so that it spans several
+    # chunks and scales.
+    mri = np.asanyarray(nibabel.load(ANATOMICAL).dataobj).astype(np.float32)
+    mri = np.clip(mri / np.percentile(mri, 99.5) * 255, 0, 255).astype(np.uint8)
+    mri = mri.repeat(4, axis=0).repeat(4, axis=1).repeat(4, axis=2)
+    x, y, z = np.mgrid[:128, :128, :64].astype(np.float32)
+    radius = np.sqrt((x - 64) ** 2 + (y - 64) ** 2 + ((z - 32) * 2) ** 2)
+    rgb = np.zeros((128, 128, 64, 3), np.uint8)
+    rgb[..., 0] = np.where(radius < 56, 230, 0)
+    rgb[..., 1] = np.where(radius < 24, 200, 20)
+    rgb[..., 2] = (x * 2).astype(np.uint8)
+    labels = np.zeros((128, 128, 64), np.uint32)
+    labels[radius < 56] = 1
+    labels[(radius < 56) & (x > 64)] = 2
+    labels[radius < 24] = 3
+    return {
+        "image": (mri, 0.5, []),
+        "rgb": (rgb, 0.25, []),
+        "segmentation": (labels, 0.25, ["--type", "segmentation",
+                                        "--encoding", "compressed_segmentation"]),
+    }
+
+
+def convert(volume: np.ndarray, voxel_mm: float, options: list[str], dest: Path) -> None:
+    """Converts ``volume`` to gzipped flat precomputed chunks with neuroglancer-scripts."""
+    from neuroglancer_scripts.scripts import volume_to_precomputed_pyramid
+
+    nifti = dest.with_suffix(".nii")
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([voxel_mm] * 3 + [1])), str(nifti))
+    code = volume_to_precomputed_pyramid.main(
+        ["volume-to-precomputed-pyramid", "--flat", *options, str(nifti), str(dest)])
+    assert code in (0, None)
+    nifti.unlink()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> Path:
+    """A directory with image/, rgb/, segmentation/ and broken copies."""
+    root = tmp_path_factory.mktemp("precomputed")
+    for name, (volume, voxel_mm, options) in make_volumes().items():
+        convert(volume, voxel_mm, options, root / name)
+    # Every chunk missing: the viewer shows empty space and no error of its own.
+    shutil.copytree(root / "image", root / "missing-chunks")
+    for chunk in (root / "missing-chunks").glob("*/*.gz"):
+        chunk.unlink()
+    return root
+
+
+class DatasetHandler(BaseHTTPRequestHandler):
+    """Serves ``<mode>/<dataset>/<name>`` from ``name`` or ``name.gz``, as Swift would.
+
+    Modes: ``good`` (Content-Encoding: gzip and CORS), ``no-encoding`` (the
+    gzip bytes without their header), ``no-cors`` (no Access-Control-Allow-Origin).
+    """
+
+    root: Path
+
+    def do_GET(self) -> None:
+        mode, _, name = self.path.lstrip("/").partition("/")
+        path = self.root / name
+        encoding = ""
+        if not path.is_file() and path.with_name(path.name + ".gz").is_file():
+            path, encoding = path.with_name(path.name + ".gz"), "gzip"
+        body = path.read_bytes() if path.is_file() else b"not found"
+        self.send_response(200 if path.is_file() else 404)
+        if mode != "no-cors":
+            self.send_header("Access-Control-Allow-Origin", "*")
+        if encoding and mode != "no-encoding":
+            self.send_header("Content-Encoding", encoding)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def dataset_server(datasets):
+    """Base URL of an HTTP server on 127.0.0.1 serving the test datasets."""
+    handler = type("Handler", (DatasetHandler,), {"root": datasets})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def require_browser() -> None:
+    """Skips (fails under CI=true) when the browser check cannot run here."""
+    reason = cv.missing_requirements()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the browser tests cannot run: {reason}")
+    pytest.skip(f"browser tests need Chromium, Playwright and the Neuroglancer client: {reason}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for all browser tests of this module."""
+    require_browser()
+    with cv.Browser() as opened:
+        yield opened
+
+
+def saturated_share(png_path: Path) -> float:
+    with open(png_path, "rb") as stream:
+        return cv.signal_fraction(stream.read(), "segmentation")
+
+
+# ------------------------------------------------------------ browser tests
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name, layer_type", [
+    ("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")])
+def test_converted_dataset_renders_in_neuroglancer(browser, dataset_server, datasets,
+                                                   name, layer_type):
+    screenshot = ARTIFACTS / f"http-{name}.png"
+    report = browser.check(f"{dataset_server}/good/{name}", screenshot=screenshot)
+
+    assert report.ok, report.summary()
+    assert report.layer_type == layer_type
+    assert report.ready
+    chunks = report.chunk_requests
+    assert chunks and all(r.status == 200 for r in chunks)
+    assert all(r.content_encoding == "gzip" for r in chunks)
+    # Only chunks that exist were asked for.
+    assert all((datasets / name / (r.path + ".gz")).is_file() for r in chunks)
+    assert report.signal_fraction >= 0.05
+    assert report.console_errors == [] and report.page_errors == []
+    assert screenshot.is_file() and Image.open(screenshot).size == (1024, 768)
+    # Colour reached the screen for RGB and labels, not for the grey MRI.
+    colourful = saturated_share(screenshot)
+    if name == "image":
+        assert colourful < 0.01
+    else:
+        assert colourful > 0.05
+
+
+@pytest.mark.browser
+def test_missing_chunks_are_a_failure_though_the_viewer_shows_no_error(browser, dataset_server):
+    report = browser.check(f"{dataset_server}/good/missing-chunks", timeout=30,
+                           screenshot=ARTIFACTS / "http-missing-chunks.png")
+
+    assert not report.ok
+    assert report.chunk_requests and all(r.status == 404 for r in report.chunk_requests)
+    assert any("404" in problem for problem in report.problems)
+    assert report.signal_fraction < 0.01  # empty space, as a user would see it
+
+
+@pytest.mark.browser
+def test_gzip_chunks_without_content_encoding_are_a_failure(browser, dataset_server):
+    report = browser.check(f"{dataset_server}/no-encoding/image", timeout=30,
+                           screenshot=ARTIFACTS / "http-no-content-encoding.png")
+
+    assert not report.ok
+    assert any(r.gzip_body_without_header for r in report.chunk_requests)
+    assert any(cv.CHUNK_ERROR_TEXT in line for line in report.console_errors)
+    assert any("Content-Encoding" in problem for problem in report.problems)
+
+
+@pytest.mark.browser
+def test_missing_cors_header_is_a_failure(browser, dataset_server):
+    report = browser.check(f"{dataset_server}/no-cors/image", timeout=30)
+
+    assert not report.ok
+    assert any("Access-Control-Allow-Origin" in problem for problem in report.problems)
+    assert report.signal_fraction < 0.01  # the browser refused to hand the data over
+
+
+@pytest.mark.browser
+def test_segmentation_with_absent_segments_selected_looks_empty(browser, dataset_server):
+    report = browser.check(f"{dataset_server}/good/segmentation", segments=[77], timeout=30)
+
+    assert not report.ok
+    assert report.ready
+    assert any("looks empty" in problem for problem in report.problems)
+
+
+def in_own_thread(function, *args):
+    """Returns function(*args) run in a new thread.
+
+    Playwright's sync API refuses to start where another instance (the module's
+    browser fixture) already runs its event loop; a thread has a loop of its own.
+    """
+    results = []
+    thread = threading.Thread(target=lambda: results.append(function(*args)))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
+@pytest.mark.browser
+def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys):
+    require_browser()
+    screenshot = tmp_path / "shot.png"
+
+    good = in_own_thread(cv.main, [f"{dataset_server}/good/segmentation",
+                                   "--segments", "1", "2", "3",
+                                   "--screenshot", str(screenshot), "-q"])
+    output = capsys.readouterr()
+    bad = in_own_thread(cv.main, [f"{dataset_server}/good/missing-chunks", "--timeout", "20"])
+    failure = capsys.readouterr().err.strip().splitlines()
+
+    assert good == 0, output.err
+    assert "rendered as segmentation" in output.out
+    assert Image.open(screenshot).format == "PNG"
+    assert bad == errors.EXIT_SOURCE
+    assert len(failure) == 1 and "404" in failure[0]
+
+
+# ------------------------------------------------------- tests without browser
+
+
+def test_missing_chromium_is_a_usage_error_naming_what_to_install(tmp_path, capsys):
+    code = cv.main(["http://127.0.0.1:9/x", "--chromium", str(tmp_path / "chromium")])
+
+    assert code == errors.EXIT_USAGE
+    assert "not found" in capsys.readouterr().err
+
+
+def test_missing_playwright_names_the_pip_and_apt_packages(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "playwright.sync_api", None)
+
+    reason = cv.missing_requirements()
+
+    assert reason is not None and "\n" not in reason
+    assert "pip install hbp-image-tasks[browser]" in reason
+    assert "apt-get install chromium" in reason
+
+
+def test_non_http_url_is_a_usage_error(capsys):
+    assert cv.main(["/data/dataset"]) == errors.EXIT_USAGE
+    assert "not an http(s) URL" in capsys.readouterr().err
+
+
+GOOD_INFO = {"type": "image", "data_type": "uint8", "num_channels": 1, "scales": [
+    {"key": "1mm", "size": [64, 32, 16], "resolution": [1e6, 1e6, 2e6],
+     "chunk_sizes": [[64, 64, 64]], "encoding": "raw", "voxel_offset": [0, 0, 0]}]}
+
+
+@responses.activate
+@pytest.mark.parametrize("status, body, message", [
+    (404, "no such object", "HTTP 404"),
+    (200, "<html>", "not valid JSON"),
+    (200, json.dumps({"type": "image"}), "no 'scales'"),
+    (200, json.dumps({**GOOD_INFO, "type": "mesh"}), "'type' is 'mesh'"),
+    (200, json.dumps({**GOOD_INFO, "scales": [{"key": "1mm"}]}), "scale 0 lacks size"),
+])
+def test_unusable_info_is_reported_before_opening_the_viewer(status, body, message):
+    responses.add(responses.GET, "https://store.example/v1/AUTH_x/c/info",
+                  status=status, body=body)
+
+    with pytest.raises(cv.ViewerCheckError, match=message) as raised:
+        cv.read_info("https://store.example/v1/AUTH_x/c/")
+
+    assert raised.value.exit_code == errors.EXIT_SOURCE
+    assert "https://store.example/v1/AUTH_x/c/info" in str(raised.value)
+
+
+@pytest.mark.parametrize("num_channels, segments, has_shader", [(1, (), False), (3, (), True)])
+def test_viewer_state_fits_the_volume_and_colours_rgb(num_channels, segments, has_shader):
+    info = {**GOOD_INFO, "num_channels": num_channels}
+
+    state = cv.viewer_state("http://127.0.0.1:1", info, "image", segments)
+
+    layer = state["layers"][0]
+    assert layer["source"] == "precomputed://http://127.0.0.1:1"
+    assert ("shader" in layer) == has_shader
+    # 64 mm across the largest axis fills 80 % of a 384-pixel panel.
+    assert state["crossSectionScale"] == pytest.approx(0.064 / (384 * 0.8))
+    assert state["showAxisLines"] is False and state["showScaleBar"] is False
+
+
+def test_viewer_state_selects_segments_or_shows_all():
+    info = {**GOOD_INFO, "type": "segmentation", "data_type": "uint32"}
+
+    chosen = cv.viewer_state("http://h", info, "segmentation", [3, 12])["layers"][0]
+    everything = cv.viewer_state("http://h", info, "segmentation")["layers"][0]
+
+    assert chosen["segments"] == ["3", "12"] and "notSelectedAlpha" not in chosen
+    assert "segments" not in everything and everything["notSelectedAlpha"] > 0
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_signal_fraction_counts_bright_pixels_and_saturated_colours():
+    panel = np.zeros((100, 100, 3))
+    panel[:20] = 200  # grey bright band: image signal, not a colour
+    panel[20:30] = (200, 30, 60)  # a coloured band
+    panel[30:40] = 30  # dim grey
+
+    assert cv.signal_fraction(png_of(panel), "image") == pytest.approx(0.30)
+    assert cv.signal_fraction(png_of(panel), "segmentation") == pytest.approx(0.10)
+    assert cv.signal_fraction(png_of(np.zeros((50, 50, 3))), "image") == 0.0
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.endswith("/info"):
+            body, headers = b'{"x": 1}', {"Access-Control-Allow-Origin": "*"}
+        elif self.path.endswith("_0-8_0-8"):
+            body = gzip.compress(b"\0" * 512)
+            headers = {"Content-Encoding": "gzip"} if "encoded" in self.path else {}
+        else:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_proxy_passes_bytes_and_headers_through_and_logs_every_request():
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{upstream.server_address[1]}/v1/AUTH_x/c"
+    try:
+        with DatasetProxy(base) as proxy:
+            info = requests.get(f"{proxy.url}/info")
+            raw = requests.get(f"{proxy.url}/encoded/0-8_0-8_0-8", stream=True)
+            raw_body = raw.raw.read(decode_content=False)
+            bare = requests.get(f"{proxy.url}/bare/0-8_0-8_0-8")
+            missing = requests.get(f"{proxy.url}/s/0-8_0-8_8-16")
+            logged = proxy.requests
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+    assert info.json() == {"x": 1} and info.headers["Access-Control-Allow-Origin"] == "*"
+    assert raw.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(raw_body) == b"\0" * 512  # not decoded by the proxy
+    assert bare.content[:2] == b"\x1f\x8b" and "Content-Encoding" not in bare.headers
+    assert missing.status_code == 404
+    assert [(r.path, r.status, r.is_chunk, r.gzip_body_without_header) for r in logged] == [
+        ("info", 200, False, False),
+        ("encoded/0-8_0-8_0-8", 200, True, False),
+        ("bare/0-8_0-8_0-8", 200, True, True),
+        ("s/0-8_0-8_8-16", 404, True, False),
+    ]
+
+
+def test_proxy_reports_an_unreachable_server_as_502():
+    with DatasetProxy("http://127.0.0.1:9/nothing", timeout=5) as proxy:
+        response = requests.get(f"{proxy.url}/info")
+        logged = proxy.requests
+
+    assert response.status_code == 502
+    assert logged[0].status == 502 and "ConnectionError" in logged[0].error
+
+
+def test_client_server_serves_the_neuroglancer_client_under_its_token():
+    pytest.importorskip("neuroglancer")
+    with ClientServer() as server:
+        page = requests.get(server.url)
+        wasm_name = next(server.client_dir.glob("*.wasm")).name
+        wasm = requests.get(server.url + wasm_name)
+        escape = requests.get(server.url + "../../etc/passwd")
+        state = requests.get(server.url.replace(f"/v/{CLIENT_TOKEN}/", f"/state/{CLIENT_TOKEN}"))
+
+    assert page.status_code == 200 and "main." in page.text
+    assert wasm.headers["Content-Type"] == "application/wasm"
+    assert escape.status_code in (204, 404)
+    assert state.status_code == 204
