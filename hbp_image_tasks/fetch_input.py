@@ -129,15 +129,40 @@ _REGEX_META = set(".^$*+?{}[]\\|()")
 _OPTIONAL_QUANTIFIERS = set("*?{")
 
 
+def _has_top_level_alternation(pattern: str) -> bool:
+    """Returns True if a ``|`` outside groups and classes splits ``pattern``."""
+    depth, i, in_class = 0, 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
+                i += 2 if pattern[i + 1] == "]" else 3  # a leading ] is literal
+                continue
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+        i += 1
+    return False
+
+
 def literal_prefix(pattern: str) -> str:
     """Returns the literal text every full match of ``pattern`` starts with.
 
     Stops at the first metacharacter; a last literal character that a
-    following ``?``, ``*`` or ``{`` quantifier applies to is left out, and any
-    alternation gives no prefix at all.
+    following ``?``, ``*`` or ``{`` quantifier applies to is left out, and an
+    alternation at the top level gives no prefix at all.
     """
     compiled = re.compile(pattern)
-    if "|" in pattern or compiled.flags & (re.IGNORECASE | re.VERBOSE):
+    if _has_top_level_alternation(pattern) or compiled.flags & (re.IGNORECASE | re.VERBOSE):
         return ""
     prefix: list[str] = []
     i = 1 if pattern.startswith("^") else 0
