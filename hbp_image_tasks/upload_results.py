@@ -271,7 +271,7 @@ class _Uploader:
         segment_prefix = (f"{name}/slo/{local.size}/{self.segment_size}/"
                           f"{digest.slo_etag}/")
         existing = {o.name: o for o in self.connection.iter_objects(
-            self.segment_container, prefix=segment_prefix)}
+            self.segment_container, prefix=segment_prefix, page_size=None)}
         retries = 0
         manifest = []
         for index, (offset, length, md5) in enumerate(digest.segments):
@@ -456,7 +456,8 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
 
     remote: dict[str, ObjectInfo] = {}
     if exists:
-        remote = {o.name: o for o in connection.iter_objects(container, listing_prefix)}
+        remote = {o.name: o for o in connection.iter_objects(
+            container, listing_prefix, page_size=None)}
         logger.info("%d objects already under %s/%s", len(remote), container,
                     listing_prefix)
 
@@ -515,7 +516,8 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
                         "uploading")
 
     # Verify against a fresh listing, not against what the PUTs answered.
-    listed = {o.name: o for o in connection.iter_objects(container, listing_prefix)}
+    listed = {o.name: o for o in connection.iter_objects(
+            container, listing_prefix, page_size=None)}
     problems = [problem for problem in (
         _describe_difference(listed.get(full_name(local.name)), local,
                              digests[local.name], full_name(local.name))

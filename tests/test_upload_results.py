@@ -209,3 +209,200 @@ def test_neuroglancer_link_opens_the_public_url():
     state = json.loads(unquote(fragment))
     assert state["layers"][0]["source"] == "precomputed://https://swift.example.org/v1/AUTH_x/c/a/b"
     assert state["layers"][0]["type"] == "image"
+
+
+# ---------------------------------------------------------------------------
+# against the real local Swift + Keystone v3
+
+@pytest.fixture
+def settings(swift_settings_file) -> SwiftSettings:
+    return load_settings(swift_settings_file)
+
+
+def fresh_connection(settings: SwiftSettings, **options) -> SwiftConnection:
+    options.setdefault("starting_backoff", 0.05)
+    return SwiftConnection(settings, error_type=UploadError, **options)
+
+
+def decode_chunk(data: bytes, name: str) -> np.ndarray:
+    """Returns the voxels of a raw uint8 chunk named ``x0-x1_y0-y1_z0-z1`` as (x, y, z)."""
+    (x0, x1), (y0, y1), (z0, z1) = (map(int, r.split("-")) for r in name.split("_"))
+    shape = (z1 - z0, y1 - y0, x1 - x0)  # Neuroglancer raw chunks are C-order z, y, x
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).transpose(2, 1, 0)
+
+
+def read_back_as_a_viewer(public_url: str, results: Path, volume: np.ndarray) -> int:
+    """GETs info and every chunk anonymously, as Neuroglancer does; returns the chunk count.
+
+    Checks the headers a browser relies on and compares the full-resolution
+    voxels with the volume that was converted.
+    """
+    session = requests.Session()
+    response = session.get(f"{public_url}/info")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert "Content-Encoding" not in response.headers
+    info = response.json()
+    assert info == json.loads((results / "info").read_text())
+    local = local_objects(results)
+    checked = 0
+    for scale in info["scales"]:
+        names = [n for n in local if n.startswith(scale["key"] + "/")]
+        assert names
+        for name in names:
+            response = session.get(f"{public_url}/{name}")  # no .gz, as the viewer asks
+            assert response.status_code == 200, name
+            assert response.headers.get("Content-Encoding") == "gzip", name
+            expected = gzip.decompress(local[name].read_bytes())
+            assert response.content == expected, name  # requests decoded the gzip
+            if scale is info["scales"][0]:
+                chunk = decode_chunk(response.content, name.split("/")[-1])
+                (x0, _), (y0, _), (z0, _) = (map(int, r.split("-"))
+                                             for r in name.split("/")[-1].split("_"))
+                sx, sy, sz = chunk.shape
+                assert np.array_equal(chunk, volume[x0:x0 + sx, y0:y0 + sy, z0:z0 + sz])
+            checked += 1
+    return checked
+
+
+def listing(swift_client, container: str, prefix: str = "") -> dict[str, dict]:
+    _, objects = swift_client.get_container(container, prefix=prefix or None,
+                                            full_listing=True)
+    return {o["name"]: o for o in objects}
+
+
+def container_path(local_swift, container: str) -> str:
+    """Returns the container's path as the proxy log shows it (also matches <container>_segments)."""
+    return f"{urlparse(local_swift.storage_url).path}/{container}"
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@swift
+@pytest.mark.parametrize("layout, trailing_slash", [("flat", True), ("nested", False)])
+def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
+        datasets, volume, swift_settings_file, unique_container, swift_client,
+        tmp_path, capsys, layout, trailing_slash):
+    results = tmp_path / layout
+    shutil.copytree(datasets[layout], results)
+    container = unique_container()
+    argument = str(results) + ("/" if trailing_slash else "")
+    code = main([argument, "--container", container, "--prefix", "bb/8um/",
+                 "--settings", str(swift_settings_file), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    public_url = re.search(r"^public URL: (\S+)$", out, re.M).group(1)
+    assert public_url.endswith(f"/{container}/bb/8um")
+    link = re.search(r"^Neuroglancer: (\S+)$", out, re.M).group(1)
+    assert f"precomputed://{public_url}" in unquote(link)
+    chunks = read_back_as_a_viewer(public_url, results, volume)
+    assert chunks == len(local_objects(results)) - 3  # info, info_fullres.json, transform.json
+    # The manifest lists every object with the MD5 Swift holds.
+    manifest = json.loads((results / MANIFEST_FILE).read_text())
+    listed = listing(swift_client, container, "bb/8um/")
+    assert {o["name"]: o["md5"] for o in manifest["objects"]} == {
+        name: o["hash"] for name, o in listed.items()}
+    assert len(listed) == len(local_objects(results))
+
+
+@swift
+@pytest.mark.parametrize("origin_option, origin", [
+    ("*", "https://any.example.org"), ("https://viewer.example.org", "https://viewer.example.org")])
+def test_cors_answers_a_browser_origin(dataset, swift_settings_file, unique_container,
+                                       local_swift, origin_option, origin):
+    container = unique_container()
+    assert main([str(dataset), "--container", container, "--cors-origin", origin_option,
+                 "--settings", str(swift_settings_file), "-q"]) == 0
+    url = f"{local_swift.storage_url}/{container}/info"
+    preflight = requests.options(url, headers={
+        "Origin": origin, "Access-Control-Request-Method": "GET"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] in ("*", origin)
+    response = requests.get(url, headers={"Origin": origin})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] in ("*", origin)
+    if origin_option != "*":
+        other = requests.get(url, headers={"Origin": "https://evil.example.org"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+
+
+@swift
+def test_unchanged_rerun_sends_no_put_and_a_changed_file_is_sent_again(
+        dataset, settings, unique_container, proxy_log, swift_client, local_swift):
+    container = unique_container()
+    path = container_path(local_swift, container)
+    first = upload(dataset, container, fresh_connection(settings), show_progress=False)
+    total = len(local_objects(dataset))
+    assert (first.uploaded, first.skipped, first.total_objects) == (total, 0, total)
+    assert proxy_log.count("PUT", path + "/") == total
+
+    proxy_log.mark()
+    second = upload(dataset, container, fresh_connection(settings), show_progress=False)
+    assert (second.uploaded, second.skipped) == (0, total)
+    assert proxy_log.count("PUT", path) == 0
+    assert proxy_log.count("HEAD", path) <= upload_results.HEADER_SAMPLE + 1  # not one per object
+
+    chunk = sorted(dataset.glob("1mm/*.gz"))[0]
+    chunk.write_bytes(gzip.compress(b"\0" * (16 * 16 * 16)))
+    proxy_log.mark()
+    third = upload(dataset, container, fresh_connection(settings), show_progress=False)
+    assert (third.uploaded, third.skipped) == (1, total - 1)
+    puts = proxy_log.entries("PUT", path)
+    assert [e.path.rsplit("/", 2)[-2:] for e in puts] == [["1mm", chunk.name[:-3]]]
+    assert listing(swift_client, container)[f"1mm/{chunk.name[:-3]}"]["hash"] == md5_of(chunk)
+
+    proxy_log.mark()
+    forced = upload(dataset, container, fresh_connection(settings), show_progress=False,
+                    skip_identical=False)
+    assert forced.uploaded == total
+    assert proxy_log.count("PUT", path + "/") == total
+
+
+@swift
+def test_dry_run_writes_nothing(dataset, swift_settings_file, unique_container,
+                                proxy_log, capsys, swift_client, local_swift):
+    container = unique_container()
+    code = main([str(dataset), "--container", container, "--dry-run",
+                 "--settings", str(swift_settings_file), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    total = len(local_objects(dataset))
+    assert f"would upload {total} objects" in out
+    path = container_path(local_swift, container)
+    assert proxy_log.count("PUT", path) == proxy_log.count("POST", path) == 0
+    assert not (dataset / MANIFEST_FILE).exists()
+    from swiftclient.exceptions import ClientException
+    with pytest.raises(ClientException):
+        swift_client.head_container(container)
+
+
+@swift
+def test_private_upload_is_not_readable_anonymously(dataset, swift_settings_file,
+                                                    unique_container, local_swift, capsys):
+    container = unique_container()
+    assert main([str(dataset), "--container", container, "--private",
+                 "--settings", str(swift_settings_file), "-q"]) == 0
+    assert "private" in capsys.readouterr().out
+    response = requests.get(f"{local_swift.storage_url}/{container}/info")
+    assert response.status_code in (401, 403)
+
+
+@swift
+def test_large_file_goes_up_as_a_static_large_object(dataset, settings, unique_container,
+                                                     local_swift, proxy_log):
+    container = unique_container()
+    unique_container("segments")  # makes the fixture delete <container>_segments too
+    big = os.urandom(300 * 1024 + 17)
+    (dataset / "extra.bin").write_bytes(big)
+    result = upload(dataset, container, fresh_connection(settings), show_progress=False,
+                    segment_size=100 * 1024)
+    assert result.uploaded == len(local_objects(dataset))
+    response = requests.get(f"{result.public_url}/extra.bin")
+    assert response.status_code == 200 and response.content == big
+    proxy_log.mark()
+    again = upload(dataset, container, fresh_connection(settings), show_progress=False,
+                   segment_size=100 * 1024)
+    assert again.uploaded == 0
+    assert proxy_log.count("PUT", container_path(local_swift, container)) == 0
