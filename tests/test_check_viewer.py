@@ -24,6 +24,7 @@ from PIL import Image
 
 from hbp_image_tasks import check_viewer as cv
 from hbp_image_tasks import errors
+from hbp_image_tasks.viewer_server import CHUNK_NAME as CHUNK_PATH
 from hbp_image_tasks.viewer_server import CLIENT_TOKEN, ClientServer, DatasetProxy
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
@@ -247,6 +248,79 @@ def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys):
     assert Image.open(screenshot).format == "PNG"
     assert bad == errors.EXIT_SOURCE
     assert len(failure) == 1 and "404" in failure[0]
+
+
+# ------------------------------------- the real path: ingest_ngs, upload_results, Swift
+
+EXAMPLE_STACK = Path(__file__).resolve().parent.parent / "examples" / "brain-stack"
+
+
+def write_rgb_stack(directory: Path, volume: np.ndarray) -> Path:
+    """Writes an (x, y, z, 3) volume as RGB PNG sections; returns the directory."""
+    directory.mkdir(parents=True)
+    for z in range(volume.shape[2]):
+        section = np.ascontiguousarray(volume[:, :, z].transpose(1, 0, 2))  # rows are y
+        Image.fromarray(section, "RGB").save(directory / f"section_{z:03d}.png")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Path]:
+    """The three kinds of dataset, converted by ingest_ngs as an operator would."""
+    from hbp_image_tasks.ingest_ngs import convert as ingest_convert
+    from hbp_image_tasks.parameters import ConversionParameters
+
+    root = tmp_path_factory.mktemp("ingested")
+    volumes = make_volumes()
+    labels, _, _ = volumes["segmentation"]
+    nibabel.save(nibabel.Nifti1Image(labels, np.diag([0.25, 0.25, 0.25, 1])),
+                 str(root / "labels.nii"))
+    sources = {
+        "image": (EXAMPLE_STACK, ConversionParameters(
+            voxel_size=(333, 333, 2000), voxel_unit="um", chunk_size=64)),
+        "rgb": (write_rgb_stack(root / "rgb-stack", volumes["rgb"][0]),
+                ConversionParameters(voxel_size=(250, 250, 250), voxel_unit="um",
+                                     chunk_size=64)),
+        "segmentation": (root / "labels.nii",
+                         ConversionParameters(type="segmentation", chunk_size=64)),
+    }
+    results = {}
+    for name, (source, parameters) in sources.items():
+        results[name] = root / name
+        ingest_convert(source, results[name], parameters, jobs=2, show_progress=False)
+    return results
+
+
+@pytest.mark.swift
+@pytest.mark.browser
+@pytest.mark.parametrize("name, layer_type", [
+    ("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")])
+def test_dataset_uploaded_to_swift_renders_from_its_public_url(
+        browser, converted, swift_settings_file, unique_container, proxy_log,
+        name, layer_type):
+    from hbp_image_tasks.settings import load_settings
+    from hbp_image_tasks.swift import SwiftConnection
+    from hbp_image_tasks.upload_results import upload
+
+    connection = SwiftConnection(load_settings(swift_settings_file))
+    try:
+        uploaded = upload(converted[name], unique_container(name), connection,
+                          jobs=2, show_progress=False)
+    finally:
+        connection.close()
+    proxy_log.mark()
+
+    report = browser.check(uploaded.public_url, screenshot=ARTIFACTS / f"swift-{name}.png")
+
+    assert report.ok, report.summary()
+    assert report.layer_type == layer_type
+    assert report.signal_fraction >= 0.05
+    chunks = report.chunk_requests
+    assert chunks and all(r.status == 200 and r.content_encoding == "gzip" for r in chunks)
+    assert all(r.allow_origin for r in report.requests)
+    # Swift itself answered every chunk the viewer asked for, anonymously.
+    served = [e for e in proxy_log.entries("GET") if CHUNK_PATH.search(e.path)]
+    assert len(served) == len(chunks) and all(e.status == 200 for e in served)
 
 
 # ------------------------------------------------------- tests without browser
