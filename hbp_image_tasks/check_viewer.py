@@ -117,7 +117,8 @@ def find_chromium(explicit: str | None = None) -> str:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
         if candidate == explicit:
-            raise BrowserMissing(f"Chromium binary {explicit!r} not found or not executable")
+            raise BrowserMissing(f"Chromium binary {explicit!r} not found or not "
+                                 f"executable; {INSTALL_HINT}")
     raise BrowserMissing(f"Chromium not found; {INSTALL_HINT}")
 
 
@@ -229,12 +230,18 @@ class Browser:
     def __enter__(self) -> "Browser":
         from playwright.sync_api import sync_playwright
 
+        from playwright.sync_api import Error as PlaywrightError
+
         self._client = ClientServer().start()
         try:
             self._playwright = sync_playwright().start()
             self._browser = self._playwright.chromium.launch(
                 executable_path=self.chromium, headless=True, args=list(CHROMIUM_ARGS))
-        except Exception:
+        except PlaywrightError as exc:
+            self.__exit__(None, None, None)
+            first_line = (str(exc).strip().splitlines() or ["no message"])[0]
+            raise BrowserMissing(f"{self.chromium} did not start: {first_line}") from exc
+        except BaseException:
             self.__exit__(None, None, None)
             raise
         logger.debug("started %s (version %s)", self.chromium, self._browser.version)
@@ -272,6 +279,8 @@ class Browser:
     def _render(self, context, proxy: DatasetProxy, url: str, state: dict[str, Any],
                 layer_type: str, screenshot: Path | str | None, timeout: float,
                 min_fraction: float, started: float) -> RenderReport:
+        from playwright.sync_api import Error as PlaywrightError
+
         assert self._client is not None
         page = context.new_page()
         console_errors: list[str] = []
@@ -285,23 +294,20 @@ class Browser:
 
         page.on("console", on_console)
         page.on("pageerror", lambda error: page_errors.append(str(error)))
-        page.goto(viewer_url(self._client.url, state), wait_until="load",
-                  timeout=timeout * 1000)
-        deadline = started + timeout
+        page.on("crash", lambda _page: page_errors.append("the page crashed"))
         ready = False
-        streak = 0
-        while time.monotonic() < deadline:
-            if page_errors or console_errors:
-                break  # already a failure: no need to wait for the deadline
-            is_ready = page.evaluate("() => !!(window.viewer && window.viewer.isReady())")
-            chunk_seen = any(r.is_chunk for r in proxy.requests)
-            streak = streak + 1 if (is_ready and chunk_seen) else 0
-            if streak >= READY_POLLS:
-                ready = True
-                break
-            page.wait_for_timeout(POLL_SECONDS * 1000)
-        saved = save_png(page.screenshot(), screenshot) if screenshot else None
-        fraction = self._panel_fraction(page, layer_type)
+        saved = None
+        fraction = 0.0
+        try:
+            page.goto(viewer_url(self._client.url, state), wait_until="load",
+                      timeout=timeout * 1000)
+            ready = self._wait_until_ready(page, proxy, started + timeout,
+                                           console_errors, page_errors)
+            saved = save_png(page.screenshot(), screenshot) if screenshot else None
+            fraction = self._panel_fraction(page, layer_type)
+        except PlaywrightError as exc:
+            # A crashed or hung page is a failed render, not a bug of this command.
+            page_errors.append(f"browser: {(str(exc).strip().splitlines() or ['?'])[0]}")
         report = RenderReport(
             url=url, layer_type=layer_type, problems=[], ready=ready,
             requests=proxy.requests, console_errors=console_errors, page_errors=page_errors,
@@ -309,6 +315,22 @@ class Browser:
             seconds=time.monotonic() - started)
         report.problems = judge(report, timeout, min_fraction)
         return report
+
+    @staticmethod
+    def _wait_until_ready(page, proxy: DatasetProxy, deadline: float,
+                          console_errors: list[str], page_errors: list[str]) -> bool:
+        """Returns True once the viewer says "ready" on several polls in a row after chunks came."""
+        streak = 0
+        while time.monotonic() < deadline:
+            if page_errors or console_errors:
+                return False  # already a failure: no need to wait for the deadline
+            is_ready = page.evaluate("() => !!(window.viewer && window.viewer.isReady())")
+            chunk_seen = any(r.is_chunk for r in proxy.requests)
+            streak = streak + 1 if (is_ready and chunk_seen) else 0
+            if streak >= READY_POLLS:
+                return True
+            page.wait_for_timeout(POLL_SECONDS * 1000)
+        return False
 
     @staticmethod
     def _panel_fraction(page, layer_type: str) -> float:
@@ -363,7 +385,7 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
     if unencoded:
         problems.append(f"{_count(len(unencoded), 'response')} with gzip data but no "
                         f"'Content-Encoding: gzip' header (e.g. {unencoded[0].path})")
-    failed = [r for r in report.requests if r not in served]
+    failed = [r for r in report.requests if r.status not in (200, 206, 304)]
     if failed:
         shown = ", ".join(r.describe() for r in failed[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
