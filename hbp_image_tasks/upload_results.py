@@ -44,7 +44,7 @@ __all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_SIZE = 1 << 30
-BAD_BODY_ATTEMPTS = 3  # a 422 means the body did not match its MD5 on the way
+PUT_ATTEMPTS = 3  # for refusals swiftclient does not retry: 401 (shared token), 422
 MAX_EXAMPLES = 5
 HEADER_SAMPLE = 20  # objects whose served headers are checked after the upload
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -228,32 +228,51 @@ class _Uploader:
     def _headers(self, local: LocalObject) -> dict[str, str]:
         return {"Content-Encoding": local.content_encoding} if local.content_encoding else {}
 
-    def _upload_small(self, local: LocalObject) -> tuple[Digest, int]:
-        name = self.full_name(local.name)
+    def _put(self, container: str, name: str,
+             body: Callable[[], tuple[Any, str]], **options) -> tuple[str, int]:
+        """PUTs the ``(body, md5)`` that ``body()`` returns; returns the MD5 and retries.
+
+        swiftclient already retries 5xx, 408, 429, timeouts and dropped
+        connections. Here a 422 (the body did not match its MD5 on the way) is
+        sent again from the file, and so is a 401: when several threads share
+        one token, only the first to see it refused renews it, and swiftclient
+        gives up in the others.
+        """
         retries = 0
-        for attempt in range(1, BAD_BODY_ATTEMPTS + 1):
-            # Read once and hash what is sent, so the ETag matches the body.
-            data = read_exactly(local.path, local.size)
-            digest = Digest(_md5(data))
+        for attempt in range(1, PUT_ATTEMPTS + 1):
+            contents, md5 = body()
             try:
-                etag = self.connection.put_object(
-                    self.container, name, io.BytesIO(data), content_length=len(data),
-                    etag=digest.md5, content_type=local.content_type,
-                    headers=self._headers(local))
+                etag = self.connection.put_object(container, name, contents,
+                                                  etag=md5, **options)
             except UploadError as exc:
                 retries += self._retries_of_last_call()
-                if getattr(exc, "http_status", None) == 422 and attempt < BAD_BODY_ATTEMPTS:
-                    logger.warning("%s (the body did not match its MD5 on the way); "
-                                   "sending it again", exc)
+                status = getattr(exc, "http_status", None)
+                if status in (401, 422) and attempt < PUT_ATTEMPTS:
+                    logger.log(logging.WARNING if status == 422 else logging.DEBUG,
+                               "%s; sending it again", exc)
                     retries += 1
                     continue
                 raise
+            finally:
+                if hasattr(contents, "close"):
+                    contents.close()
             retries += self._retries_of_last_call()
-            if (etag or "").strip('"') != digest.md5:
-                raise UploadError(f"PUT {self.container}/{name}: Swift answered ETag "
-                                  f"{etag!r} but {local.path} has MD5 {digest.md5}")
-            return digest, retries
+            if (etag or "").strip('"') != md5:
+                raise UploadError(f"PUT {container}/{name}: Swift answered ETag "
+                                  f"{etag!r}, expected the MD5 {md5} that was sent")
+            return md5, retries
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _upload_small(self, local: LocalObject) -> tuple[Digest, int]:
+        def body() -> tuple[Any, str]:
+            # Read once and hash what is sent, so the ETag matches the body.
+            data = read_exactly(local.path, local.size)
+            return io.BytesIO(data), _md5(data)
+        md5, retries = self._put(self.container, self.full_name(local.name), body,
+                                 content_length=local.size,
+                                 content_type=local.content_type,
+                                 headers=self._headers(local))
+        return Digest(md5), retries
 
     def _ensure_segment_container(self) -> None:
         with self._lock:
@@ -278,24 +297,20 @@ class _Uploader:
             segment_name = f"{segment_prefix}{index:08d}"
             present = existing.get(segment_name)
             if present is None or present.bytes != length or present.hash != md5:
-                with SegmentReader(local.path, offset, length) as reader:
-                    etag = self.connection.put_object(
-                        self.segment_container, segment_name, reader,
-                        content_length=length, etag=md5,
-                        content_type="application/octet-stream")
-                retries += self._retries_of_last_call()
-                if (etag or "").strip('"') != md5:
-                    raise UploadError(
-                        f"PUT {self.segment_container}/{segment_name}: Swift "
-                        f"answered ETag {etag!r}, expected {md5}")
+                def segment(offset=offset, length=length, md5=md5):
+                    return SegmentReader(local.path, offset, length), md5
+                _, segment_retries = self._put(
+                    self.segment_container, segment_name, segment,
+                    content_length=length, content_type="application/octet-stream")
+                retries += segment_retries
             manifest.append({"path": f"/{self.segment_container}/{segment_name}",
                              "etag": md5, "size_bytes": length})
-        self.connection.put_object(
-            self.container, name, json.dumps(manifest), etag=digest.slo_etag,
+        # Swift checks the ETag sent with a manifest against its segments' MD5s.
+        _, manifest_retries = self._put(
+            self.container, name, lambda: (json.dumps(manifest), digest.slo_etag),
             content_type=local.content_type, headers=self._headers(local),
             query_string="multipart-manifest=put")
-        retries += self._retries_of_last_call()
-        return digest, retries
+        return digest, retries + manifest_retries
 
 
 def _md5(data: bytes) -> str:

@@ -406,3 +406,281 @@ def test_large_file_goes_up_as_a_static_large_object(dataset, settings, unique_c
                    segment_size=100 * 1024)
     assert again.uploaded == 0
     assert proxy_log.count("PUT", container_path(local_swift, container)) == 0
+
+
+# ---------------------------------------------------------------------------
+# failure injection with ``responses`` against an in-memory Swift
+
+FAKE_AUTH = "https://keystone.invalid/v3"
+FAKE_STORAGE = "https://swift.invalid/v1/AUTH_0123"
+
+
+class FakeSwift:
+    """Keystone v3 tokens and enough of Swift for an upload, with injectable faults."""
+
+    def __init__(self, mock: responses.RequestsMock):
+        self.containers: dict[str, dict] = {}
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.tokens: set[str] = set()
+        self.issued = 0
+        self.faults: list[list] = []  # [method, name regex, status or exception, times]
+        self.lose: set[str] = set()  # names whose PUT is answered 201 but not stored
+        self.wrong_etag: set[str] = set()
+        self.requests: list[tuple[str, str]] = []
+        self.after_put = None  # called with the number of stored PUTs
+        self.puts = 0
+        self._lock = threading.Lock()
+        mock.add_callback(responses.POST, FAKE_AUTH + "/auth/tokens", self.authenticate)
+        pattern = re.compile(re.escape(FAKE_STORAGE) + r"/([^/?]+)(?:/([^?]*))?(?:\?.*)?$")
+        for method in ("GET", "HEAD", "PUT", "POST", "OPTIONS"):
+            mock.add_callback(method, pattern, self.handle)
+
+    def fail(self, method: str, name: str, outcome, times: int = 1) -> None:
+        self.faults.append([method, re.compile(name), outcome, times])
+
+    def revoke_tokens(self) -> None:
+        self.tokens.clear()
+
+    def settings(self) -> SwiftSettings:
+        return SwiftSettings(os_username="u", os_password=Secret("pw-secret"),
+                             os_auth_url=FAKE_AUTH, os_project_id="0123")
+
+    def connection(self, **options) -> SwiftConnection:
+        options.setdefault("retries", 5)
+        return SwiftConnection(self.settings(), starting_backoff=0.01,
+                               error_type=UploadError, **options)
+
+    def authenticate(self, request):
+        with self._lock:
+            self.issued += 1
+            token = f"token-{self.issued}"
+            self.tokens.add(token)
+        body = {"token": {
+            "expires_at": "2099-01-01T00:00:00.000000Z", "methods": ["password"],
+            "user": {"id": "u", "name": "u", "domain": {"id": "default"}},
+            "project": {"id": "0123", "name": "p", "domain": {"id": "default"}},
+            "roles": [{"id": "r", "name": "member"}],
+            "catalog": [{"type": "object-store", "name": "swift", "endpoints": [
+                {"interface": "public", "region": "RegionOne", "url": FAKE_STORAGE}]}]}}
+        return 201, {"X-Subject-Token": token}, json.dumps(body)
+
+    @staticmethod
+    def _body(request) -> bytes:
+        body = request.body
+        if body is None:
+            return b""
+        if hasattr(body, "read"):
+            return body.read()
+        if isinstance(body, str):
+            return body.encode()
+        if isinstance(body, bytes):
+            return body
+        return b"".join(body)
+
+    def handle(self, request):
+        url = urlparse(request.url)
+        path = url.path[len(urlparse(FAKE_STORAGE).path) + 1:]
+        container, _, name = path.partition("/")
+        container, name = unquote(container), unquote(name)
+        method = request.method
+        with self._lock:
+            self.requests.append((method, name))
+            for fault in self.faults:
+                if fault[3] > 0 and fault[0] == method and fault[1].fullmatch(name):
+                    fault[3] -= 1
+                    if isinstance(fault[2], Exception):
+                        raise fault[2]
+                    return fault[2], {}, b""
+        # swiftclient sends some header values as bytes
+        request.headers = {k: v.decode() if isinstance(v, bytes) else v
+                           for k, v in request.headers.items()}
+        request.headers = requests.structures.CaseInsensitiveDict(request.headers)
+        token = request.headers.get("X-Auth-Token")
+        stored = self.containers.get(container)
+        if token is None:
+            return self.anonymous(method, container, name, request)
+        if token not in self.tokens:
+            return 401, {}, b""
+        if not name:
+            return self.container_request(method, container, stored, url, request)
+        if stored is None:
+            return 404, {}, b""
+        key = (container, name)
+        if method == "PUT":
+            data = self._body(request)
+            md5 = hashlib.md5(data).hexdigest()
+            if request.headers.get("ETag") and request.headers["ETag"] != md5:
+                return 422, {}, b""
+            with self._lock:
+                if name not in self.lose:
+                    self.objects[key] = {
+                        "data": data, "md5": md5,
+                        "content_type": request.headers.get("Content-Type", ""),
+                        "content_encoding": request.headers.get("Content-Encoding", "")}
+                self.puts += 1
+                count = self.puts
+            if self.after_put is not None:
+                self.after_put(count)
+            etag = "0" * 32 if name in self.wrong_etag else md5
+            return 201, {"ETag": etag}, b""
+        found = self.objects.get(key)
+        if found is None:
+            return 404, {}, b""
+        headers = {"Content-Type": found["content_type"], "ETag": found["md5"]}
+        if found["content_encoding"]:
+            headers["Content-Encoding"] = found["content_encoding"]
+        return 200, headers, found["data"] if method == "GET" else b""
+
+    def container_request(self, method, container, stored, url, request):
+        if method == "HEAD":
+            return (404, {}, b"") if stored is None else (204, stored, b"")
+        if method in ("PUT", "POST"):
+            if method == "POST" and stored is None:
+                return 404, {}, b""
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower().startswith("x-container")}
+            self.containers.setdefault(
+                container, requests.structures.CaseInsensitiveDict()).update(headers)
+            return (201 if method == "PUT" else 204), {}, b""
+        if method == "GET":
+            if stored is None:
+                return 404, {}, b""
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            limit = int(query.get("limit", 7))  # small pages: exercises pagination
+            names = sorted(n for c, n in self.objects if c == container
+                           and n.startswith(query.get("prefix", ""))
+                           and n > query.get("marker", ""))[:limit]
+            return 200, {"Content-Type": "application/json"}, json.dumps([
+                {"name": n, "bytes": len(self.objects[container, n]["data"]),
+                 "hash": self.objects[container, n]["md5"],
+                 "content_type": self.objects[container, n]["content_type"],
+                 "last_modified": "2026-01-01T00:00:00.000000"} for n in names])
+        return 405, {}, b""
+
+    def anonymous(self, method, container, name, request):
+        stored = self.containers.get(container) or {}
+        if ".r:*" not in stored.get("X-Container-Read", ""):
+            return 401, {}, b""
+        found = self.objects.get((container, name))
+        if found is None:
+            return 404, {}, b""
+        headers = {"Content-Type": found["content_type"]}
+        origin = stored.get("X-Container-Meta-Access-Control-Allow-Origin")
+        if request.headers.get("Origin") and origin:
+            headers["Access-Control-Allow-Origin"] = origin
+        return 200, headers, found["data"]
+
+
+@pytest.fixture
+def fake_swift():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield FakeSwift(mock)
+
+
+def assert_everything_stored(fake: FakeSwift, results: Path, container: str) -> None:
+    local = local_objects(results)
+    assert {n for c, n in fake.objects if c == container} == set(local)
+    for name, path in local.items():
+        assert fake.objects[container, name]["md5"] == md5_of(path), name
+
+
+@pytest.mark.parametrize("fault", [
+    503, 500, 408, 429, requests.ConnectionError("connection reset by peer"),
+    requests.exceptions.ReadTimeout("read timed out")],
+    ids=["503", "500", "408", "429", "dropped", "timeout"])
+def test_transient_failures_are_retried(fake_swift, dataset, fault):
+    fake_swift.fail("PUT", r"1mm/.*", fault, times=3)
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
+    assert result.retries == 3
+    assert result.uploaded == result.total_objects == len(local_objects(dataset))
+    assert_everything_stored(fake_swift, dataset, "c")
+    manifest = json.loads((dataset / MANIFEST_FILE).read_text())
+    assert len(manifest["objects"]) == result.total_objects
+
+
+@pytest.mark.parametrize("status, hint", [(403, "may not write"), (413, "too large")])
+def test_unfixable_refusal_stops_with_the_object_named(fake_swift, dataset, status, hint):
+    fake_swift.fail("PUT", r"2mm/.*", status, times=1000)
+    with pytest.raises(UploadError) as caught:
+        upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
+    message = str(caught.value)
+    assert re.search(rf"PUT c/2mm/\S+: {status}", message) and hint in message
+    assert "\n" not in message and caught.value.exit_code == errors.EXIT_UPLOAD
+    # It stopped: no request beyond the in-flight ones, and no manifest.
+    failed_puts = [n for m, n in fake_swift.requests if m == "PUT" and n.startswith("2mm/")]
+    assert len(failed_puts) <= 4
+    assert not (dataset / MANIFEST_FILE).exists()
+
+
+def test_body_refused_for_its_md5_is_sent_again(fake_swift, dataset):
+    fake_swift.fail("PUT", r"info", 422, times=1)
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    assert result.retries == 1
+    assert [n for m, n in fake_swift.requests if m == "PUT"].count("info") == 2
+    assert_everything_stored(fake_swift, dataset, "c")
+
+
+def test_every_put_sends_the_md5_and_a_wrong_answer_is_an_error(fake_swift, dataset):
+    name = sorted(local_objects(dataset))[0]
+    fake_swift.wrong_etag.add(name)
+    with pytest.raises(UploadError, match=f"PUT c/{name}: Swift answered ETag"):
+        upload(dataset, "c", fake_swift.connection(), show_progress=False)
+
+
+def test_rejected_token_mid_run_is_renewed_and_the_upload_continues(fake_swift, dataset):
+    def revoke_once(count):
+        if count == 10:
+            fake_swift.revoke_tokens()
+    fake_swift.after_put = revoke_once
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
+    assert 2 <= fake_swift.issued <= 3  # each of the 2 threads may renew it once
+    assert result.uploaded == result.total_objects
+    assert_everything_stored(fake_swift, dataset, "c")
+
+
+def test_verification_reports_missing_objects_with_examples(fake_swift, dataset):
+    lost = sorted(n for n in local_objects(dataset) if n.startswith("1mm/"))[:7]
+    fake_swift.lose.update(lost)
+    with pytest.raises(UploadError) as caught:
+        upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    message = str(caught.value)
+    assert f"verification failed: 7 of {len(local_objects(dataset))} objects" in message
+    assert f"{lost[0]}: missing" in message and "..." in message
+    assert not (dataset / MANIFEST_FILE).exists()
+
+
+def test_stop_request_finishes_in_flight_puts_and_a_rerun_sends_the_rest(fake_swift, dataset):
+    polls = []
+
+    def stop_after_ten():
+        polls.append(1)
+        return len(polls) > 10
+    with pytest.raises(Interrupted):
+        upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2,
+               should_stop=stop_after_ten)
+    done = fake_swift.puts
+    assert done == 10
+    total = len(local_objects(dataset))
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    assert (result.uploaded, result.skipped) == (total - done, done)
+    assert fake_swift.puts == total
+    assert_everything_stored(fake_swift, dataset, "c")
+
+
+def test_old_objects_with_wrong_headers_are_caught_and_force_fixes_them(fake_swift, dataset):
+    upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    for key, stored in fake_swift.objects.items():  # as a plain `swift upload` leaves them
+        stored["content_encoding"] = ""
+    with pytest.raises(UploadError, match="wrong headers.*--force"):
+        upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False,
+                    skip_identical=False)
+    assert result.uploaded == result.total_objects
+    assert all(s["content_encoding"] == "gzip" for (c, n), s in fake_swift.objects.items()
+               if n.startswith("1mm/"))
+
+
+def test_public_container_that_is_not_readable_anonymously_is_an_error(fake_swift, dataset):
+    fake_swift.fail("GET", "info", 401, times=10)  # the cluster ignores the read ACL
+    with pytest.raises(UploadError, match="not publicly readable"):
+        upload(dataset, "c", fake_swift.connection(), show_progress=False)
