@@ -38,7 +38,7 @@ class AtomicFileAccessor(FileAccessor):
     an uninterrupted one. ``store_chunk`` returns the bytes written.
     """
 
-    def __init__(self, base_dir: Path, gzip: bool = True, compresslevel: int = 6):
+    def __init__(self, base_dir: Path, gzip: bool = True, compresslevel: int = 5):
         super().__init__(str(base_dir), flat=True, gzip=gzip,
                          compresslevel=compresslevel)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from hbp_image_tasks import errors, ingest_ngs
 from hbp_image_tasks.ingest_ngs import convert, is_complete
-from hbp_image_tasks.parameters import ConversionParameters
+from hbp_image_tasks.parameters import DEFAULT_COMPRESSION_LEVEL, ConversionParameters
 
 BIN = Path(sys.executable).parent
 
@@ -380,7 +380,7 @@ def test_print_parameters_shows_the_effective_defaults(capsys):
     assert ingest_ngs.main(["--print-parameters", "--parameters",
                             '{"gzip": false}']) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["gzip"] is False and shown["compression_level"] == 6
+    assert shown["gzip"] is False and shown["compression_level"] == DEFAULT_COMPRESSION_LEVEL
     assert shown["chunk_size"] == 64 and shown["type"] == "image"
 
 

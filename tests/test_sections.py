@@ -1,0 +1,95 @@
+"""Section stacks: natural order, ignored stray files, manifests, order files, bad sections."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hbp_image_tasks import sections
+from hbp_image_tasks.errors import InputError
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["s10", "s2", "s1"], ["s1", "s2", "s10"]),
+    (["slice_10.png", "slice_2.png", "slice_1.png"],
+     ["slice_1.png", "slice_2.png", "slice_10.png"]),
+    (["pm3110o.tif", "pm3199o.tif", "pm3100o.tif"],
+     ["pm3100o.tif", "pm3110o.tif", "pm3199o.tif"]),
+    (["B2", "a10", "a9"], ["a9", "a10", "B2"]),
+])
+def test_natural_sort_orders_digit_runs_by_value(names, expected):
+    assert sorted(names, key=sections.natural_key) == expected
+
+
+def save(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_directory_listing_skips_non_images_and_hidden_files(tmp_path):
+    for z in (10, 2, 1):
+        save(tmp_path / f"s{z}.png", np.zeros((4, 4), np.uint8))
+    save(tmp_path / "s3.TIF", np.zeros((4, 4), np.uint8))
+    for name in ("README", "s5.png.bak", ".s4.png", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "subdir.png").mkdir()
+    found = [p.name for p in sections.list_sections(tmp_path)]
+    assert found == ["s1.png", "s2.png", "s3.TIF", "s10.png"]
+
+
+def test_manifest_in_the_directory_gives_the_exact_input_set(tmp_path):
+    for z in range(3):
+        save(tmp_path / f"s{z}.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "fetch_manifest.json").write_text(json.dumps({
+        "version": 1, "source": "https://example.org/x", "filter": None,
+        "objects": [{"name": n, "path": n, "bytes": 1, "md5": "0"}
+                    for n in ("s2.png", "s0.png", "notes.txt")]}))
+    for source in (tmp_path, tmp_path / "fetch_manifest.json"):
+        assert [p.name for p in sections.list_sections(source)] == ["s0.png", "s2.png"]
+
+
+def test_manifest_entry_missing_on_disk_is_named(tmp_path):
+    (tmp_path / "fetch_manifest.json").write_text(json.dumps({
+        "version": 1, "source": "u", "filter": None,
+        "objects": [{"name": "gone.png", "path": "gone.png", "bytes": 1, "md5": "0"}]}))
+    with pytest.raises(InputError, match="gone.png"):
+        sections.list_sections(tmp_path)
+
+
+def test_order_file_names_an_unknown_section(tmp_path):
+    save(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    order = tmp_path / "order.txt"
+    order.write_text("a.png\nb.png\n")
+    with pytest.raises(InputError, match=r"order.txt:2.*b.png"):
+        sections.list_sections(tmp_path, order)
+
+
+def test_empty_directory_is_an_error(tmp_path):
+    (tmp_path / "README").write_text("x")
+    with pytest.raises(InputError, match="no image sections"):
+        sections.list_sections(tmp_path)
+
+
+@pytest.mark.parametrize("array, dtype, channels", [
+    (np.zeros((5, 7), np.uint8), "uint8", 1),
+    (np.zeros((5, 7), np.uint16), "uint16", 1),
+    (np.zeros((5, 7, 3), np.uint8), "uint8", 3),
+])
+def test_probe_and_read_give_shape_type_and_pixels(tmp_path, array, dtype, channels):
+    array = array.copy()
+    array.flat[::3] = 200
+    path = save(tmp_path / "s.tif", array)
+    fmt = sections.probe_section(path)
+    assert (fmt.width, fmt.height, fmt.dtype, fmt.channels) == (7, 5, dtype, channels)
+    np.testing.assert_array_equal(sections.read_section(path, fmt), array)
+
+
+def test_truncated_section_is_named(tmp_path):
+    path = save(tmp_path / "s.png", np.random.default_rng(0).integers(
+        0, 255, (64, 64), dtype=np.uint8))
+    fmt = sections.probe_section(path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(InputError, match="s.png"):
+        sections.read_section(path, fmt)
