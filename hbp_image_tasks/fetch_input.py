@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from .swift import (ObjectInfo, ObjectStream,
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "fetch_manifest.json"
+STATE_NAME = ".fetch_state.jsonl"
 MANIFEST_VERSION = 1
 # Downloads wait on the network, not the CPU: more streams than cores pay off.
 DEFAULT_JOBS = 16
@@ -302,6 +304,76 @@ def select_objects(source_url: str, filter_regex: str | None,
 # Stacks
 # --------------------------------------------------------------------------
 
+class VerifiedFiles:
+    """The sidecar ``.fetch_state.jsonl``: files already verified, so reruns skip hashing.
+
+    A line per verified file records its MD5 with the size, mtime and inode it
+    had then; a file whose stat still matches needs no re-reading. Any change
+    to the file (a rewrite, a truncation, a replacement) changes its stat, so it
+    is hashed again. The file is append-only, so a killed run loses nothing.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._known: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        try:
+            with open(path, encoding="utf-8") as stream:
+                for line in stream:
+                    try:
+                        record = json.loads(line)
+                        self._known[record["name"]] = record
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("ignoring %s: %s", path, exc)
+        self._stream = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _stat_key(info: os.stat_result) -> dict[str, int]:
+        return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns,
+                "inode": info.st_ino}
+
+    def known_md5(self, name: str, info: os.stat_result) -> str | None:
+        """Returns the recorded MD5 of ``name`` if its file is unchanged since."""
+        record = self._known.get(name)
+        if record and all(record.get(k) == v for k, v in self._stat_key(info).items()):
+            return record.get("md5")
+        return None
+
+    def record(self, name: str, path: Path, md5: str) -> None:
+        """Records that the file at ``path`` holds ``name`` with this MD5."""
+        record = {"name": name, "md5": md5, **self._stat_key(os.stat(path))}
+        line = json.dumps(record) + "\n"
+        with self._lock:
+            self._known[name] = record
+            self._stream.write(line)
+            self._stream.flush()
+
+    def compact(self, names: set[str]) -> None:
+        """Rewrites the sidecar with the records of ``names`` only, and closes it."""
+        with self._lock:
+            self._stream.close()
+            temporary = temporary_path(self.path)
+            with open(temporary, "w", encoding="utf-8") as stream:
+                for name, record in self._known.items():
+                    if name in names:
+                        stream.write(json.dumps(record) + "\n")
+            os.replace(temporary, self.path)
+
+    def close(self) -> None:
+        """Closes the sidecar."""
+        self._stream.close()
+
+    def __enter__(self) -> "VerifiedFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Done:
     downloaded: bool
@@ -325,35 +397,51 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
     def stopping() -> bool:
         return cancel.is_set() or should_stop()
 
+    state = VerifiedFiles(destination / STATE_NAME)
+    made_directories: set[Path] = set()
+
     def fetch_one(info: ObjectInfo, progress: Progress) -> _Done | None:
         if stopping():
             return None
         path = destination / info.name
         expected_md5 = None if info.is_large else info.hash
-        if not force and path.is_file() and path.stat().st_size == info.bytes:
-            # Hashing is the only proof that a file of the right size is complete.
-            md5 = file_md5(path)
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            found = None
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            raise InputError(f"{path} is a directory, but object {info.name!r} "
+                             f"must be written there")
+        if not force and found is not None and found.st_size == info.bytes:
+            md5 = state.known_md5(info.name, found)
+            if md5 is None:
+                # Hashing is the only proof that a file of the right size is
+                # complete; it is recorded so that the next rerun need not.
+                md5 = file_md5(path)
+                if expected_md5 is None or md5 == expected_md5:
+                    state.record(info.name, path, md5)
             if expected_md5 is None or md5 == expected_md5:
                 progress.update(1, info.bytes)
                 return _Done(False, md5)
             logger.warning("%s differs from %s (MD5 %s, expected %s): fetching "
                            "it again", path, info.name, md5, expected_md5)
-        elif path.is_dir():
-            raise InputError(f"{path} is a directory, but object {info.name!r} "
-                             f"must be written there")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in made_directories:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made_directories.add(path.parent)
         md5 = download(path, lambda start: opener(info.name, start),
                        expected_size=info.bytes, expected_md5=expected_md5,
                        description=f"object {info.name!r}", policy=policy,
                        on_bytes=lambda n: progress.update(0, n),
                        on_retry=progress.add_retry)
+        state.record(info.name, path, md5)
         progress.update(1, 0)
         return _Done(True, md5)
 
     results: dict[int, _Done] = {}
     failures: list[BaseException] = []
-    with Progress("fetch", total=len(objects), total_bytes=total_bytes,
-                  enabled=show_progress) as progress, \
+    # Exited in reverse: the pool's threads are done before the sidecar closes.
+    with state, Progress("fetch", total=len(objects), total_bytes=total_bytes,
+                         enabled=show_progress) as progress, \
             ThreadPoolExecutor(jobs, thread_name_prefix="fetch") as pool:
         pending: dict[Future, int] = {}
 
@@ -400,6 +488,7 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
     entries = [{"name": info.name, "path": info.name, "bytes": info.bytes,
                 "md5": results[index].md5} for index, info in enumerate(objects)]
     manifest_path = write_manifest(destination, source, filter_regex, entries)
+    state.compact({info.name for info in objects})
     downloaded = sum(1 for done in results.values() if done.downloaded)
     return FetchResult(
         files=len(objects), bytes=total_bytes, downloaded=downloaded,

@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -28,9 +29,10 @@ def md5(data: bytes) -> str:
 
 
 def local_files(root: Path) -> dict[str, bytes]:
-    """Returns every file under ``root`` (relative POSIX path -> bytes)."""
+    """Returns every file under ``root`` but the sidecar (relative path -> bytes)."""
     return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != fetch_input.STATE_NAME}
 
 
 def read_manifest(root: Path) -> dict:
@@ -192,7 +194,8 @@ class FileServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       args=(0.05,), daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -524,6 +527,7 @@ def test_corrupted_or_missing_local_files_are_detected_and_fetched_again(
     objects = {f"c/{i:02d}.png": content(f"c/{i:02d}.png") * 20 for i in range(20)}
     container = make_container(objects)
     first = fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
+    time.sleep(0.05)  # some filesystems' mtime clock ticks every few ms
     same_size = tmp_path / "c/03.png"
     same_size.write_bytes(b"X" * same_size.stat().st_size)
     (tmp_path / "c/07.png").write_bytes(b"truncated")
@@ -569,3 +573,23 @@ def test_static_large_object_is_checked_by_size(make_container, swift_client, tm
     entry = next(o for o in read_manifest(tmp_path)["objects"] if o["name"] == "big.nii")
     assert entry["bytes"] == 1500 and entry["md5"] == md5(b"a" * 1000 + b"b" * 500)
     assert result.downloaded == 2
+
+
+@pytest.mark.swift
+def test_rerun_of_a_complete_stack_reads_no_file_again(make_container, local_swift,
+                                                       proxy_log, tmp_path, monkeypatch):
+    objects = {f"r/{i:02d}.png": content(f"r/{i:02d}.png") for i in range(15)}
+    container = make_container(objects)
+    fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
+    hashed = []
+    real_md5 = fetch_input.file_md5
+    monkeypatch.setattr(fetch_input, "file_md5",
+                        lambda path: hashed.append(path) or real_md5(path))
+    proxy_log.mark()
+    result = fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
+    assert (result.downloaded, result.skipped) == (0, 15)
+    assert hashed == [] and object_gets(proxy_log, local_swift, container.name) == []
+    # Without the sidecar every file is hashed once, and nothing is fetched either.
+    (tmp_path / fetch_input.STATE_NAME).unlink()
+    result = fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
+    assert result.skipped == 15 and len(hashed) == 15

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Benchmark: `fetch_input --stacks` against `swift download` on the same container.
+
+Starts (or reuses) the local Swift of scripts/local-swift, fills a public
+container once with OBJECTS objects of SIZE bytes, then downloads it
+alternately with python-swiftclient's CLI (default 10 object threads, MD5
+checked) and with fetch_input (MD5 checked), each into a fresh directory, and
+prints the median times and their ratio. Not a test: run it by hand:
+
+  python benchmarks/bench_fetch.py --objects 600 --size 262144 --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def start_swift(state: str) -> dict:
+    """Starts (or reuses) the local Swift; returns its env JSON."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "local_swift.py"),
+                           "start", "--dir", state], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        sys.exit(f"scripts/local-swift start failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def fill_container(env: dict, name: str, count: int, size: int) -> tuple[str, str]:
+    """Creates the public container once; returns (token, its URL)."""
+    import swiftclient
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(auth_url=env["auth_url"], username=env["username"],
+                       password=env["password"], project_id=env["project_id"],
+                       user_domain_name="Default")
+    keystone = session.Session(auth=auth)
+    connection = swiftclient.Connection(session=keystone)
+    try:
+        existing = int(connection.head_container(name).get("x-object-count", -1))
+    except swiftclient.ClientException:
+        existing = -1
+    if existing != count:
+        connection.put_container(name, headers={"X-Container-Read": ".r:*,.rlistings"})
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for index in range(count):
+                data = os.urandom(size)
+                info = tarfile.TarInfo(f"stack/section_{index:05d}.tif")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        connection.put_object(name, "", buffer.getvalue(),
+                              query_string="extract-archive=tar",
+                              headers={"Accept": "application/json"})
+    return keystone.get_token(), f"{env['storage_url']}/{name}"
+
+
+def timed(argv: list[str], cwd: Path) -> float:
+    """Runs ``argv`` in ``cwd``; returns its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--objects", type=int, default=600)
+    parser.add_argument("--size", type=int, default=256 * 1024, help="bytes per object")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="fetch_input --jobs (default: its own default)")
+    parser.add_argument("--state", default=str(REPO / ".local-swift" / "bench"),
+                        help="local-swift state directory")
+    args = parser.parse_args(argv)
+
+    env = start_swift(args.state)
+    container = f"bench-fetch-{args.objects}x{args.size}"
+    token, url = fill_container(env, container, args.objects, args.size)
+    swift = [str(BIN / "swift"), "--os-auth-token", token,
+             "--os-storage-url", env["storage_url"], "download", container]
+    fetch = [str(BIN / "fetch_input"), "--stacks", "-q", "--destination", "."]
+    fetch += ["--jobs", str(args.jobs)] if args.jobs else []
+    fetch.append(url)
+    times: dict[str, list[float]] = {"swift download": [], "fetch_input": []}
+    with tempfile.TemporaryDirectory(prefix="bench-fetch-") as scratch:
+        for run in range(args.repeat):
+            for label, command in (("swift download", swift), ("fetch_input", fetch)):
+                target = Path(scratch) / f"{label.split()[0]}-{run}"
+                target.mkdir()
+                times[label].append(timed(command, target))
+                files = [p for p in target.rglob("*.tif") if p.is_file()]
+                assert len(files) == args.objects, (label, len(files))
+                shutil.rmtree(target)
+    total = args.objects * args.size
+    print(f"{args.objects} objects x {args.size} bytes = {total / 2**20:.1f} MiB "
+          f"from {url}")
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    for label, values in times.items():
+        print(f"  {label:15s} median {medians[label]:6.2f} s "
+              f"({total / 2**20 / medians[label]:6.1f} MiB/s; runs "
+              + ", ".join(f"{v:.2f}" for v in values) + ")")
+    ratio = medians["swift download"] / medians["fetch_input"]
+    print(f"  speed ratio fetch_input / swift download: {ratio:.2f}x "
+          f"({'at least as fast' if ratio >= 1 else 'slower'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
