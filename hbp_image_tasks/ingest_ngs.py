@@ -239,9 +239,11 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
 
     accessor = pyramid.AtomicFileAccessor(destination, gzip=params.gzip,
                                           compresslevel=params.compression_level)
-    logger.info("converting %s into %s: %s %s, %d scales, %d jobs",
+    logger.info("converting %s into %s: %s %s, %d scales, %d jobs%s",
                 input_source.description, destination, info["data_type"],
-                params.effective_encoding, len(info["scales"]), jobs)
+                params.effective_encoding, len(info["scales"]), jobs,
+                f", gzip level {params.compression_level} "
+                f"({accessor.compress.backends})" if params.gzip else ", no gzip")
     total_chunks = pyramid.count_chunks(info)
     depth_total = input_source.size[2]
     try:
@@ -249,6 +251,7 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
             # The state file first: it marks the directory as ours to resume.
             _write_json(destination / STATE_NAME,
                         {"fingerprint": fingerprint, "slabs_done": 0})
+        if state is None or not (destination / "info").is_file():
             precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
         downscaler = pyramid.make_downscaler(params.effective_downscaling_method, info)
     except DataAccessError as exc:
@@ -420,8 +423,11 @@ class StopFlag:
         previous = {}
 
         def handler(number, frame):  # noqa: ARG001 (signal API)
+            if self.signal_number is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C does not wait
             logger.warning("signal %d received: finishing the current slab, "
-                           "then saving the state", number)
+                           "then saving the state (Ctrl-C again to stop at once)",
+                           number)
             self.signal_number = number
         for number in (signal.SIGTERM, signal.SIGINT):
             previous[number] = signal.signal(number, handler)

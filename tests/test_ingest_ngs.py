@@ -391,3 +391,22 @@ def test_jpeg_encoding_writes_lossy_chunks_close_to_the_input(tmp_path):
             show_progress=False)
     data = read_scale(tmp_path / "out", 0)[0]
     assert np.abs(data.astype(int) - volume).max() <= 8
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth", "zeros", "tiny"])
+def test_gzip_compressor_writes_standard_gzip_within_5_percent_of_level_9(kind):
+    import gzip
+    import zlib
+
+    from hbp_image_tasks.pyramid import GzipCompressor
+    rng = np.random.default_rng(2)
+    data = {"noise": rng.integers(0, 256, 64 ** 3, dtype=np.uint8).tobytes(),
+            "smooth": np.repeat(np.arange(64 ** 3 // 64, dtype=np.uint16) // 7,
+                                64).astype(np.uint8).tobytes(),
+            "zeros": bytes(64 ** 3),
+            "tiny": b"abc"}[kind]
+    packed = GzipCompressor(5)(data)
+    assert gzip.decompress(packed) == data
+    assert packed == GzipCompressor(5)(data)  # deterministic: resumed runs match
+    level9 = len(zlib.compress(data, 9)) + 18  # gzip header and trailer
+    assert len(packed) <= 1.05 * level9 + 16
