@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     def work(redactor) -> int:
         params = parse_parameters(args.parameters)
         if args.print_parameters:
-            print(params.to_json())
+            print(params.resolved().to_json())
             return errors.EXIT_OK
         stop = StopFlag()
         restore = stop.install()

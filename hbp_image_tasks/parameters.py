@@ -167,6 +167,11 @@ class ConversionParameters:
         factor = VOXEL_UNITS[self.voxel_unit]
         return tuple(v * factor for v in self.voxel_size)  # type: ignore[return-value]
 
+    def resolved(self) -> "ConversionParameters":
+        """Returns a copy with ``encoding`` and ``downscaling_method`` made explicit."""
+        return self.replace(encoding=self.effective_encoding,
+                            downscaling_method=self.effective_downscaling_method)
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the parameters as a JSON-ready dict (lists, not tuples)."""
         result = dataclasses.asdict(self)

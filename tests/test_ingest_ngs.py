@@ -382,6 +382,7 @@ def test_print_parameters_shows_the_effective_defaults(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["gzip"] is False and shown["compression_level"] == DEFAULT_COMPRESSION_LEVEL
     assert shown["chunk_size"] == 64 and shown["type"] == "image"
+    assert shown["encoding"] == "raw" and shown["downscaling_method"] == "average"
 
 
 def test_jpeg_encoding_writes_lossy_chunks_close_to_the_input(tmp_path):
