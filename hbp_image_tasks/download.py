@@ -147,8 +147,15 @@ def download(path: Path, open_stream: Callable[[int], ObjectStream], *,
                             on_bytes(-written)
                         written, digest = 0, hashlib.md5()
                     if not written and stream.status == 200:
-                        if expected_size is None and "content-length" in stream.headers:
-                            expected_size = int(stream.headers["content-length"])
+                        headers = stream.headers
+                        if "x-object-manifest" in headers:
+                            # A dynamic large object is listed with its empty
+                            # manifest's size and MD5: only the body's length counts.
+                            expected_size, expected_md5 = None, None
+                        elif "x-static-large-object" in headers:
+                            expected_md5 = None  # the ETag of its manifest
+                        if expected_size is None and "content-length" in headers:
+                            expected_size = int(headers["content-length"])
                         if expected_md5 is None:
                             expected_md5 = stated_md5(stream.headers)
                     try:

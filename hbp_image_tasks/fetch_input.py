@@ -378,6 +378,7 @@ class VerifiedFiles:
 class _Done:
     downloaded: bool
     md5: str
+    bytes: int
 
 
 def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
@@ -422,7 +423,7 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
                     state.record(info.name, path, md5)
             if expected_md5 is None or md5 == expected_md5:
                 progress.update(1, info.bytes)
-                return _Done(False, md5)
+                return _Done(False, md5, info.bytes)
             logger.warning("%s differs from %s (MD5 %s, expected %s): fetching "
                            "it again", path, info.name, md5, expected_md5)
         if path.parent not in made_directories:
@@ -435,7 +436,7 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
                        on_retry=progress.add_retry)
         state.record(info.name, path, md5)
         progress.update(1, 0)
-        return _Done(True, md5)
+        return _Done(True, md5, path.stat().st_size)
 
     results: dict[int, _Done] = {}
     failures: list[BaseException] = []
@@ -485,7 +486,7 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
         raise errors.Interrupted(
             f"fetch stopped after {len(results)} of {len(objects)} objects; "
             f"run the same command again to fetch the rest")
-    entries = [{"name": info.name, "path": info.name, "bytes": info.bytes,
+    entries = [{"name": info.name, "path": info.name, "bytes": results[index].bytes,
                 "md5": results[index].md5} for index, info in enumerate(objects)]
     manifest_path = write_manifest(destination, source, filter_regex, entries)
     state.compact({info.name for info in objects})

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 import responses
@@ -414,6 +414,10 @@ def test_filter_selects_whole_names_exactly_across_listing_pages(
     assert code == 0
     # 102 names share the literal prefix: more than one page of 100.
     assert listing_gets(proxy_log, local_swift, container.name) >= 2
+    path = f"{urlparse(local_swift.storage_url).path}/{container.name}"
+    assert {parse_qs(e.query).get("prefix", [""])[0]
+            for e in proxy_log.entries("GET", path) if e.path == path} == {
+        "data/raw/original/pm31"}
     assert sorted(object_gets(proxy_log, local_swift, container.name)) == sorted(PM31)
     expected = {name: objects[name] for name in PM31}
     manifest = (destination / fetch_input.MANIFEST_NAME).read_bytes()
@@ -468,9 +472,14 @@ def test_zero_matches_exit_2_saying_what_was_listed(make_container, tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
-def put_raw(local_swift, container: str, name: str, data: bytes) -> None:
+@pytest.fixture(scope="module")
+def user_token(local_swift) -> str:
+    """Returns one token of the test user for the whole module (Keystone is slow)."""
+    return local_swift.keystone_session().get_token()
+
+
+def put_raw(local_swift, token: str, container: str, name: str, data: bytes) -> None:
     """PUTs an object whose name HTTP libraries would normalise (``..``)."""
-    token = local_swift.keystone_session().get_token()
     url = urlparse(local_swift.storage_url)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     connection.request("PUT", f"{url.path}/{container}/{quote(name)}", body=data,
@@ -485,9 +494,9 @@ def put_raw(local_swift, container: str, name: str, data: bytes) -> None:
 @pytest.mark.parametrize("evil", ["../escape.png", "s/../../escape.png", "/abs.png",
                                   "s//double.png"])
 def test_traversal_names_are_refused_and_nothing_is_written(
-        make_container, local_swift, tmp_path, caplog, evil):
+        make_container, local_swift, user_token, tmp_path, caplog, evil):
     container = make_container({"s/ok.png": b"ok"})
-    put_raw(local_swift, container.name, evil, b"evil")
+    put_raw(local_swift, user_token, container.name, evil, b"evil")
     destination = tmp_path / "deep" / "destination"
     code = fetch_input.main(["--stacks", "--destination", str(destination), "-q",
                              container.url])
@@ -593,3 +602,52 @@ def test_rerun_of_a_complete_stack_reads_no_file_again(make_container, local_swi
     (tmp_path / fetch_input.STATE_NAME).unlink()
     result = fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
     assert result.skipped == 15 and len(hashed) == 15
+
+
+@pytest.mark.swift
+def test_dynamic_large_object_is_checked_by_its_served_length(
+        make_container, swift_client, tmp_path):
+    container = make_container({"seg/1": b"x" * 700, "seg/2": b"y" * 300})
+    swift_client.put_object(container.name, "dlo.nii", b"", headers={
+        "X-Object-Manifest": f"{container.name}/seg/"})
+    fetch_input.fetch(container.url, tmp_path, stacks=True, filter_regex="dlo.nii",
+                      show_progress=False)
+    assert (tmp_path / "dlo.nii").read_bytes() == b"x" * 700 + b"y" * 300
+    assert read_manifest(tmp_path)["objects"][0]["bytes"] == 1000
+
+
+@responses.activate
+def test_sigterm_stops_after_files_in_flight_with_exit_143_and_rerun_completes(
+        tmp_path, monkeypatch, caplog):
+    import os
+    import signal
+    objects = {f"t/{i}.png": bytes([i]) * 100 for i in range(6)}
+    url = f"{SWIFT}/stack"
+    responses.get(url, json=[listing_entry(n, d) for n, d in objects.items()],
+                  match=[responses.matchers.query_param_matcher(
+                      {"format": "json", "marker": ""})])
+    responses.get(url, json=[], match=[responses.matchers.query_param_matcher(
+        {"format": "json", "marker": "t/5.png"})])
+    for name, data in objects.items():
+        responses.get(f"{url}/{name}", body=data, headers=swift_headers(data))
+    real_download = fetch_input.download
+    calls = []
+
+    def download_then_signal(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs in the main thread meanwhile
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(fetch_input, "download", download_then_signal)
+    argv = ["--stacks", "--jobs", "1", "--destination", str(tmp_path), "-q", url]
+    assert fetch_input.main(argv) == errors.EXIT_INTERRUPTED == 143
+    assert "run the same command again" in caplog.text
+    done = local_files(tmp_path)
+    assert 2 <= len(done) < 6 and all(objects[k] == v for k, v in done.items())
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert fetch_input.main(argv) == 0
+    assert len(calls) == 6  # the rerun fetched only the rest
+    assert {k: v for k, v in local_files(tmp_path).items()
+            if k != fetch_input.MANIFEST_NAME} == objects
