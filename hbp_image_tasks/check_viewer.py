@@ -103,14 +103,16 @@ class RenderReport:
         chunks = self.chunk_requests
         if self.ok:
             return (f"{self.url}: rendered as {self.layer_type} in {self.seconds:.1f} s "
-                    f"({len(chunks)} chunk requests, all 200; "
+                    f"({_count(len(chunks), 'chunk request')}, all served; "
                     f"{self.signal_fraction:.1%} of the data panel shows data)")
         return f"{self.url}: the viewer cannot show this dataset: {'; '.join(self.problems)}"
 
 
 def find_chromium(explicit: str | None = None) -> str:
     """Returns the path of a Chromium binary (``explicit``, $CHROMIUM, or a known place)."""
-    for candidate in (explicit, os.environ.get("CHROMIUM"), *CHROMIUM_CANDIDATES):
+    # A binary named on purpose must be used, not silently replaced by another.
+    explicit = explicit or os.environ.get("CHROMIUM") or None
+    for candidate in (explicit, *CHROMIUM_CANDIDATES):
         if not candidate:
             continue
         path = candidate if os.sep in candidate else shutil.which(candidate)
@@ -260,14 +262,14 @@ class Browser:
 
     def check(self, url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
               screenshot: Path | str | None = None, timeout: float = 60.0,
-              min_fraction: float = DEFAULT_MIN_FRACTION, layout: str = "4panel"
-              ) -> RenderReport:
+              min_fraction: float = DEFAULT_MIN_FRACTION, layout: str = "4panel",
+              origin: str | None = None) -> RenderReport:
         """Opens ``url`` in the viewer; returns what happened (raises only if ``info`` is unusable)."""
         assert self._browser is not None and self._client is not None, "use 'with Browser()'"
         started = time.monotonic()
         info = read_info(url, timeout=min(timeout, 30.0))
         layer_type = layer_type or info["type"]
-        with DatasetProxy(url, timeout=timeout) as proxy:
+        with DatasetProxy(url, timeout=timeout, origin=origin) as proxy:
             state = viewer_state(proxy.url, info, layer_type, segments, layout)
             context = self._browser.new_context(viewport=VIEWPORT)
             try:
@@ -378,9 +380,13 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
     """Returns the reasons why ``report`` does not count as a good render, most telling first."""
     problems: list[str] = []
     served = [r for r in report.requests if r.status in (200, 206, 304)]
-    if any(not r.allow_origin for r in served):
-        problems.append("responses lack the Access-Control-Allow-Origin header (CORS): "
-                        "viewers on other sites cannot read them")
+    refused = [r for r in served if not r.cors_allowed]
+    if refused:
+        got = refused[0].allow_origin
+        problems.append(
+            f"{_count(len(refused), 'response')} without a matching Access-Control-Allow-"
+            f"Origin header (CORS; got {got!r} for {refused[0].path or '/'}): "
+            "browsers refuse the data to viewers on other sites")
     unencoded = [r for r in report.requests if r.gzip_body_without_header]
     if unencoded:
         problems.append(f"{_count(len(unencoded), 'response')} with gzip data but no "
@@ -414,7 +420,7 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
 def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
                  screenshot: Path | str | None = None, timeout: float = 60.0,
                  min_fraction: float = DEFAULT_MIN_FRACTION, chromium: str | None = None,
-                 layout: str = "4panel") -> RenderReport:
+                 layout: str = "4panel", origin: str | None = None) -> RenderReport:
     """Opens the dataset at ``url`` in headless Neuroglancer; returns the report of a good render.
 
     Raises ViewerCheckError (with the reasons) when the viewer cannot show it,
@@ -425,7 +431,7 @@ def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[
     with Browser(chromium) as browser:
         report = browser.check(url, layer_type=layer_type, segments=segments,
                                screenshot=screenshot, timeout=timeout,
-                               min_fraction=min_fraction, layout=layout)
+                               min_fraction=min_fraction, layout=layout, origin=origin)
     for entry in report.requests:
         logger.debug("%s", entry.describe())
     if report.screenshot:
@@ -465,6 +471,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _origin(text: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin like https://host[:port]")
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
 def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
     """Parses the command line of `check_viewer`."""
     parser = argparse.ArgumentParser(
@@ -474,11 +489,11 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("url", help="public http(s) URL of the dataset: the directory "
                                     "holding its 'info' file, e.g. a Swift container URL")
     parser.add_argument("--type", dest="layer_type", choices=("image", "segmentation"),
-                        default=None, help="layer type (default: the 'type' in 'info')")
+                        default=None, help="layer type; None: the 'type' in 'info'")
     parser.add_argument("--segments", type=_segment_id, nargs="+", default=[], metavar="ID",
-                        help="segments to select in a segmentation (default: show all)")
+                        help="segments to select in a segmentation; none: show all")
     parser.add_argument("--screenshot", type=Path, default=None, metavar="FILE.png",
-                        help="save what the viewer showed to this PNG file")
+                        help="save what the viewer showed to this PNG file (1024x768)")
     parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                         help="give up when the viewer is not ready after this long")
     parser.add_argument("--min-fraction", type=_fraction, default=DEFAULT_MIN_FRACTION,
@@ -486,9 +501,14 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
                         "(bright pixels for images, saturated colours for segmentations)")
     parser.add_argument("--layout", choices=("4panel", "xy", "xz", "yz"), default="4panel",
                         help="viewer layout; the check looks at the first (xy) panel")
+    parser.add_argument("--origin", type=_origin, default=None, metavar="URL",
+                        help="check CORS as seen from this viewer site (e.g. "
+                             "https://neuroglancer.example.org) instead of from any site; "
+                             "None: the dataset must be readable from any site "
+                             "(Access-Control-Allow-Origin for the checking page)")
     parser.add_argument("--chromium", default=None, metavar="PATH",
-                        help="Chromium binary (default: $CHROMIUM, then "
-                             "/usr/lib/chromium/chromium or chromium on the PATH)")
+                        help="Chromium binary; None: $CHROMIUM, else "
+                             "/usr/lib/chromium/chromium or chromium on the PATH")
     cli.add_logging_options(parser)
     return parser.parse_args(None if argv is None else list(argv))
 
@@ -501,7 +521,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         report = check_viewer(args.url, layer_type=args.layer_type, segments=args.segments,
                               screenshot=args.screenshot, timeout=args.timeout,
                               min_fraction=args.min_fraction, chromium=args.chromium,
-                              layout=args.layout)
+                              layout=args.layout, origin=args.origin)
         print(report.summary())
 
     return cli.run_command(work, args)

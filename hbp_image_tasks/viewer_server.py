@@ -66,6 +66,7 @@ class ProxiedRequest:
     allow_origin: str  # the Access-Control-Allow-Origin header, "" when absent
     gzip_body_without_header: bool
     error: str = ""
+    cors_allowed: bool = True  # the answer lets the requesting site read it
 
     @property
     def is_chunk(self) -> bool:
@@ -98,9 +99,12 @@ class DatasetProxy:
     Content-Encoding or CORS header reaches the browser as it would from the real server.
     """
 
-    def __init__(self, upstream: str, timeout: float = 60.0):
+    def __init__(self, upstream: str, timeout: float = 60.0, origin: str | None = None):
         self.upstream = upstream.rstrip("/")
         self.timeout = timeout
+        # The site the dataset is published for: it stands in for the local page's
+        # origin, so that a server allowing only that site is judged as it would be there.
+        self.origin = origin
         self._lock = threading.Lock()
         self._requests: list[ProxiedRequest] = []
         self._session = requests.Session()
@@ -128,6 +132,9 @@ class DatasetProxy:
                 ) -> tuple[int, dict[str, str], bytes]:
         """Sends one request to the dataset server; returns its status, headers and raw body."""
         url = f"{self.upstream}/{path.lstrip('/')}"
+        page_origin = headers.get("Origin")
+        if self.origin and page_origin:
+            headers = {**headers, "Origin": self.origin}
         relative = path.lstrip("/").split("?", 1)[0]
         try:
             response = self._session.request(method, url, headers=headers, stream=True,
@@ -143,11 +150,15 @@ class DatasetProxy:
             return 502, {"Content-Type": "text/plain"}, reason.encode()
         kept = {name: response.headers[name] for name in FORWARDED_RESPONSE_HEADERS
                 if name in response.headers}
+        allowed = response.headers.get("Access-Control-Allow-Origin", "")
+        if self.origin and page_origin and allowed == self.origin:
+            kept["Access-Control-Allow-Origin"] = page_origin  # allowed for the real site
         encoding = response.headers.get("Content-Encoding", "")
         self._record(ProxiedRequest(
             method=method, path=relative, status=response.status_code,
             content_encoding=encoding, nbytes=len(body),
-            allow_origin=response.headers.get("Access-Control-Allow-Origin", ""),
+            allow_origin=allowed,
+            cors_allowed=not page_origin or allowed in ("*", self.origin or page_origin),
             gzip_body_without_header=(response.status_code in (200, 206) and not encoding
                                       and body.startswith(GZIP_MAGIC)),
         ))

@@ -245,8 +245,20 @@ def in_own_thread(function, *args):
     return results[0]
 
 
+@pytest.fixture
+def restored_logging():
+    """Takes back the log handler that main() binds to the captured stderr."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.mark.browser
-def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys):
+def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys, restored_logging):
     require_browser()
     screenshot = tmp_path / "shot.png"
 
@@ -331,16 +343,41 @@ def test_dataset_uploaded_to_swift_renders_from_its_public_url(
     assert report.signal_fraction >= 0.05
     chunks = report.chunk_requests
     assert chunks and all(r.status == 200 and r.content_encoding == "gzip" for r in chunks)
-    assert all(r.allow_origin for r in report.requests)
+    assert all(r.allow_origin and r.cors_allowed for r in report.requests)
     # Swift itself answered every chunk the viewer asked for, anonymously.
     served = [e for e in proxy_log.entries("GET") if CHUNK_PATH.search(e.path)]
     assert len(served) == len(chunks) and all(e.status == 200 for e in served)
 
 
+@pytest.mark.swift
+@pytest.mark.browser
+def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
+        browser, converted, swift_settings_file, unique_container):
+    from hbp_image_tasks.settings import load_settings
+    from hbp_image_tasks.swift import SwiftConnection
+    from hbp_image_tasks.upload_results import upload
+
+    site = "https://viewer.example.org"
+    connection = SwiftConnection(load_settings(swift_settings_file))
+    try:
+        uploaded = upload(converted["segmentation"], unique_container(), connection,
+                          jobs=2, cors_origin=site, show_progress=False)
+    finally:
+        connection.close()
+
+    from_that_site = browser.check(uploaded.public_url, origin=site)
+    from_elsewhere = browser.check(uploaded.public_url, timeout=30)
+
+    assert from_that_site.ok, from_that_site.summary()
+    assert not from_elsewhere.ok
+    assert any("Access-Control-Allow-Origin" in p for p in from_elsewhere.problems)
+
+
 # ------------------------------------------------------- tests without browser
 
 
-def test_missing_chromium_is_a_usage_error_naming_what_to_install(tmp_path, capsys):
+def test_missing_chromium_is_a_usage_error_naming_what_to_install(tmp_path, capsys,
+                                                                  restored_logging):
     code = cv.main(["http://127.0.0.1:9/x", "--chromium", str(tmp_path / "chromium")])
 
     message = capsys.readouterr().err.strip().splitlines()
@@ -358,7 +395,7 @@ def test_missing_playwright_names_the_pip_and_apt_packages(monkeypatch):
     assert "apt-get install chromium" in reason
 
 
-def test_non_http_url_is_a_usage_error(capsys):
+def test_non_http_url_is_a_usage_error(capsys, restored_logging):
     assert cv.main(["/data/dataset"]) == errors.EXIT_USAGE
     assert "not an http(s) URL" in capsys.readouterr().err
 
