@@ -122,9 +122,16 @@ def add_jobs_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
              "from SLURM_CPUS_PER_TASK or the CPU affinity mask)")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter,
-                    argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks and shows defaults."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows a default only where it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, "", 0)
+                or action.default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def run_command(work: Callable[[RedactingFilter], int | None],

@@ -1,26 +1,585 @@
-"""The `ingest` command (not implemented yet)."""
+"""ingest: fetch, convert and upload in one resumable process.
+
+This is what the image service's UNICORE (or Slurm) jobs run. It checks every
+option before any long work, records finished steps in a state file so that a
+killed job resumes where it stopped, and cleans up only after a verified upload.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-from . import cli, errors
+from . import cli, errors, fetch_input, ingest_ngs, upload_results
+from .parameters import SCHEMA_HELP, ConversionParameters, parse_parameters
+from .progress import format_bytes, format_duration
+from .settings import SwiftSettings, load_settings_from
+from .swift import SwiftConnection
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = ".hbp-ingest-state.json"
+REPORT_FILE = ".hbp-ingest-report.json"
+STATE_VERSION = 1
+STEPS = ("fetch", "convert", "upload")
+DISK_MARGIN = 1.05  # free space asked for beyond the bytes still to download
+REPORTED_DEPENDENCIES = ("neuroglancer-scripts", "numpy", "Pillow", "nibabel",
+                         "python-swiftclient", "keystoneauth1", "requests", "tqdm")
+
+EPILOG = f"""\
+example (the image service's job):
+  SWIFT_SETTINGS='../.os_settings' ingest \\
+    --source https://object.cscs.ch/v1/AUTH_61499a61052f419abad475045aaf88f9/img-svc-bigbrain-input \\
+    --download-dir $SOURCE --results-dir $RESULTS --stacks \\
+    --filter 'data/raw/original/pm31\\d{{2}}o.png' \\
+    --parameters "$PARAMS" --container test_wrapper2 --cleanup
+
+  A single volume instead of a stack (no --stacks; the URL is downloaded as is):
+  ingest --source https://host/path/colin27T1_seg.nii.gz --download-dir src \\
+    --results-dir out --parameters '{{"type": "segmentation"}}' --container colin
+
+resuming:
+  The state of the run is kept in RESULTS_DIR/{STATE_FILE}. After a kill
+  (walltime, node failure) submit the same command again: finished steps are
+  skipped and unfinished ones continue. Different inputs or parameters for the
+  same RESULTS_DIR are refused; --restart starts over.
+
+{SCHEMA_HELP}
+{errors.EXIT_CODES_HELP}"""
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestOptions:
+    """Everything one ingest run needs, validated by ``options_from_args``."""
+
+    source: str
+    download_dir: Path
+    results_dir: Path
+    parameters: ConversionParameters
+    stacks: bool = False
+    filter_regex: str | None = None
+    order_file: Path | None = None
+    container: str | None = None
+    settings: SwiftSettings | None = None
+    source_private: bool = False
+    upload: bool = True
+    upload_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    jobs: int | None = None
+    cleanup: bool = False
+    restart: bool = False
+    dry_run: bool = False
+    report_path: Path | None = None
+    show_progress: bool = True
+
+
+class StopRequest:
+    """Callable flag set by SIGTERM/SIGINT; steps poll it between work items."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_number: int | None = None
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, signal_number: int) -> None:
+        """Records the signal and asks every step to stop."""
+        self.signal_number = signal_number
+        self._event.set()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """Turns SIGTERM and SIGINT into a stop request for the duration of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signal_number, frame):
+        if stop():
+            logger.warning("second %s: still finishing in-flight work",
+                           signal.Signals(signal_number).name)
+            return
+        logger.warning("received %s: stopping after the work in flight; "
+                       "state will be saved", signal.Signals(signal_number).name)
+        stop.set(signal_number)
+
+    previous = {number: signal.signal(number, handle)
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns ``ingest``'s parser, built from the step commands' option groups."""
+    parser = argparse.ArgumentParser(
+        prog="ingest", description=__doc__, epilog=EPILOG,
+        formatter_class=cli.HelpFormatter, conflict_handler="resolve")
+    parser.add_argument(
+        "--source", required=True, metavar="URL",
+        help="what to ingest: with --stacks the URL of a Swift container "
+             "(https://HOST/v1/AUTH_<project>/<container>), else the URL of one "
+             "file (a volume)")
+    fetch_input.add_fetch_options(
+        parser, destination_flag="--download-dir",
+        exclude=("jobs", "settings", "force", "dry_run", "output"))
+    ingest_ngs.add_conversion_options(parser)
+    upload_results.add_upload_options(parser)
+    job = parser.add_argument_group("job")
+    job.add_argument(
+        "--results-dir", required=True, type=Path, metavar="DIR",
+        help="where the precomputed dataset is written, with the job's state "
+             f"({STATE_FILE}) and report ({REPORT_FILE})")
+    job.add_argument(
+        "--source-private", action="store_true",
+        help="read the --source container with the Swift credentials of "
+             "--settings/$SWIFT_SETTINGS (default: anonymously, as a public container)")
+    job.add_argument("--no-upload", action="store_true",
+                     help="fetch and convert only; --container is then not needed")
+    job.add_argument(
+        "--cleanup", action="store_true",
+        help="after the upload was verified, delete the download and results "
+             "directories (never after a failure)")
+    job.add_argument(
+        "--restart", action="store_true",
+        help="forget an earlier run in RESULTS_DIR (its state and dataset) and "
+             "start over; needed when the inputs or parameters changed")
+    job.add_argument(
+        "--report", type=Path, metavar="FILE", default=None,
+        help=f"where to write the JSON run report (default: RESULTS_DIR/"
+             f"{REPORT_FILE}, or ./ingest-report.json with --cleanup)")
+    job.add_argument(
+        "--dry-run", action="store_true",
+        help="check everything and print what would be done, without writing")
+    cli.add_jobs_option(job, "parallel workers in each step (downloads, "
+                             "decoding and encoding, uploads)")
+    cli.add_logging_options(parser)
+    for action in parser._actions:
+        # --container is required by upload_results but not with --no-upload.
+        if action.dest == "container":
+            action.required = False
+    return parser
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
-    """Parses the command line of `ingest`."""
-    parser = argparse.ArgumentParser(prog="ingest", description=__doc__,
-                                     epilog=errors.EXIT_CODES_HELP,
-                                     formatter_class=cli.HelpFormatter)
-    cli.add_logging_options(parser)
-    return parser.parse_args(argv)
+    """Parses ``ingest``'s command line."""
+    return build_parser().parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace) -> IngestOptions:
+    """Validates the parsed options (except remote checks) into ``IngestOptions``."""
+    upload = not args.no_upload
+    if upload and not args.container:
+        raise errors.UsageError("--container is required (or pass --no-upload)")
+    if args.cleanup and not upload:
+        raise errors.UsageError(
+            "--cleanup needs an upload to verify first: drop --no-upload or --cleanup")
+    if args.container:
+        upload_results.validate_container_name(args.container)
+    parameters = parse_parameters(args.parameters)
+    settings = None
+    if upload or args.source_private:
+        settings = load_settings_from(args.settings, required=True)
+    report = args.report
+    if report is None:
+        report = (Path("ingest-report.json").resolve() if args.cleanup
+                  else args.results_dir / REPORT_FILE)
+    return IngestOptions(
+        source=args.source,
+        download_dir=Path(args.destination),
+        results_dir=Path(args.results_dir),
+        parameters=parameters,
+        stacks=args.stacks,
+        filter_regex=args.filter,
+        order_file=getattr(args, "order_file", None),
+        container=args.container,
+        settings=settings,
+        source_private=args.source_private,
+        upload=upload,
+        upload_options={key: value for key, value in
+                        upload_results.upload_options(args).items()
+                        if key != "dry_run"},
+        jobs=args.jobs,
+        cleanup=args.cleanup,
+        restart=args.restart,
+        dry_run=args.dry_run,
+        report_path=report,
+        show_progress=cli.verbosity(args) >= 0,
+    )
+
+
+def check_writable(directory: Path, dry_run: bool) -> None:
+    """Creates ``directory`` (unless a dry run) and proves a file can be written there."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise errors.UsageError(f"{existing} is not a directory")
+    if dry_run:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise errors.UsageError(f"{existing} is not writable")
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise errors.UsageError(f"cannot write in {directory}: {exc.strerror}") from None
+
+
+def missing_download_bytes(objects, download_dir: Path) -> int:
+    """Returns the bytes still to download (files of the right size count as there)."""
+    missing = 0
+    for item in objects:
+        local = download_dir / item.name
+        try:
+            if local.stat().st_size == item.bytes:
+                continue
+        except OSError:
+            pass
+        missing += item.bytes
+    return missing
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuses to start a download that cannot fit on the file system."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed * DISK_MARGIN > free:
+        raise errors.UsageError(
+            f"not enough free disk in {existing}: the download needs "
+            f"{format_bytes(needed)} (+5 %), {format_bytes(free)} are free")
+
+
+def inputs_fingerprint(options: IngestOptions, listing: str) -> dict[str, Any]:
+    """Returns what identifies this run's inputs (the state refuses to mix them)."""
+    return {
+        "source": options.source,
+        "stacks": options.stacks,
+        "filter": options.filter_regex,
+        "order_file": str(options.order_file) if options.order_file else None,
+        "listing": listing,
+        "parameters": json.loads(options.parameters.to_json()),
+    }
+
+
+class RunState:
+    """The job's progress through its steps, saved atomically after each one."""
+
+    def __init__(self, path: Path, inputs: dict[str, Any],
+                 steps: dict[str, Any] | None = None):
+        self.path = path
+        self.inputs = inputs
+        self.steps: dict[str, Any] = steps or {}
+
+    @classmethod
+    def load(cls, path: Path) -> "RunState | None":
+        """Returns the saved state, or None when there is none."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise errors.UsageError(
+                f"state file {path} is unreadable ({exc}); rerun with --restart "
+                f"to start over") from None
+        return cls(path, data.get("inputs", {}), data.get("steps", {}))
+
+    def done(self, step: str) -> bool:
+        """True when ``step`` finished in this or an earlier run."""
+        return bool(self.steps.get(step, {}).get("done"))
+
+    def finish(self, step: str, result: dict[str, Any], seconds: float) -> None:
+        """Records ``step`` as finished and saves the state."""
+        self.steps[step] = {"done": True, "seconds": round(seconds, 3),
+                            "finished": now(), "result": result}
+        self.save()
+
+    def forget(self, step: str) -> None:
+        """Marks ``step`` (and so its output) as to be redone."""
+        self.steps.pop(step, None)
+        self.save()
+
+    def save(self) -> None:
+        """Writes the state atomically."""
+        write_json_atomically(self.path, {"version": STATE_VERSION,
+                                          "inputs": self.inputs,
+                                          "steps": self.steps})
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to a temporary name, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def now() -> str:
+    """Returns the current UTC time in ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def differing_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Returns the names of the inputs that changed since the saved run."""
+    return sorted(key for key in set(saved) | set(current)
+                  if saved.get(key) != current.get(key))
+
+
+def clear_directory(directory: Path) -> None:
+    """Deletes everything inside ``directory`` (not the directory itself)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def versions() -> dict[str, str]:
+    """Returns the versions of this package and of its main dependencies."""
+    found = {}
+    for name in ("hbp-image-tasks",) + REPORTED_DEPENDENCIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def banner(number: int, total: int, title: str) -> None:
+    """Logs a step banner that stands out in a batch log."""
+    logger.info("==== step %d/%d: %s ====", number, total, title)
+
+
+def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
+           ) -> dict[str, Any]:
+    """Runs the whole chain; returns the run report (also written as JSON)."""
+    started, started_clock = now(), time.monotonic()
+    should_stop = should_stop or (lambda: False)
+    connection = None
+    if options.settings is not None:
+        connection = SwiftConnection(options.settings, error_type=errors.UploadError)
+
+    # ---- pre-flight: everything that can fail fast, before any long work
+    check_writable(options.download_dir, options.dry_run)
+    check_writable(options.results_dir, options.dry_run)
+    if options.order_file is not None and not options.order_file.is_file():
+        raise errors.UsageError(f"--order-file {options.order_file} does not exist")
+    if connection is not None:
+        storage_url = connection.check_credentials()
+        logger.info("credentials accepted; storage URL %s", storage_url)
+    fetch_settings = options.settings if options.source_private else None
+    objects = None
+    if options.stacks:
+        objects = fetch_input.select_objects(options.source, options.filter_regex,
+                                             settings=fetch_settings)
+        total_bytes = sum(item.bytes for item in objects)
+        logger.info("source: %d objects selected, %s", len(objects),
+                    format_bytes(total_bytes))
+        check_free_space(options.download_dir,
+                         missing_download_bytes(objects, options.download_dir))
+        listing = fetch_input.listing_fingerprint(
+            (item.name, item.bytes, item.hash) for item in objects)
+    else:
+        listing = hashlib.sha256(options.source.encode()).hexdigest()
+    inputs = inputs_fingerprint(options, listing)
+
+    state_path = options.results_dir / STATE_FILE
+    state = RunState.load(state_path)
+    if state is not None and state.inputs != inputs and not options.restart:
+        raise errors.UsageError(
+            f"{options.results_dir} holds a run with other inputs (changed: "
+            f"{', '.join(differing_inputs(state.inputs, inputs))}); to start "
+            f"over with these, rerun with --restart (it deletes the dataset in "
+            f"{options.results_dir})")
+    if options.dry_run:
+        return dry_run_report(options, objects, state if state and
+                              state.inputs == inputs else None)
+    if options.restart:
+        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
+        clear_directory(options.results_dir)
+        state = None
+    if state is None:
+        state = RunState(state_path, inputs)
+        state.save()
+
+    steps = ["fetch", "convert"] + (["upload"] if options.upload else [])
+    step_seconds: dict[str, float] = {}
+
+    def run_step(number: int, step: str, work: Callable[[], Any]) -> Any:
+        banner(number, len(steps), step)
+        if state.done(step):
+            logger.info("%s: already done in an earlier run, skipping", step)
+            return state.steps[step]["result"]
+        clock = time.monotonic()
+        try:
+            result = work()
+        except errors.HbpError:
+            raise
+        except Exception as exc:
+            error_type = {"fetch": errors.FetchError, "convert": errors.ConversionError,
+                          "upload": errors.UploadError}[step]
+            logger.debug("%s failed", step, exc_info=True)
+            raise error_type(f"{step} failed: {type(exc).__name__}: {exc}") from exc
+        step_seconds[step] = time.monotonic() - clock
+        summary = result.to_json() if hasattr(result, "to_json") else result
+        if isinstance(summary, str):
+            summary = json.loads(summary)
+        state.finish(step, summary, step_seconds[step])
+        logger.info("%s: done in %s", step, format_duration(step_seconds[step]))
+        return summary
+
+    fetched = run_step(1, "fetch", lambda: fetch_input.fetch(
+        options.source, options.download_dir, stacks=options.stacks,
+        filter_regex=options.filter_regex, jobs=options.jobs,
+        settings=fetch_settings, show_progress=options.show_progress,
+        should_stop=should_stop, objects=objects))
+    if state.done("convert") and not ingest_ngs.is_complete(options.results_dir):
+        logger.warning("the dataset in %s is incomplete: converting again",
+                       options.results_dir)
+        state.forget("convert")
+        state.forget("upload")
+    converted = run_step(2, "convert", lambda: ingest_ngs.convert(
+        conversion_source(options), options.results_dir, options.parameters,
+        jobs=options.jobs, show_progress=options.show_progress,
+        should_stop=should_stop, **conversion_extras(options)))
+    uploaded = None
+    if options.upload:
+        uploaded = run_step(3, "upload", lambda: upload_results.upload(
+            options.results_dir, options.container, connection,
+            jobs=options.jobs, show_progress=options.show_progress,
+            should_stop=should_stop, **options.upload_options))
+
+    report = {
+        "status": "success",
+        "started": started,
+        "finished": now(),
+        "wall_seconds": round(time.monotonic() - started_clock, 3),
+        "inputs": {"source": options.source, "stacks": options.stacks,
+                   "filter": options.filter_regex, "listing_fingerprint": listing,
+                   "files": fetched.get("files"), "bytes": fetched.get("bytes")},
+        "parameters": json.loads(options.parameters.to_json()),
+        "steps": {step: {"seconds": state.steps[step].get("seconds"),
+                         "resumed_from_earlier_run": step not in step_seconds,
+                         "result": state.steps[step]["result"]}
+                  for step in steps},
+        "outputs": converted,
+        "public_url": uploaded.get("public_url") if uploaded else None,
+        "neuroglancer_link": uploaded.get("neuroglancer_link") if uploaded else None,
+        "retries": sum(int((state.steps[step]["result"] or {}).get("retries") or 0)
+                       for step in steps),
+        "versions": versions(),
+    }
+    write_json_atomically(options.report_path, report)
+    if options.cleanup:
+        for directory in (options.download_dir, options.results_dir):
+            logger.info("--cleanup: deleting %s", directory)
+            shutil.rmtree(directory, ignore_errors=False)
+    return report
+
+
+def conversion_source(options: IngestOptions) -> Path:
+    """Returns what the converter reads: the download dir (stack) or the one file."""
+    if options.stacks:
+        return options.download_dir
+    manifest = json.loads((options.download_dir / fetch_input.MANIFEST_NAME)
+                          .read_text(encoding="utf-8"))
+    return options.download_dir / manifest["objects"][0]["path"]
+
+
+def conversion_extras(options: IngestOptions) -> dict[str, Any]:
+    """Returns the optional converter arguments that were given."""
+    return {"order_file": options.order_file} if options.order_file else {}
+
+
+def dry_run_report(options: IngestOptions, objects, state: RunState | None
+                   ) -> dict[str, Any]:
+    """Returns (and logs) what a real run would do."""
+    plan = {
+        "status": "dry-run",
+        "source": options.source,
+        "objects": len(objects) if objects is not None else 1,
+        "bytes": sum(o.bytes for o in objects) if objects is not None else None,
+        "steps_done_before": sorted(s for s in STEPS if state and state.done(s)),
+        "container": options.container if options.upload else None,
+    }
+    logger.info("dry run: would fetch %s object(s)%s, convert to %s%s",
+                plan["objects"],
+                f" ({format_bytes(plan['bytes'])})" if plan["bytes"] else "",
+                options.results_dir,
+                f", upload to container {options.container!r}" if options.upload else "")
+    return plan
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """Prints the end-of-run summary lines on stdout."""
+    if report.get("status") == "dry-run":
+        print(json.dumps(report, indent=2))
+        return
+    print(f"ingest finished in {format_duration(report['wall_seconds'])}")
+    for step, info in report["steps"].items():
+        seconds = info.get("seconds")
+        note = " (earlier run)" if info.get("resumed_from_earlier_run") else ""
+        print(f"  {step:8s} {format_duration(seconds or 0)}{note}")
+    if report.get("public_url"):
+        print(f"public URL:        {report['public_url']}")
+        print(f"Neuroglancer link: {report['neuroglancer_link']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs `ingest`; returns the exit code."""
-    parse_command_line(argv)
-    print("ingest: not implemented yet", file=sys.stderr)
-    return errors.EXIT_USAGE
+    """Runs ``ingest``; returns the exit code."""
+    args = parse_command_line(argv)
+
+    def work(redactor: cli.RedactingFilter) -> int:
+        if args.print_parameters:
+            print(parse_parameters(args.parameters).resolved().to_json())
+            return errors.EXIT_OK
+        options = options_from_args(args)
+        if options.settings is not None:
+            redactor.add(options.settings.os_password.reveal())
+        stop = StopRequest()
+        with stop_on_signals(stop):
+            try:
+                report = ingest(options, should_stop=stop)
+            except errors.Interrupted as exc:
+                raise errors.Interrupted(
+                    f"{exc}; state saved in {options.results_dir / STATE_FILE}: "
+                    f"submit the same command again to resume",
+                    signal_number=stop.signal_number) from None
+        print_summary(report)
+        return errors.EXIT_OK
+
+    return cli.run_command(work, args)
 
 
 if __name__ == "__main__":
