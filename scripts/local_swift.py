@@ -396,6 +396,10 @@ key_repository = {keystone / 'credential-keys'}
 
 [cache]
 enabled = false
+
+[identity]
+# Cheap password hashes: this Keystone only ever holds throwaway test users.
+password_hash_rounds = 4
 """
 
 
@@ -528,7 +532,8 @@ def keystone_version(python: Path) -> str:
     result = subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('keystone'))"],
         capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    # The suffix changes whenever the seeded database's content changes.
+    return (result.stdout.strip() or "unknown") + "-seed2"
 
 
 def copy_sqlite(source: Path, target: Path) -> None:
@@ -682,7 +687,9 @@ def start(state: Path, args: argparse.Namespace) -> dict:
     for sub in ("etc", "logs", "storage/d1"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
-    ports = pick_ports(load_json(state / "ports.json"))
+    # Fresh ports each time (the catalog is updated): reusing old ones races
+    # with other instances that picked them meanwhile.
+    ports = pick_ports({})
     write_private(state / "ports.json", json.dumps(ports))
 
     secrets = load_json(conf_dir / "hash.json") or {
@@ -873,6 +880,13 @@ def main(argv: list | None = None) -> int:
     if args.command == "_serve":
         return serve(args.extra[0], args.extra[1])
     state = state_dir(args.dir)
+    if args.command in ("start", "stop"):
+        # Concurrent starts and stops of one state dir take turns.
+        import fcntl
+
+        state.mkdir(parents=True, exist_ok=True)
+        lock = open(state / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         if args.command == "start":
             state.mkdir(parents=True, exist_ok=True)

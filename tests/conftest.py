@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_swift.py"
 # A low listing limit makes every listing test span several pages.
 TEST_LISTING_LIMIT = 100
-# A revoked token keeps working at the proxy until its cache entry expires.
-TEST_TOKEN_CACHE_TIME = 3
+# A revoked token keeps working at the proxy until its cache entry expires
+# (wait_until_refused flushes memcached rather than waiting for that).
+TEST_TOKEN_CACHE_TIME = 300
 PUBLIC_READ_ACL = ".r:*,.rlistings"
 
 
@@ -47,6 +48,7 @@ class LocalSwift:
     proxy_log: Path
     listing_limit: int | None
     token_cache_time: int
+    memcached_port: int | None
     pids: dict
     env: dict
 
@@ -96,10 +98,38 @@ class LocalSwift:
             "X-Auth-Token": self.admin_token(), "X-Subject-Token": token})
         assert response.status_code == 204, response.text
 
-    def wait_until_refused(self, token: str, timeout: float = 30.0) -> None:
+    def create_container(self, name: str, objects: Mapping[str, bytes] | None = None,
+                         public: bool = True, cors_origin: str | None = "*") -> str:
+        """Creates container ``name`` (public, with CORS) holding ``objects``; returns its URL.
+
+        For containers shared by several tests (module-scoped fixtures); the
+        caller deletes it with :func:`bulk_delete`.
+        """
+        headers = {}
+        if public:
+            headers["X-Container-Read"] = PUBLIC_READ_ACL
+        if cors_origin:
+            headers["X-Container-Meta-Access-Control-Allow-Origin"] = cors_origin
+        connection = self.connection()
+        try:
+            connection.put_container(name, headers=headers)
+            if objects:
+                put_objects(connection, name, objects)
+        finally:
+            connection.close()
+        return f"{self.storage_url}/{quote(name)}"
+
+    def wait_until_refused(self, token: str, timeout: float = 330.0) -> None:
         """Waits until the proxy refuses ``token`` (after revoking it)."""
         import requests
 
+        if self.memcached_port:
+            # Forget the proxy's validated tokens instead of waiting for them to age.
+            import socket
+
+            with socket.create_connection(("127.0.0.1", self.memcached_port), 10) as sock:
+                sock.sendall(b"flush_all\r\n")
+                assert sock.recv(64).startswith(b"OK")
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = requests.head(self.storage_url, headers={"X-Auth-Token": token},
@@ -233,7 +263,7 @@ class Container:
 
 
 @pytest.fixture
-def make_container(local_swift: LocalSwift, unique_container, swift_client
+def make_container(local_swift: LocalSwift, unique_container
                    ) -> Callable[..., Container]:
     """Returns a factory: ``make_container(objects=None, public=True, cors_origin="*")``.
 
@@ -243,15 +273,8 @@ def make_container(local_swift: LocalSwift, unique_container, swift_client
     def make(objects: Mapping[str, bytes] | None = None, public: bool = True,
              cors_origin: str | None = "*", suffix: str = "") -> Container:
         name = unique_container(suffix)
-        headers = {}
-        if public:
-            headers["X-Container-Read"] = PUBLIC_READ_ACL
-        if cors_origin:
-            headers["X-Container-Meta-Access-Control-Allow-Origin"] = cors_origin
-        swift_client.put_container(name, headers=headers)
-        if objects:
-            put_objects(swift_client, name, objects)
-        return Container(name, f"{local_swift.storage_url}/{quote(name)}")
+        return Container(name, local_swift.create_container(name, objects, public,
+                                                            cors_origin))
 
     return make
 

@@ -69,29 +69,48 @@ def test_put_with_wrong_etag_is_refused_in_one_line(connection, unique_container
     assert "422" in str(caught.value) and "\n" not in str(caught.value)
 
 
+LISTED = {f"data/{i:05d}": str(i).encode() for i in range(250)}
+LISTED["other/skip"] = b"-"
+
+
+@pytest.fixture(scope="module")
+def listed_container(local_swift):
+    """Returns (name, url) of one public container holding LISTED, shared by the module."""
+    import uuid
+
+    from conftest import bulk_delete
+
+    name = f"test-swift-listing-{uuid.uuid4().hex[:8]}"
+    url = local_swift.create_container(name, LISTED)
+    yield name, url
+    connection = local_swift.connection()
+    bulk_delete(connection, name)
+    connection.close()
+
+
 @swift
 @pytest.mark.parametrize("page_size", [None, 30], ids=["server-limit", "page-30"])
-@pytest.mark.parametrize("count", [99, 100, 250])
+@pytest.mark.parametrize("prefix,count", [("data/0000", 10), ("data/001", 100),
+                                          ("data/", 250)])
 @pytest.mark.parametrize("anonymous", [False, True], ids=["keystone", "anonymous"])
 def test_listing_follows_pages_beyond_the_server_limit(
-        count, anonymous, page_size, connection, make_container, proxy_log, local_swift):
-    objects = {f"data/{i:05d}": str(i).encode() for i in range(count)}
-    objects["other/skip"] = b"-"
-    container = make_container(objects)
-    proxy_log.mark()
+        prefix, count, anonymous, page_size, connection, listed_container, proxy_log,
+        local_swift):
+    name, url = listed_container
     # None asks for the server's own maximum (more would get 412).
-    options = {"prefix": "data/", "page_size": page_size}
     if anonymous:
-        listing = list(PublicContainer(container.url).iter_objects(**options))
+        listing = list(PublicContainer(url).iter_objects(prefix, page_size=page_size))
     else:
-        listing = list(connection.iter_objects(container.name, **options))
-    assert [o.name for o in listing] == sorted(n for n in objects if n.startswith("data/"))
-    assert all(o.bytes == len(objects[o.name]) for o in listing)
-    assert all(o.hash == hashlib.md5(objects[o.name]).hexdigest() for o in listing)
+        listing = list(connection.iter_objects(name, prefix, page_size=page_size))
+    expected = sorted(n for n in LISTED if n.startswith(prefix))
+    assert len(expected) == count
+    assert [o.name for o in listing] == expected
+    assert all(o.bytes == len(LISTED[o.name]) for o in listing)
+    assert all(o.hash == hashlib.md5(LISTED[o.name]).hexdigest() for o in listing)
     # A page holds at most what was asked and at most the server's limit; the
     # listing may end with one empty page.
     per_page = min(page_size or local_swift.listing_limit, local_swift.listing_limit)
-    pages = proxy_log.count("GET", f"/v1/AUTH_{local_swift.project_id}/{container.name}")
+    pages = proxy_log.count("GET", f"/v1/AUTH_{local_swift.project_id}/{name}")
     full_or_partial = -(-count // per_page)
     assert full_or_partial <= pages <= full_or_partial + 1
 
