@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import stat
 import sys
@@ -26,16 +25,16 @@ from . import cli, errors
 from .download import (DEFAULT_RETRY, RetryPolicy, download, file_md5,
                        stated_md5, temporary_path)
 from .errors import FetchError, InputError, UsageError
+from .object_names import (MANIFEST_NAME, check_layout, check_object_name,
+                           compile_filter, is_directory_marker, literal_prefix)
 from .progress import Progress, format_bytes
 from .settings import SwiftSettings, add_settings_option, load_settings_from
-from .swift import (ObjectInfo, ObjectStream,
-                    PublicContainer, SwiftConnection, http_session, open_url,
-                    parse_container_url)
+from .swift import (ObjectInfo, ObjectStream, PublicContainer, SwiftConnection,
+                    http_session, open_url, parse_container_url)
+from .verified_files import STATE_NAME, VerifiedFiles
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "fetch_manifest.json"
-STATE_NAME = ".fetch_state.jsonl"
 MANIFEST_VERSION = 1
 # Downloads wait on the network, not the CPU: more streams than cores pay off.
 DEFAULT_JOBS = 16
@@ -127,118 +126,6 @@ def write_manifest(destination: Path, source: str, filter_regex: str | None,
 # Selecting objects
 # --------------------------------------------------------------------------
 
-_REGEX_META = set(".^$*+?{}[]\\|()")
-_OPTIONAL_QUANTIFIERS = set("*?{")
-
-
-def _has_top_level_alternation(pattern: str) -> bool:
-    """Returns True if a ``|`` outside groups and classes splits ``pattern``."""
-    depth, i, in_class = 0, 0, False
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
-                i += 2 if pattern[i + 1] == "]" else 3  # a leading ] is literal
-                continue
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
-            return True
-        i += 1
-    return False
-
-
-def literal_prefix(pattern: str) -> str:
-    """Returns the literal text every full match of ``pattern`` starts with.
-
-    Stops at the first metacharacter; a last literal character that a
-    following ``?``, ``*`` or ``{`` quantifier applies to is left out, and an
-    alternation at the top level gives no prefix at all.
-    """
-    compiled = re.compile(pattern)
-    if _has_top_level_alternation(pattern) or compiled.flags & (re.IGNORECASE | re.VERBOSE):
-        return ""
-    prefix: list[str] = []
-    i = 1 if pattern.startswith("^") else 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            if i + 1 >= len(pattern) or pattern[i + 1].isalnum():
-                break  # \d, \w, \A...: a class or an anchor, not a literal
-            literal, step = pattern[i + 1], 2
-        elif char in _REGEX_META:
-            break
-        else:
-            literal, step = char, 1
-        i += step
-        if i < len(pattern) and pattern[i] in _OPTIONAL_QUANTIFIERS:
-            break
-        prefix.append(literal)
-    return "".join(prefix)
-
-
-def compile_filter(filter_regex: str | None) -> re.Pattern[str] | None:
-    """Returns the compiled ``--filter``, or raises UsageError naming the problem."""
-    if filter_regex is None:
-        return None
-    try:
-        return re.compile(filter_regex)
-    except re.error as exc:
-        raise UsageError(f"--filter {filter_regex!r} is not a valid regular "
-                         f"expression: {exc}") from None
-
-
-def check_object_name(name: str) -> PurePosixPath:
-    """Returns ``name`` as a relative path, or raises InputError if unsafe."""
-    problem = None
-    if not name:
-        problem = "it is empty"
-    elif "\0" in name:
-        problem = "it contains a NUL character"
-    elif name.startswith("/"):
-        problem = "it is an absolute path"
-    else:
-        parts = name.split("/")
-        if any(part in ("..", ".") for part in parts):
-            problem = "it contains a '.' or '..' component"
-        elif any(not part for part in parts):
-            problem = "it contains an empty path component ('//' or a trailing '/')"
-    if problem:
-        raise InputError(f"object name {name!r} cannot be written under the "
-                         f"destination: {problem}")
-    return PurePosixPath(name)
-
-
-def is_directory_marker(info: ObjectInfo) -> bool:
-    """Returns True for a pseudo-directory marker (``dir/`` or application/directory)."""
-    return info.name.endswith("/") or (
-        info.bytes == 0 and info.content_type.startswith("application/directory"))
-
-
-def check_layout(objects: list[ObjectInfo]) -> None:
-    """Refuses selections whose local paths would collide with each other."""
-    names = {info.name for info in objects}
-    for info in objects:
-        parents = info.name.split("/")[:-1]
-        for depth in range(1, len(parents) + 1):
-            parent = "/".join(parents[:depth])
-            if parent in names:
-                raise InputError(
-                    f"objects {parent!r} and {info.name!r} cannot both be "
-                    f"written: {parent!r} would be a file and a directory")
-    if MANIFEST_NAME in names:
-        raise InputError(f"object {MANIFEST_NAME!r} would be overwritten by the "
-                         f"fetch manifest of the same name")
-
-
 def _open_container(source_url: str, settings: SwiftSettings | None, jobs: int,
                     policy: RetryPolicy):
     """Returns (location, lister(prefix, page_size), opener(name, start))."""
@@ -303,76 +190,6 @@ def select_objects(source_url: str, filter_regex: str | None,
 # --------------------------------------------------------------------------
 # Stacks
 # --------------------------------------------------------------------------
-
-class VerifiedFiles:
-    """The sidecar ``.fetch_state.jsonl``: files already verified, so reruns skip hashing.
-
-    A line per verified file records its MD5 with the size, mtime and inode it
-    had then; a file whose stat still matches needs no re-reading. Any change
-    to the file (a rewrite, a truncation, a replacement) changes its stat, so it
-    is hashed again. The file is append-only, so a killed run loses nothing.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._known: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        try:
-            with open(path, encoding="utf-8") as stream:
-                for line in stream:
-                    try:
-                        record = json.loads(line)
-                        self._known[record["name"]] = record
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line cut short by a kill
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("ignoring %s: %s", path, exc)
-        self._stream = open(path, "a", encoding="utf-8")
-
-    @staticmethod
-    def _stat_key(info: os.stat_result) -> dict[str, int]:
-        return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns,
-                "inode": info.st_ino}
-
-    def known_md5(self, name: str, info: os.stat_result) -> str | None:
-        """Returns the recorded MD5 of ``name`` if its file is unchanged since."""
-        record = self._known.get(name)
-        if record and all(record.get(k) == v for k, v in self._stat_key(info).items()):
-            return record.get("md5")
-        return None
-
-    def record(self, name: str, path: Path, md5: str) -> None:
-        """Records that the file at ``path`` holds ``name`` with this MD5."""
-        record = {"name": name, "md5": md5, **self._stat_key(os.stat(path))}
-        line = json.dumps(record) + "\n"
-        with self._lock:
-            self._known[name] = record
-            self._stream.write(line)
-            self._stream.flush()
-
-    def compact(self, names: set[str]) -> None:
-        """Rewrites the sidecar with the records of ``names`` only, and closes it."""
-        with self._lock:
-            self._stream.close()
-            temporary = temporary_path(self.path)
-            with open(temporary, "w", encoding="utf-8") as stream:
-                for name, record in self._known.items():
-                    if name in names:
-                        stream.write(json.dumps(record) + "\n")
-            os.replace(temporary, self.path)
-
-    def close(self) -> None:
-        """Closes the sidecar."""
-        self._stream.close()
-
-    def __enter__(self) -> "VerifiedFiles":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
 
 @dataclasses.dataclass(frozen=True)
 class _Done:

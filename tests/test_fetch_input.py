@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 import responses
 
-from hbp_image_tasks import errors, fetch_input
+from hbp_image_tasks import errors, fetch_input, object_names
 from hbp_image_tasks.download import RetryPolicy
 from hbp_image_tasks.settings import load_settings
 
@@ -65,7 +65,7 @@ def read_manifest(root: Path) -> dict:
     (".*", "", ["anything"]),
 ])
 def test_literal_prefix_is_a_prefix_of_every_full_match(pattern, prefix, matching):
-    assert fetch_input.literal_prefix(pattern) == prefix
+    assert object_names.literal_prefix(pattern) == prefix
     for name in matching:
         assert re.fullmatch(pattern, name)
         assert name.startswith(prefix)
@@ -77,18 +77,18 @@ def test_literal_prefix_is_a_prefix_of_every_full_match(pattern, prefix, matchin
 ])
 def test_unsafe_object_names_are_refused(name):
     with pytest.raises(errors.InputError, match="cannot be written"):
-        fetch_input.check_object_name(name)
+        object_names.check_object_name(name)
 
 
 @pytest.mark.parametrize("name", ["a.png", "a/b/c.tif", "..a/b..c", "a b/c%20d.png"])
 def test_safe_object_names_are_kept_as_relative_paths(name):
-    assert fetch_input.check_object_name(name).as_posix() == name
+    assert object_names.check_object_name(name).as_posix() == name
 
 
 def test_colliding_paths_are_refused():
     from hbp_image_tasks.swift import ObjectInfo
     with pytest.raises(errors.InputError, match="file and a directory"):
-        fetch_input.check_layout([ObjectInfo("a/b", 1, ""), ObjectInfo("a/b/c", 1, "")])
+        object_names.check_layout([ObjectInfo("a/b", 1, ""), ObjectInfo("a/b/c", 1, "")])
 
 
 @pytest.mark.parametrize("url, headers, expected", [
@@ -454,7 +454,7 @@ def test_dry_run_lists_count_and_bytes_and_writes_nothing(make_container, tmp_pa
                              "-q", container.url])
     assert code == 0
     total = sum(map(len, objects.values()))
-    assert f"would fetch 12 file(s)" in capsys.readouterr().out
+    assert "would fetch 12 file(s)" in capsys.readouterr().out
     assert f"({total} bytes)" in fetch_input.fetch(
         container.url, tmp_path / "d", stacks=True, dry_run=True).summary()
     assert not (tmp_path / "d").exists()
