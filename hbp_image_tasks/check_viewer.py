@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import io
 import json
 import logging
@@ -127,7 +128,7 @@ def find_chromium(explicit: str | None = None) -> str:
 def missing_requirements(chromium: str | None = None) -> str | None:
     """Returns why the viewer check cannot run here (one line), or None if it can."""
     try:
-        import playwright.sync_api  # noqa: F401  (only checking that it is there)
+        importlib.import_module("playwright.sync_api")
         find_client_dir()
         find_chromium(chromium)
     except ImportError as exc:
@@ -200,7 +201,10 @@ def viewer_url(page_url: str, state: dict[str, Any]) -> str:
 
 
 def signal_fraction(png: bytes, layer_type: str) -> float:
-    """Returns the share of pixels that show data: bright ones (image) or saturated colours (segmentation)."""
+    """Returns the share of pixels that show data.
+
+    Those are bright pixels for an image, saturated colours for a segmentation.
+    """
     import numpy as np
     from PIL import Image
 
@@ -218,7 +222,7 @@ def signal_fraction(png: bytes, layer_type: str) -> float:
 
 
 class Browser:
-    """Headless Chromium with the Neuroglancer client served locally; reuse it for several checks."""
+    """Headless Chromium with the Neuroglancer client served locally, for one or more checks."""
 
     def __init__(self, chromium: str | None = None):
         reason = missing_requirements(chromium)
@@ -264,7 +268,11 @@ class Browser:
               screenshot: Path | str | None = None, timeout: float = 60.0,
               min_fraction: float = DEFAULT_MIN_FRACTION, layout: str = "4panel",
               origin: str | None = None) -> RenderReport:
-        """Opens ``url`` in the viewer; returns what happened (raises only if ``info`` is unusable)."""
+        """Opens ``url`` in the viewer; returns what happened.
+
+        Raises ViewerCheckError only when ``info`` is unusable; a bad render is
+        a report with ``problems``.
+        """
         assert self._browser is not None and self._client is not None, "use 'with Browser()'"
         started = time.monotonic()
         info = read_info(url, timeout=min(timeout, 30.0))

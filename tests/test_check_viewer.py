@@ -25,7 +25,8 @@ from PIL import Image
 from hbp_image_tasks import check_viewer as cv
 from hbp_image_tasks import errors
 from hbp_image_tasks.viewer_server import CHUNK_NAME as CHUNK_PATH
-from hbp_image_tasks.viewer_server import CLIENT_TOKEN, ClientServer, DatasetProxy
+from hbp_image_tasks.viewer_server import (CLIENT_TOKEN, ClientServer, DatasetProxy,
+                                           ProxiedRequest)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
 ANATOMICAL = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
@@ -539,3 +540,41 @@ def test_client_server_serves_the_neuroglancer_client_under_its_token():
     assert wasm.headers["Content-Type"] == "application/wasm"
     assert escape.status_code in (204, 404)
     assert state.status_code == 204
+
+
+def request(path: str = "1mm/0-64_0-64_0-64", status: int = 200, **fields) -> ProxiedRequest:
+    values = dict(method="GET", path=path, status=status, content_encoding="gzip",
+                  nbytes=100, allow_origin="*", gzip_body_without_header=False)
+    values.update(fields)
+    return ProxiedRequest(**values)
+
+
+def report_of(requests_: list, ready: bool = True, fraction: float = 0.3,
+              console: tuple = (), page: tuple = ()) -> cv.RenderReport:
+    report = cv.RenderReport(url="http://h/d", layer_type="image", problems=[], ready=ready,
+                             requests=[request("info", content_encoding="")] + requests_,
+                             console_errors=list(console), page_errors=list(page),
+                             signal_fraction=fraction, screenshot=None, seconds=1.0)
+    report.problems = cv.judge(report, timeout=60, min_fraction=0.02)
+    return report
+
+
+@pytest.mark.parametrize("report, expected", [
+    (report_of([request(), request("1mm/0-64_0-64_64-128", 206)]), None),
+    (report_of([request(), request("1mm/0-64_0-64_64-128", 404)]), "1 of 3 requests failed"),
+    (report_of([request(allow_origin="", cors_allowed=False)]), "Access-Control-Allow-Origin"),
+    (report_of([request(content_encoding="", gzip_body_without_header=True)]),
+     "1 response with gzip data but no 'Content-Encoding: gzip'"),
+    (report_of([request()], console=["Error retrieving chunk 0,0,0: Error: bad"]),
+     "1 chunk failed to load"),
+    (report_of([request()], page=["TypeError: x"]), "uncaught error in the page"),
+    (report_of([], ready=False), "requested no chunk within 60 s"),
+    (report_of([request()], ready=False), "not ready after 60 s"),
+    (report_of([request()], fraction=0.001), "looks empty: 0.10% bright pixels"),
+])
+def test_judge_names_the_first_reason_of_a_bad_render(report, expected):
+    if expected is None:
+        assert report.ok and "2 chunk requests, all served" in report.summary()
+    else:
+        assert not report.ok and expected in report.problems[0]
+        assert expected in report.summary() and "\n" not in report.summary()
