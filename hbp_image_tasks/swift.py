@@ -7,6 +7,7 @@ access to public containers uses a pooled requests session with retries.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -23,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 DEFAULT_TIMEOUT = (15.0, 300.0)  # (connect, read) seconds
-LISTING_PAGE_SIZE = 10000  # Swift's default container_listing_limit; it may cap lower
+# None asks for the server's own maximum (container_listing_limit): asking for
+# more than that is refused with 412 Precondition Failed.
+LISTING_PAGE_SIZE = None
 PUBLIC_READ_ACL = ".r:*,.rlistings"
 
 
@@ -183,7 +186,7 @@ class PublicContainer:
         self.timeout = timeout
         self.error_type = error_type
 
-    def iter_objects(self, prefix: str = "", page_size: int = LISTING_PAGE_SIZE
+    def iter_objects(self, prefix: str = "", page_size: int | None = LISTING_PAGE_SIZE
                      ) -> Iterator[ObjectInfo]:
         """Yields every object whose name starts with ``prefix``, page by page."""
         def get_page(marker: str) -> list[Mapping[str, Any]]:
@@ -369,7 +372,7 @@ class SwiftConnection:
         return ContainerUrl(self.storage_url.rstrip("/"), container, prefix)
 
     def iter_objects(self, container: str, prefix: str = "",
-                     page_size: int = LISTING_PAGE_SIZE) -> Iterator[ObjectInfo]:
+                     page_size: int | None = LISTING_PAGE_SIZE) -> Iterator[ObjectInfo]:
         """Yields every object of ``container`` under ``prefix``, page by page."""
         def get_page(marker: str) -> list[Mapping[str, Any]]:
             _, page = self.call(f"listing container {container!r}", "get_container",
@@ -380,15 +383,13 @@ class SwiftConnection:
 
     def head_container(self, container: str) -> dict[str, str] | None:
         """Returns the container's headers, or None if it does not exist."""
-        from swiftclient.exceptions import ClientException
-
         try:
-            return self.connection().head_container(container)
-        except ClientException as exc:
-            if exc.http_status == 404:
-                return None
             return self.call(f"HEAD container {container!r}", "head_container",
                              container)
+        except RemoteError as exc:
+            if getattr(exc, "http_status", None) == 404:
+                return None
+            raise
 
     def ensure_container(self, container: str,
                          headers: Mapping[str, str] | None = None) -> bool:
@@ -409,6 +410,11 @@ class SwiftConnection:
                    headers: Mapping[str, str] | None = None,
                    query_string: str | None = None) -> str:
         """PUTs one object (Swift checks ``etag``); returns the ETag it stored."""
+        if isinstance(contents, (bytes, bytearray)):
+            # swiftclient can rewind a file for a retry, but not a bytes body.
+            if content_length is None:
+                content_length = len(contents)
+            contents = io.BytesIO(contents)
         return self.call(f"PUT {container}/{name}", "put_object", container, name,
                          contents, content_length=content_length, etag=etag,
                          content_type=content_type, headers=dict(headers or {}),

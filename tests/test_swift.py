@@ -210,8 +210,6 @@ def test_bad_password_is_one_line_error(settings):
 
 
 @swift
-@pytest.mark.xfail(strict=True, reason="SwiftConnection.head_container lets keystoneauth1's "
-                                       "Unauthorized through instead of error_type")
 def test_ensure_container_with_bad_password_is_one_line_error(settings, unique_container):
     wrong = dataclasses.replace(settings, os_password=Secret("not-the-password"))
     with pytest.raises(errors.UploadError):
