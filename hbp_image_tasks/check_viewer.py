@@ -434,6 +434,9 @@ def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[
     Raises ViewerCheckError (with the reasons) when the viewer cannot show it,
     BrowserMissing when Chromium, Playwright or the Neuroglancer client is missing.
     """
+    # Operators often paste the source as the viewer shows it.
+    if url.startswith("precomputed://"):
+        url = url[len("precomputed://"):]
     if not url.startswith(("http://", "https://")):
         raise errors.UsageError(f"{url!r} is not an http(s) URL of a precomputed dataset")
     with Browser(chromium) as browser:
@@ -495,7 +498,8 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
         epilog=EXAMPLES + "\n" + EXIT_CODES_HELP + f"\nneeds: {INSTALL_HINT}",
         formatter_class=cli.HelpFormatter)
     parser.add_argument("url", help="public http(s) URL of the dataset: the directory "
-                                    "holding its 'info' file, e.g. a Swift container URL")
+                                    "holding its 'info' file, e.g. a Swift container URL "
+                                    "(a leading precomputed:// is accepted)")
     parser.add_argument("--type", dest="layer_type", choices=("image", "segmentation"),
                         default=None, help="layer type; None: the 'type' in 'info'")
     parser.add_argument("--segments", type=_segment_id, nargs="+", default=[], metavar="ID",

@@ -263,7 +263,7 @@ def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys, res
     require_browser()
     screenshot = tmp_path / "shot.png"
 
-    good = in_own_thread(cv.main, [f"{dataset_server}/good/segmentation",
+    good = in_own_thread(cv.main, [f"precomputed://{dataset_server}/good/segmentation",
                                    "--segments", "1", "2", "3",
                                    "--screenshot", str(screenshot), "-q"])
     output = capsys.readouterr()
