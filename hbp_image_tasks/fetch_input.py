@@ -480,8 +480,16 @@ def fetch(source: str, destination: Path, *, stacks: bool = False,
 
 def add_fetch_options(parser: argparse.ArgumentParser,
                       destination_flag: str = "--destination",
-                      exclude: Iterable[str] = ()) -> argparse._ArgumentGroup:
-    """Adds the fetch option group (``exclude`` names dests to leave out)."""
+                      exclude: Iterable[str] = (),
+                      destination_default: str | None = None
+                      ) -> argparse._ArgumentGroup:
+    """Adds the fetch option group; returns it.
+
+    The destination is stored as ``args.destination`` whatever its flag, and
+    is required unless ``destination_default`` is given; ``exclude`` names
+    options (by dest: jobs, settings, force, dry_run, output) that the caller
+    defines itself.
+    """
     skip = set(exclude)
     group = parser.add_argument_group("fetching the input")
     group.add_argument(
@@ -495,7 +503,8 @@ def add_fetch_options(parser: argparse.ArgumentParser,
              "WHOLE object name (re.fullmatch), e.g. "
              r"'data/raw/original/pm31\d{2}o.png'. Default: every object")
     group.add_argument(
-        destination_flag, dest="destination", metavar="DIR", required=True,
+        destination_flag, dest="destination", metavar="DIR",
+        required=destination_default is None, default=destination_default,
         help="directory to write to; objects keep their names as relative paths")
     if "jobs" not in skip:
         group.add_argument(

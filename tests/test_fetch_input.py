@@ -117,6 +117,18 @@ def test_help_documents_filter_example_and_exit_codes(capsys):
         assert re.search(rf"^  {code} ", text, re.MULTILINE)
 
 
+def test_fetch_options_can_be_shared_with_another_destination_flag():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=2)  # the caller's own --jobs
+    fetch_input.add_fetch_options(parser, "--download-dir", exclude=["jobs"],
+                                  destination_default="work/source")
+    args = parser.parse_args(["--stacks", "--filter", "a.*", "--dry-run"])
+    assert (args.destination, args.filter, args.stacks, args.dry_run, args.jobs) == (
+        "work/source", "a.*", True, True, 2)
+    assert parser.parse_args(["--download-dir", "d"]).destination == "d"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--filter", "a.*", "http://127.0.0.1:9/f"], "--filter needs --stacks"),
     (["--stacks", "--output", "x", "http://127.0.0.1:9/v1/AUTH_a/c"], "--output"),
