@@ -3,8 +3,6 @@ with independent numpy downsampling and with the plain neuroglancer-scripts tool
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
