@@ -76,11 +76,8 @@ def configure_logging(level: int, stream=None) -> RedactingFilter:
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     redactor = RedactingFilter()
     handler.addFilter(redactor)
+    redactor.handler = handler  # type: ignore[attr-defined]
     root = logging.getLogger()
-    for old in list(root.handlers):
-        if getattr(old, "_hbp_handler", False):
-            root.removeHandler(old)
-    handler._hbp_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(python_level)
     # Third-party libraries are noisy at DEBUG; show them only from -vv on.
@@ -139,6 +136,8 @@ def run_command(work: Callable[[RedactingFilter], int | None],
     """Runs ``work`` with logging set up; maps failures to one line and an exit code."""
     level = verbosity(args)
     redactor = configure_logging(level, stream)
+    root = logging.getLogger()
+    previous_level = root.level
     try:
         result = work(redactor)
         return errors.EXIT_OK if result is None else int(result)
@@ -157,3 +156,7 @@ def run_command(work: Callable[[RedactingFilter], int | None],
             logger.error("unexpected error: %s: %s (run with -v for the traceback)",
                          type(exc).__name__, redactor.redact(str(exc)))
         return errors.EXIT_INTERNAL
+    finally:
+        # In-process callers (ingest, tests) get the logging they had before.
+        root.removeHandler(redactor.handler)  # type: ignore[attr-defined]
+        root.setLevel(previous_level)
