@@ -269,6 +269,8 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
         slab_count = -(-depth_total // slab_depth)
         next_slab = 0
         resumed = False
+        if state is not None:
+            _remove_stale_temporaries(destination, info)
         if state is not None and state.get("slabs_done"):
             next_slab = _restore(destination, state, builder)
             resumed = True
@@ -322,6 +324,15 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
     logger.info("converted %s: %d chunks, %s in %s", destination, result.chunks,
                 format_bytes(result.bytes_written), format_duration(result.wall_seconds))
     return result
+
+
+def _remove_stale_temporaries(destination: Path, info: dict) -> None:
+    """Deletes the hidden temporary chunk files a killed run may have left."""
+    for scale in info["scales"]:
+        with os.scandir(destination / scale["key"]) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    os.unlink(entry.path)
 
 
 def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -> None:

@@ -351,6 +351,9 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_run(tmp_pat
         convert(tmp_path / "in", tmp_path / "resumed", params, jobs=2,
                 show_progress=False, should_stop=stop_after_two_slabs)
     assert not is_complete(tmp_path / "resumed")
+    key = json.loads((tmp_path / "resumed" / "info").read_text())["scales"][0]["key"]
+    stale = tmp_path / "resumed" / key / ".0-16_0-16_0-16.123.456.tmp"
+    stale.write_bytes(b"half a chunk from a killed run")
     state = json.loads((tmp_path / "resumed" / ingest_ngs.STATE_NAME).read_text())
     assert state["slabs_done"] == 2
     result = convert(tmp_path / "in", tmp_path / "resumed", params, jobs=2,
@@ -359,6 +362,7 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_run(tmp_pat
     assert is_complete(tmp_path / "resumed")
     assert chunk_files(tmp_path / "resumed") == chunk_files(tmp_path / "whole")
     assert not (tmp_path / "resumed" / ingest_ngs.CHECKPOINT_NAME).exists()
+    assert not stale.exists()
 
 
 def test_rerun_of_a_complete_conversion_does_nothing_and_changed_parameters_restart(
