@@ -33,7 +33,7 @@ from .progress import Progress, format_bytes, format_duration
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".hbp-conversion-state.json"
-CHECKPOINT_NAME = ".hbp-conversion-checkpoint.npz"
+CHECKPOINT_PREFIX = ".hbp-conversion-checkpoint-"  # + slabs done + ".npz"
 COMPLETE_NAME = ".hbp-conversion-complete.json"
 CHECKPOINT_INTERVAL = 30.0  # seconds of work a hard kill may cost at most
 
@@ -159,9 +159,10 @@ def _remove_previous_output(destination: Path) -> None:
         target = destination / key
         if key and ".." not in key and target.is_dir():
             shutil.rmtree(target)
-    for name in (COMPLETE_NAME, STATE_NAME, CHECKPOINT_NAME, "info"):
+    for path in ([destination / name for name in (COMPLETE_NAME, STATE_NAME, "info")]
+                 + _checkpoint_files(destination)):
         try:
-            (destination / name).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
 
@@ -316,9 +317,9 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
         destination=str(destination), resumed=resumed)
     _write_json(destination / COMPLETE_NAME,
                 {"fingerprint": fingerprint, "result": result.to_dict()})
-    for name in (STATE_NAME, CHECKPOINT_NAME):
+    for path in [destination / STATE_NAME] + _checkpoint_files(destination):
         try:
-            (destination / name).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
     logger.info("converted %s: %d chunks, %s in %s", destination, result.chunks,
@@ -335,31 +336,45 @@ def _remove_stale_temporaries(destination: Path, info: dict) -> None:
                     os.unlink(entry.path)
 
 
+def _checkpoint_files(destination: Path) -> list:
+    return sorted(destination.glob(CHECKPOINT_PREFIX + "*.npz"))
+
+
 def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -> None:
-    """Saves the lower scales' pending planes, then the state that points to them."""
+    """Saves the lower scales' pending planes, then the state that points to them.
+
+    Each checkpoint has its own file, so a kill between the two writes leaves
+    the previous state with its own planes.
+    """
     positions, pending = builder.state()
+    name = f"{CHECKPOINT_PREFIX}{slabs_done}.npz"
     if pending:
-        temporary = destination / (CHECKPOINT_NAME + ".tmp")
+        temporary = destination / (name + ".tmp")
         with open(temporary, "wb") as stream:
             np.savez(stream, **pending)
-        os.replace(temporary, destination / CHECKPOINT_NAME)
+        os.replace(temporary, destination / name)
     _write_json(destination / STATE_NAME, {
         "fingerprint": fingerprint, "slabs_done": slabs_done, "levels": positions,
         "chunks": builder.chunks_written, "bytes": builder.bytes_written,
-        "pending": sorted(pending), "saved": time.time(),
+        "pending": sorted(pending), "checkpoint": name if pending else None,
+        "saved": time.time(),
     })
+    for old in _checkpoint_files(destination):
+        if old.name != name:
+            old.unlink()
 
 
 def _restore(destination: Path, state: dict, builder) -> int:
     """Loads a checkpoint into ``builder``; returns the first slab still to do."""
     pending = {}
     if state.get("pending"):
+        path = destination / str(state.get("checkpoint"))
         try:
-            with np.load(destination / CHECKPOINT_NAME) as archive:
+            with np.load(path) as archive:
                 pending = {name: archive[name] for name in state["pending"]}
         except (OSError, ValueError, KeyError) as exc:
             raise errors.ConversionError(
-                f"{destination / CHECKPOINT_NAME}: unreadable checkpoint ({exc}); "
+                f"{path}: unreadable checkpoint ({exc}); "
                 f"delete {destination} and convert again") from None
     builder.restore(state["levels"], pending)
     builder.chunks_written = int(state.get("chunks", 0))

@@ -356,12 +356,13 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_run(tmp_pat
     stale.write_bytes(b"half a chunk from a killed run")
     state = json.loads((tmp_path / "resumed" / ingest_ngs.STATE_NAME).read_text())
     assert state["slabs_done"] == 2
+    assert state["pending"] and (tmp_path / "resumed" / state["checkpoint"]).is_file()
     result = convert(tmp_path / "in", tmp_path / "resumed", params, jobs=2,
                      show_progress=False)
     assert result.resumed
     assert is_complete(tmp_path / "resumed")
     assert chunk_files(tmp_path / "resumed") == chunk_files(tmp_path / "whole")
-    assert not (tmp_path / "resumed" / ingest_ngs.CHECKPOINT_NAME).exists()
+    assert not list((tmp_path / "resumed").glob(ingest_ngs.CHECKPOINT_PREFIX + "*"))
     assert not stale.exists()
 
 
