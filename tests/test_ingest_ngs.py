@@ -414,3 +414,14 @@ def test_gzip_compressor_writes_standard_gzip_within_5_percent_of_level_9(kind):
     assert packed == GzipCompressor(5)(data)  # deterministic: resumed runs match
     level9 = len(zlib.compress(data, 9)) + 18  # gzip header and trailer
     assert len(packed) <= 1.05 * level9 + 16
+
+
+@pytest.mark.parametrize("voxel_size", [(1, 1, 4), (4, 4, 1), (1, 2, 8)])
+def test_anisotropic_pyramids_downscale_only_the_fine_axes_like_numpy(tmp_path, voxel_size):
+    volume = smooth_volume((70, 45, 55), "uint8", seed=9)
+    write_stack(tmp_path / "in", volume)
+    convert(tmp_path / "in", tmp_path / "out",
+            ConversionParameters(chunk_size=16, voxel_size=voxel_size), jobs=2,
+            show_progress=False)
+    info = assert_pyramid(tmp_path / "out", volume[np.newaxis], "average")
+    assert any(factors_between(info, i).count(1) for i in range(1, len(info["scales"])))
