@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 from urllib.parse import quote
 
 from . import cli, errors
-from .errors import InputError, Interrupted, UploadError, UsageError
+from .errors import InputError, Interrupted, RemoteError, UploadError, UsageError
 from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
 from .progress import Progress, format_bytes, format_duration
 from .settings import add_settings_option, load_settings_from
@@ -177,11 +177,18 @@ def run_bounded(items: Iterable[T], work: Callable[[T], Any],
                     exhausted = True
                     break
                 pending[pool.submit(work, item)] = item
+            if stopped or failures:
+                # Queued items that have not started are dropped, not run.
+                for future in list(pending):
+                    if future.cancel():
+                        del pending[future]
             if not pending:
                 break
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in finished:
                 item = pending.pop(future)
+                if future.cancelled():
+                    continue
                 error = future.exception()
                 if error is not None:
                     failures.append(error)
@@ -244,7 +251,7 @@ class _Uploader:
             try:
                 etag = self.connection.put_object(container, name, contents,
                                                   etag=md5, **options)
-            except UploadError as exc:
+            except RemoteError as exc:
                 retries += self._retries_of_last_call()
                 status = getattr(exc, "http_status", None)
                 if status in (401, 422) and attempt < PUT_ATTEMPTS:
