@@ -6,11 +6,14 @@ through :func:`run_command`, so options and exit codes never drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import errors
 
@@ -117,6 +120,54 @@ def add_jobs_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         "-j", "--jobs", type=positive_int, default=None, metavar="N",
         help=f"number of {what} (default: the CPUs this process may use, "
              "from SLURM_CPUS_PER_TASK or the CPU affinity mask)")
+
+
+class StopRequest:
+    """Callable flag set by SIGTERM/SIGINT; the steps poll it between work items."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_number: int | None = None
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, signal_number: int) -> None:
+        """Records the signal and asks the work to stop."""
+        self.signal_number = signal_number
+        self._event.set()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Turns SIGTERM and SIGINT into a stop request for the block.
+
+    The work in flight finishes and its state is saved; a second SIGINT stops
+    at once. An ``Interrupted`` raised in the block gets the signal's exit code.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(number: int, frame) -> None:
+        if stop() and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not stop():
+            logger.warning("received %s: finishing the work in flight, then saving "
+                           "the state (Ctrl-C again to stop at once)",
+                           signal.Signals(number).name)
+        stop.set(number)
+
+    previous = {number: signal.signal(number, handle)
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    except errors.Interrupted as exc:
+        raise errors.Interrupted(str(exc), stop.signal_number) from None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -10,15 +10,13 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import stat
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
 from . import cli, errors
@@ -544,30 +542,6 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextmanager
-def stop_on_signals() -> Iterator[Callable[[], int | None]]:
-    """Turns SIGTERM/SIGINT into a flag; yields a function giving the signal seen."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-
-    def handler(number, frame):  # noqa: ARG001
-        if received:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        received.append(number)
-        logger.warning("signal %d: finishing the files in progress, then stopping",
-                       number)
-
-    previous = {sig: signal.signal(sig, handler)
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield lambda: received[0] if received else None
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs `fetch_input`; returns the exit code."""
     args = parse_command_line(argv)
@@ -576,16 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings_from(args.settings, required=False)
         if settings is not None:
             redactor.add(settings.os_password.reveal())
-        with stop_on_signals() as received:
-            try:
-                result = fetch(
-                    args.url, Path(args.destination), stacks=args.stacks,
-                    filter_regex=args.filter, jobs=args.jobs, settings=settings,
-                    force=args.force, dry_run=args.dry_run, output=args.output,
-                    show_progress=cli.verbosity(args) >= 0,
-                    should_stop=lambda: received() is not None)
-            except errors.Interrupted as exc:
-                raise errors.Interrupted(str(exc), received()) from None
+        with cli.stop_on_signals() as stop:
+            result = fetch(
+                args.url, Path(args.destination), stacks=args.stacks,
+                filter_regex=args.filter, jobs=args.jobs, settings=settings,
+                force=args.force, dry_run=args.dry_run, output=args.output,
+                show_progress=cli.verbosity(args) >= 0, should_stop=stop)
         print(result.summary())
         return errors.EXIT_OK
 

@@ -14,15 +14,13 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import cli, errors, fetch_input, ingest_ngs, upload_results
 from .parameters import SCHEMA_HELP, ConversionParameters, parse_parameters
@@ -84,47 +82,6 @@ class IngestOptions:
     dry_run: bool = False
     report_path: Path | None = None
     show_progress: bool = True
-
-
-class StopRequest:
-    """Callable flag set by SIGTERM/SIGINT; steps poll it between work items."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal_number: int | None = None
-
-    def __call__(self) -> bool:
-        return self._event.is_set()
-
-    def set(self, signal_number: int) -> None:
-        """Records the signal and asks every step to stop."""
-        self.signal_number = signal_number
-        self._event.set()
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """Turns SIGTERM and SIGINT into a stop request for the duration of the block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signal_number, frame):
-        if stop():
-            logger.warning("second %s: still finishing in-flight work",
-                           signal.Signals(signal_number).name)
-            return
-        logger.warning("received %s: stopping after the work in flight; "
-                       "state will be saved", signal.Signals(signal_number).name)
-        stop.set(signal_number)
-
-    previous = {number: signal.signal(number, handle)
-                for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -567,15 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         if options.settings is not None:
             redactor.add(options.settings.os_password.reveal())
-        stop = StopRequest()
-        with stop_on_signals(stop):
+        with cli.stop_on_signals() as stop:
             try:
                 report = ingest(options, should_stop=stop)
             except errors.Interrupted as exc:
                 raise errors.Interrupted(
                     f"{exc}; state saved in {options.results_dir / STATE_FILE}: "
-                    f"submit the same command again to resume",
-                    signal_number=stop.signal_number) from None
+                    f"submit the same command again to resume") from None
         print_summary(report)
         return errors.EXIT_OK
 

@@ -88,3 +88,28 @@ def test_human_formats():
     assert format_bytes(3 * 1024 ** 3) == "3.0 GiB"
     assert format_duration(3723) == "1h02m03s"
     assert format_duration(65) == "1m05s"
+
+
+def test_sigterm_becomes_a_stop_request_and_interrupted_gets_its_exit_code():
+    import os
+    import signal
+
+    with pytest.raises(errors.Interrupted) as caught:
+        with cli.stop_on_signals() as stop:
+            assert not stop()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop() and stop.signal_number == signal.SIGTERM
+            raise errors.Interrupted("stopped after slab 3")
+    assert caught.value.exit_code == errors.EXIT_INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_second_sigint_stops_at_once():
+    import os
+    import signal
+
+    with pytest.raises(KeyboardInterrupt):
+        with cli.stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal_number == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
