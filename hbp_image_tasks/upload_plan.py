@@ -40,6 +40,7 @@ class LocalObject(NamedTuple):
     size: int
     content_type: str
     content_encoding: str  # "gzip" or ""
+    mtime_ns: int = 0
 
     @property
     def is_metadata(self) -> bool:
@@ -156,9 +157,9 @@ def scan(results_dir: Path) -> tuple[list[LocalObject], list[str]]:
                     logger.warning("%s: not a regular file, left out", entry.path)
                     continue
                 name, encoding = object_name_for(parts)
-                local = LocalObject(entry.path, name,
-                                    entry.stat(follow_symlinks=False).st_size,
-                                    content_type_for(name), encoding)
+                info = entry.stat(follow_symlinks=False)
+                local = LocalObject(entry.path, name, info.st_size,
+                                    content_type_for(name), encoding, info.st_mtime_ns)
                 other = objects.get(name)
                 if other is not None:
                     raise InputError(f"{other.path} and {entry.path} would both be "
@@ -296,3 +297,18 @@ def write_json_atomically(path: Path, data: Any) -> None:
         except OSError:
             pass
         raise
+
+
+def read_manifest_digests(path: Path) -> dict[str, tuple[int, int, str]]:
+    """Returns object name -> (bytes, mtime_ns, md5) from an earlier verified manifest.
+
+    An unreadable or foreign manifest gives an empty map: it is only a cache.
+    """
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return {entry["name"]: (int(entry["bytes"]), int(entry["mtime_ns"]),
+                                str(entry["md5"]))
+                for entry in manifest["objects"]
+                if "mtime_ns" in entry and "slo_etag" not in entry}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

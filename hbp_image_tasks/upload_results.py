@@ -35,7 +35,8 @@ from .settings import add_settings_option, load_settings_from
 from .swift import PUBLIC_READ_ACL, ObjectInfo, SwiftConnection, http_session
 from .upload_plan import (MANIFEST_FILE, Digest, LocalObject, SegmentReader,
                           check_conversion_complete, check_object_names,
-                          file_digest, normalize_prefix, read_exactly, scan,
+                          file_digest, normalize_prefix, read_exactly,
+                          read_manifest_digests, scan,
                           validate_container_name, write_json_atomically)
 
 __all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
@@ -488,14 +489,23 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     candidates = [local for local in objects
                   if skip_identical and full_name(local.name) in remote
                   and remote[full_name(local.name)].bytes == local.size]
-    if candidates:
-        with Progress("comparing", total=len(candidates),
-                      total_bytes=sum(c.size for c in candidates), unit="files",
+    # A file unchanged (size, mtime) since the last verified upload keeps its
+    # MD5: an unchanged rerun then reads no file at all.
+    known = read_manifest_digests(results_dir / MANIFEST_FILE) if candidates else {}
+    for local in candidates:
+        cached = known.get(full_name(local.name))
+        if (cached and local.size <= segment_size
+                and cached[:2] == (local.size, local.mtime_ns)):
+            digests[local.name] = Digest(cached[2])
+    to_hash = [local for local in candidates if local.name not in digests]
+    if to_hash:
+        with Progress("comparing", total=len(to_hash),
+                      total_bytes=sum(local.size for local in to_hash), unit="files",
                       enabled=show_progress) as progress:
             def record_digest(local: LocalObject, digest: Digest) -> None:
                 digests[local.name] = digest
                 progress.update(1, local.size)
-            run_bounded(candidates,
+            run_bounded(to_hash,
                         lambda local: file_digest(local.path, local.size, segment_size),
                         record_digest, jobs, should_stop, "comparing local files")
     skipped = [local for local in candidates
@@ -564,7 +574,7 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
         "public_url": public_url,
         "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "objects": [dict({"name": full_name(local.name), "bytes": local.size,
-                          "md5": digests[local.name].md5},
+                          "md5": digests[local.name].md5, "mtime_ns": local.mtime_ns},
                          **({"slo_etag": digests[local.name].slo_etag}
                             if digests[local.name].segments else {}))
                     for local in objects],

@@ -858,3 +858,21 @@ def test_bad_container_option_is_a_usage_error(dataset, name, capsys):
     with pytest.raises(SystemExit) as caught:
         main([str(dataset), "--container", name])
     assert caught.value.code == errors.EXIT_USAGE
+
+
+def test_unchanged_rerun_reads_no_file_but_a_changed_one_is_hashed(fake_swift, dataset,
+                                                                  monkeypatch):
+    upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    hashed = []
+    real_digest = upload_results.file_digest
+
+    def counting_digest(path, size, segment_size):
+        hashed.append(Path(path).name)
+        return real_digest(path, size, segment_size)
+    monkeypatch.setattr(upload_results, "file_digest", counting_digest)
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    assert (result.uploaded, hashed) == (0, [])  # MD5s from the verified manifest
+    chunk = sorted(dataset.glob("1mm/*.gz"))[0]
+    chunk.write_bytes(bytes(reversed(chunk.read_bytes())))  # same size, new content
+    result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    assert hashed == [chunk.name] and result.uploaded == 1

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Benchmark: `upload_results` against `swift upload` on the same dataset and local Swift.
+
+Converts a 2048x2048x64 volume with neuroglancer-scripts (64^3 chunks, gzip,
+about 1400 files), then times, each as a separate command as a user runs it:
+a first upload and an unchanged rerun (``swift upload --skip-identical``),
+and an unchanged rerun of 20 000 small objects. Ratios are from the same run.
+
+examples:
+  benchmarks/bench_upload.py
+  benchmarks/bench_upload.py --objects 5000 --work-dir /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> float:
+    """Runs a command to completion; returns its wall-clock seconds."""
+    started = time.monotonic()
+    result = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed ({result.returncode}):\n"
+                         f"{result.stderr[-2000:]}")
+    return elapsed
+
+
+def make_volume_dataset(directory: Path) -> Path:
+    """Converts a smooth 2048x2048x64 uint8 volume to flat gzipped precomputed."""
+    import nibabel
+    import numpy as np
+
+    directory.mkdir(parents=True)
+    x, y, z = np.meshgrid(np.arange(2048), np.arange(2048), np.arange(64), indexing="ij",
+                          sparse=True)
+    rng = np.random.default_rng(0)
+    volume = (128 + 60 * np.sin(x / 97.0) * np.cos(y / 61.0) + z
+              + rng.normal(0, 6, (2048, 2048, 64))).clip(0, 255).astype(np.uint8)
+    nifti = directory.parent / "volume.nii"
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(nifti))
+    out = str(directory)
+    for argv in (["volume-to-precomputed", str(nifti), out, "--generate-info"],
+                 ["generate-scales-info", f"{out}/info_fullres.json", out],
+                 ["volume-to-precomputed", str(nifti), out, "--flat"],
+                 ["compute-scales", out, "--flat"]):
+        run([str(BIN / argv[0])] + argv[1:])
+    nifti.unlink()
+    return directory
+
+
+def make_small_objects(directory: Path, count: int) -> Path:
+    """Writes ``count`` tiny raw chunk files (names identical for both tools) and an info."""
+    directory.mkdir(parents=True)
+    (directory / "info").write_text(json.dumps({
+        "type": "image", "data_type": "uint8", "num_channels": 1, "scales": [
+            {"key": "s", "size": [count, 1, 1], "resolution": [1, 1, 1],
+             "voxel_offset": [0, 0, 0], "chunk_sizes": [[1, 1, 1]], "encoding": "raw"}]}))
+    (directory / "s").mkdir()
+    for i in range(count):
+        (directory / "s" / f"{i}-{i + 1}_0-1_0-1").write_bytes(bytes([i % 256]))
+    return directory
+
+
+def swift_env(local: dict) -> dict:
+    """Returns the environment for the `swift` CLI: a token and storage URL.
+
+    The CLI's own Keystone v3 login needs python-keystoneclient; a token got
+    beforehand spares `swift upload` its authentication, so the ratios are
+    conservative.
+    """
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(auth_url=local["auth_url"], username=local["username"],
+                       password=local["password"], project_id=local["project_id"],
+                       user_domain_name="Default")
+    token = session.Session(auth=auth).get_token()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "ST_"))}
+    env.update({"OS_AUTH_TOKEN": token, "OS_STORAGE_URL": local["storage_url"]})
+    return env
+
+
+def copy_of(source: Path, destination: Path) -> Path:
+    """Returns a fresh copy of ``source`` without its dotfiles."""
+    shutil.rmtree(destination, ignore_errors=True)
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(".*"))
+    return destination
+
+
+def count_files(directory: Path) -> int:
+    return sum(1 for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--objects", type=int, default=20000,
+                        help="objects of the large unchanged rerun (0 skips it)")
+    parser.add_argument("--work-dir", default=None, help="where datasets are written "
+                        "(default: a temporary directory, removed at the end)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="upload_results --jobs (default: its own default)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-upload-"))
+    state = work / "local-swift"
+    started = subprocess.run([sys.executable, str(REPO / "scripts" / "local_swift.py"),
+                              "start", "--dir", str(state)],
+                             capture_output=True, text=True)
+    if started.returncode != 0:
+        raise SystemExit(f"local Swift did not start: {started.stderr[-2000:]}")
+    local = json.loads(started.stdout)
+    env = swift_env(local)
+    ours_env = dict(os.environ, SWIFT_SETTINGS=local["settings_file"])
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+    swift_cli = str(BIN / "swift")
+    upload_results = [sys.executable, "-m", "hbp_image_tasks.upload_results"]
+    tag = uuid.uuid4().hex[:6]
+    results = {}
+    try:
+        dataset = work / "dataset"
+        if not (dataset / "info").exists():
+            shutil.rmtree(dataset, ignore_errors=True)
+            make_volume_dataset(dataset)
+        files = count_files(dataset)
+        # Separate copies: upload_results writes its manifest into its directory.
+        swift_copy = copy_of(dataset, work / "dataset-swift")
+        theirs, ours = f"bench-swift-{tag}", f"bench-ours-{tag}"
+        # swift upload keeps the .gz names; the header makes the chunks decodable.
+        swift_upload = [swift_cli, "upload", theirs, ".", "--header",
+                        "Content-Encoding: gzip", "--skip-identical"]
+        results["files"] = files
+        results["swift_first"] = run(swift_upload[:-1], env, cwd=swift_copy)
+        results["ours_first"] = run(upload_results + [str(dataset), "--container", ours,
+                                                      "-q"] + jobs, ours_env)
+        results["swift_rerun"] = run(swift_upload, env, cwd=swift_copy)
+        results["ours_rerun"] = run(upload_results + [str(dataset), "--container", ours,
+                                                      "-q"] + jobs, ours_env)
+        if args.objects:
+            small = work / f"small-{args.objects}"
+            if not (small / "info").exists():
+                shutil.rmtree(small, ignore_errors=True)
+                make_small_objects(small, args.objects)
+            small_swift = copy_of(small, work / f"small-{args.objects}-swift")
+            many = f"bench-many-{tag}"
+            # One container with identical names, filled once, rerun by both tools.
+            results["many_objects"] = args.objects + 1
+            results["ours_many_first"] = run(upload_results + [
+                str(small), "--container", many, "-q"] + jobs, ours_env)
+            results["swift_many_rerun"] = run(
+                [swift_cli, "upload", many, ".", "--skip-identical"], env, cwd=small_swift)
+            results["ours_many_rerun"] = run(upload_results + [
+                str(small), "--container", many, "-q"] + jobs, ours_env)
+    finally:
+        subprocess.run([sys.executable, str(REPO / "scripts" / "local_swift.py"), "stop",
+                        "--dir", str(state)], capture_output=True)
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"dataset: {results['files']} files (2048x2048x64 uint8, 64^3 chunks, gzip)")
+    print(f"first upload:     swift upload {results['swift_first']:6.1f} s   "
+          f"upload_results {results['ours_first']:6.1f} s   "
+          f"ratio {results['swift_first'] / results['ours_first']:.1f}x")
+    print(f"unchanged rerun:  swift upload {results['swift_rerun']:6.1f} s   "
+          f"upload_results {results['ours_rerun']:6.1f} s   "
+          f"ratio {results['swift_rerun'] / results['ours_rerun']:.1f}x")
+    if "swift_many_rerun" in results:
+        print(f"{results['many_objects']} objects, unchanged rerun: swift upload "
+              f"{results['swift_many_rerun']:6.1f} s   upload_results "
+              f"{results['ours_many_rerun']:6.1f} s   ratio "
+              f"{results['swift_many_rerun'] / results['ours_many_rerun']:.1f}x "
+              f"(first upload_results {results['ours_many_first']:.1f} s)")
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                      for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
