@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -48,6 +49,9 @@ DEFAULT_SEGMENT_SIZE = 1 << 30
 PUT_ATTEMPTS = 3  # for refusals swiftclient does not retry: 401 (shared token), 422
 MAX_EXAMPLES = 5
 HEADER_SAMPLE = 20  # objects whose served headers are checked after the upload
+# Listings ask for the server's own page size: more than its
+# container_listing_limit is refused with 412.
+LISTING_PAGE = None
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 T = TypeVar("T")
@@ -105,17 +109,24 @@ def _container_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_upload_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the upload option group shared by `upload_results` and `ingest`."""
+def add_upload_options(parser: argparse.ArgumentParser,
+                       include_settings: bool = True) -> None:
+    """Adds the upload option group shared by `upload_results` and `ingest`.
+
+    ``include_settings=False`` leaves out ``--settings``, for a parser that
+    already has it (one settings file for fetching and uploading).
+    """
     group = parser.add_argument_group("upload to Swift")
     group.add_argument(
         "--container", required=True, type=_container_name, metavar="NAME",
+        default=argparse.SUPPRESS,
         help="Swift container to upload to, created if missing (e.g. bigbrain)")
     group.add_argument(
         "--prefix", default="", metavar="PATH",
         help="path of the dataset inside the container (e.g. 2015/8um); the "
              "dataset's public URL is <storage URL>/<container>/<prefix>")
-    add_settings_option(group)
+    if include_settings:
+        add_settings_option(group)
     group.add_argument(
         "--private", action="store_true",
         help="do not make the container publicly readable nor set CORS; a viewer "
@@ -126,10 +137,13 @@ def add_upload_options(parser: argparse.ArgumentParser) -> None:
              "(e.g. https://neuroglancer.example.org)")
     group.add_argument(
         "--force", dest="skip_identical", action="store_false",
-        help="upload every object, even those already in Swift with the same MD5")
+        default=argparse.SUPPRESS,
+        help="upload every object, even those already in Swift with the same MD5 "
+             "(by default they are skipped, so a rerun sends only what is missing)")
     group.add_argument(
         "--no-skip-identical", dest="skip_identical", action="store_false",
-        help="same as --force")
+        default=argparse.SUPPRESS, help="same as --force")
+    parser.set_defaults(skip_identical=True)
     group.add_argument(
         "--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
         metavar="BYTES",
@@ -298,7 +312,7 @@ class _Uploader:
         segment_prefix = (f"{name}/slo/{local.size}/{self.segment_size}/"
                           f"{digest.slo_etag}/")
         existing = {o.name: o for o in self.connection.iter_objects(
-            self.segment_container, prefix=segment_prefix, page_size=None)}
+            self.segment_container, prefix=segment_prefix, page_size=LISTING_PAGE)}
         retries = 0
         manifest = []
         for index, (offset, length, md5) in enumerate(digest.segments):
@@ -322,7 +336,6 @@ class _Uploader:
 
 
 def _md5(data: bytes) -> str:
-    import hashlib
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
@@ -480,7 +493,7 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     remote: dict[str, ObjectInfo] = {}
     if exists:
         remote = {o.name: o for o in connection.iter_objects(
-            container, listing_prefix, page_size=None)}
+            container, listing_prefix, page_size=LISTING_PAGE)}
         logger.info("%d objects already under %s/%s", len(remote), container,
                     listing_prefix)
 
@@ -549,7 +562,7 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
 
     # Verify against a fresh listing, not against what the PUTs answered.
     listed = {o.name: o for o in connection.iter_objects(
-            container, listing_prefix, page_size=None)}
+            container, listing_prefix, page_size=LISTING_PAGE)}
     problems = [problem for problem in (
         _describe_difference(listed.get(full_name(local.name)), local,
                              digests[local.name], full_name(local.name))
@@ -615,9 +628,10 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
              "ingest_ngs); dotfiles and symlinks in it are never uploaded")
     add_upload_options(parser)
     parser.add_argument(
-        "-j", "--jobs", type=cli.positive_int, default=None, metavar="N",
+        "-j", "--jobs", type=cli.positive_int, metavar="N",
         help=f"parallel uploads (default: 4 per CPU, between 8 and 32; here "
              f"{default_upload_jobs()})")
+    parser.set_defaults(jobs=None)
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
 
