@@ -425,3 +425,11 @@ def test_anisotropic_pyramids_downscale_only_the_fine_axes_like_numpy(tmp_path, 
             show_progress=False)
     info = assert_pyramid(tmp_path / "out", volume[np.newaxis], "average")
     assert any(factors_between(info, i).count(1) for i in range(1, len(info["scales"])))
+
+
+def test_jpeg_sections_are_stored_as_decoded(tmp_path):
+    volume = smooth_volume((5, 24, 40), "uint8", seed=4)
+    paths = write_stack(tmp_path / "in", volume, ".jpg")
+    decoded = np.stack([np.asarray(Image.open(path)) for path in paths])
+    convert(tmp_path / "in", tmp_path / "out", SMALL, jobs=2, show_progress=False)
+    np.testing.assert_array_equal(read_scale(tmp_path / "out", 0)[0], decoded)
