@@ -52,7 +52,12 @@ def sdist(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir",
                     str(work / "dist")], cwd=tree, check=True, capture_output=True)
     version = setup_py_version().strip()
-    path = work / "dist" / f"hbp_image_tasks-{version}.tar.gz"
+    import setuptools
+
+    # PEP 625 names (underscores) since setuptools 69.3; the README says so.
+    modern = tuple(int(p) for p in setuptools.__version__.split(".")[:2]) >= (69, 3)
+    name = "hbp_image_tasks" if modern else "hbp-image-tasks"
+    path = work / "dist" / f"{name}-{version}.tar.gz"
     assert path.exists(), sorted(p.name for p in (work / "dist").iterdir())
     return path
 
