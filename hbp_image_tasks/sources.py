@@ -18,6 +18,7 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], np.ndarray]
+WHOLE_VOLUME_BYTES = 2 << 30
 
 
 class StackSource:
@@ -106,6 +107,11 @@ class VolumeSource:
             pass
         self.voxel_size_nm = tuple(float(z) * 1e6 for z in zooms)
         self.input_bytes = path.stat().st_size
+        # Slicing a compressed file decompresses it from the start every time;
+        # up to WHOLE_VOLUME_BYTES a compressed volume is read once instead.
+        self._whole = None
+        self._read_whole = (path.suffix in (".gz", ".bz2", ".zst") and
+                            int(np.prod(shape)) * first.dtype.itemsize <= WHOLE_VOLUME_BYTES)
         self.paths = [path]
         self.description = (f"volume {path.name} {'x'.join(map(str, shape))} "
                             f"{self.dtype}")
@@ -117,10 +123,13 @@ class VolumeSource:
 
     def _planes(self, z0: int, z1: int) -> np.ndarray:
         try:
+            if self._read_whole and self._whole is None:
+                self._whole = np.asanyarray(self.image.dataobj)
+            source = self._whole if self._whole is not None else self.image.dataobj
             if len(self.shape) == 3:
-                data = np.asanyarray(self.image.dataobj[:, :, z0:z1])
+                data = np.asanyarray(source[:, :, z0:z1])
                 return data.transpose(2, 1, 0)[np.newaxis]
-            data = np.asanyarray(self.image.dataobj[:, :, z0:z1])
+            data = np.asanyarray(source[:, :, z0:z1])
             data = data.reshape(data.shape[:3] + (self.channels,))
             return data.transpose(3, 2, 1, 0)
         except Exception as exc:
