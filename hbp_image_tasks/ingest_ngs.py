@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(argv)
 
     def work(redactor) -> int:
+        if cli.verbosity(args) < 2:
+            # Its downscaler logs a debug line per chunk: only from -vv on.
+            logging.getLogger("neuroglancer_scripts").setLevel(logging.INFO)
         params = parse_parameters(args.parameters)
         if args.print_parameters:
             print(params.resolved().to_json())
