@@ -85,7 +85,8 @@ def configure_logging(level: int, stream=None) -> RedactingFilter:
     root.setLevel(python_level)
     # Third-party libraries are noisy at DEBUG; show them only from -vv on.
     library_level = logging.DEBUG if level >= 2 else max(python_level, logging.WARNING)
-    for name in ("urllib3", "swiftclient", "keystoneauth", "requests", "PIL"):
+    for name in ("urllib3", "swiftclient", "keystoneauth", "requests", "PIL",
+                 "neuroglancer_scripts"):
         logging.getLogger(name).setLevel(library_level)
     return redactor
 

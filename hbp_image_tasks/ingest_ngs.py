@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -433,59 +431,19 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT handlers; polled by the conversion between slabs."""
-
-    def __init__(self) -> None:
-        self.signal_number: Optional[int] = None
-
-    def __call__(self) -> bool:
-        return self.signal_number is not None
-
-    def install(self) -> Callable[[], None]:
-        """Installs the handlers (main thread only); returns a function restoring them."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
-
-        def handler(number, frame):  # noqa: ARG001 (signal API)
-            if self.signal_number is not None and number == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C does not wait
-            logger.warning("signal %d received: finishing the current slab, "
-                           "then saving the state (Ctrl-C again to stop at once)",
-                           number)
-            self.signal_number = number
-        for number in (signal.SIGTERM, signal.SIGINT):
-            previous[number] = signal.signal(number, handler)
-
-        def restore() -> None:
-            for number, old in previous.items():
-                signal.signal(number, old)
-        return restore
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs `ingest_ngs`; returns the exit code."""
     args = parse_command_line(argv)
 
     def work(redactor) -> int:
-        if cli.verbosity(args) < 2:
-            # Its downscaler logs a debug line per chunk: only from -vv on.
-            logging.getLogger("neuroglancer_scripts").setLevel(logging.INFO)
         params = parse_parameters(args.parameters)
         if args.print_parameters:
             print(params.resolved().to_json())
             return errors.EXIT_OK
-        stop = StopFlag()
-        restore = stop.install()
-        try:
+        with cli.stop_on_signals() as stop:
             result = convert(args.source, args.destination, params, jobs=args.jobs,
                              show_progress=not args.no_progress and cli.verbosity(args) >= 0,
                              should_stop=stop, order_file=args.order_file)
-        except errors.Interrupted as exc:
-            raise errors.Interrupted(str(exc), stop.signal_number) from None
-        finally:
-            restore()
         print(f"{result.destination}: {len(result.scales)} scales, {result.chunks} "
               f"chunks, {format_bytes(result.bytes_written)} in "
               f"{format_duration(result.wall_seconds)}")
