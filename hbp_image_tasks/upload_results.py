@@ -199,7 +199,12 @@ def run_bounded(items: Iterable[T], work: Callable[[T], Any],
                         del pending[future]
             if not pending:
                 break
-            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            try:
+                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                for future in pending:  # let only the running ones finish
+                    future.cancel()
+                raise
             for future in finished:
                 item = pending.pop(future)
                 if future.cancelled():
@@ -337,6 +342,12 @@ class _Uploader:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _needs_update(existing: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    """True if the container lacks one of the ``wanted`` headers (values compared)."""
+    have = {k.lower(): v for k, v in existing.items()}
+    return any(have.get(k.lower()) != v for k, v in wanted.items())
 
 
 def _is_identical(remote: ObjectInfo, local: LocalObject, digest: Digest) -> bool:
@@ -477,13 +488,18 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     container_headers = ({"X-Container-Read": PUBLIC_READ_ACL,
                           "X-Container-Meta-Access-Control-Allow-Origin": cors_origin}
                          if public else {})
-    if dry_run:
-        exists = connection.head_container(container) is not None
-    else:
-        created = connection.ensure_container(container, container_headers)
+    existing = connection.head_container(container)
+    exists = existing is not None
+    if not dry_run:
+        if existing is None:
+            connection.call(f"creating container {container!r}", "put_container",
+                            container, headers=container_headers)
+        elif _needs_update(existing, container_headers):
+            connection.call(f"setting the headers of container {container!r}",
+                            "post_container", container, container_headers)
         exists = True
         logger.info("container %s %s%s", container,
-                    "created" if created else "exists",
+                    "exists" if existing is not None else "created",
                     ", publicly readable with CORS origin " + cors_origin
                     if public else "")
     if not public:

@@ -876,3 +876,14 @@ def test_unchanged_rerun_reads_no_file_but_a_changed_one_is_hashed(fake_swift, d
     chunk.write_bytes(bytes(reversed(chunk.read_bytes())))  # same size, new content
     result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
     assert hashed == [chunk.name] and result.uploaded == 1
+
+
+def test_container_headers_are_set_only_when_they_differ(fake_swift, dataset):
+    upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    upload(dataset, "c", fake_swift.connection(), show_progress=False)
+    assert [m for m, n in fake_swift.requests if not n and m in ("PUT", "POST")] == ["PUT"]
+    upload(dataset, "c", fake_swift.connection(), show_progress=False,
+           cors_origin="https://viewer.example.org")
+    assert fake_swift.containers["c"]["X-Container-Meta-Access-Control-Allow-Origin"] == (
+        "https://viewer.example.org")
+    assert fake_swift.containers["c"]["X-Container-Read"] == ".r:*,.rlistings"
