@@ -576,38 +576,11 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
             run_bounded(batch, uploader.upload, record_upload, jobs, should_stop,
                         "uploading")
 
-    # Verify against a fresh listing, not against what the PUTs answered.
-    listed = {o.name: o for o in connection.iter_objects(
-            container, listing_prefix, page_size=LISTING_PAGE)}
-    problems = [problem for problem in (
-        _describe_difference(listed.get(full_name(local.name)), local,
-                             digests[local.name], full_name(local.name))
-        for local in objects) if problem]
-    if problems:
-        raise UploadError(
-            f"verification failed: {len(problems)} of {len(objects)} objects missing "
-            f"or different in container {container}: {_examples(problems)}")
-    extra = sorted(set(listed) - {full_name(name) for name in names})
-    if extra:
-        logger.warning("%d object(s) under %s/%s are not in %s (left in place), "
-                       "e.g. %s", len(extra), container, listing_prefix, results_dir,
-                       extra[0])
-    _check_served_headers(connection, container, objects, full_name)
+    _verify(connection, container, prefix, objects, digests)
     if public:
         _check_public_access(public_url, cors_origin)
-
     manifest_path = results_dir / MANIFEST_FILE
-    write_json_atomically(manifest_path, {
-        "container": container,
-        "prefix": prefix,
-        "public_url": public_url,
-        "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "objects": [dict({"name": full_name(local.name), "bytes": local.size,
-                          "md5": digests[local.name].md5, "mtime_ns": local.mtime_ns},
-                         **({"slo_etag": digests[local.name].slo_etag}
-                            if digests[local.name].segments else {}))
-                    for local in objects],
-    })
+    _write_manifest(manifest_path, container, prefix, public_url, objects, digests)
     elapsed = time.monotonic() - started
     logger.info("uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
                 "verified %d objects in %s", len(to_upload), format_bytes(upload_bytes),
@@ -616,6 +589,53 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     return UploadResult(len(to_upload), len(skipped), upload_bytes, len(objects),
                         total_bytes, retries, public_url, link, str(manifest_path),
                         elapsed)
+
+
+def _verify(connection: SwiftConnection, container: str, prefix: str,
+            objects: list[LocalObject], digests: Mapping[str, Digest]) -> None:
+    """Checks a fresh listing (names, sizes, MD5s) and a sample of served headers.
+
+    The listing, not what the PUTs answered, is the truth a viewer will see.
+    """
+    def full_name(name: str) -> str:
+        return f"{prefix}/{name}" if prefix else name
+
+    listing_prefix = f"{prefix}/" if prefix else ""
+    listed = {o.name: o for o in connection.iter_objects(
+        container, listing_prefix, page_size=LISTING_PAGE)}
+    problems = [problem for problem in (
+        _describe_difference(listed.get(full_name(local.name)), local,
+                             digests[local.name], full_name(local.name))
+        for local in objects) if problem]
+    if problems:
+        raise UploadError(
+            f"verification failed: {len(problems)} of {len(objects)} objects missing "
+            f"or different in container {container}: {_examples(problems)}")
+    extra = sorted(set(listed) - {full_name(local.name) for local in objects})
+    if extra:
+        logger.warning("%d object(s) under %s/%s are not in the results directory "
+                       "(left in place), e.g. %s", len(extra), container,
+                       listing_prefix, extra[0])
+    _check_served_headers(connection, container, objects, full_name)
+
+
+def _write_manifest(path: Path, container: str, prefix: str, public_url: str,
+                    objects: list[LocalObject], digests: Mapping[str, Digest]) -> None:
+    """Writes the verified manifest (name, bytes, MD5 per object) atomically."""
+    entries = []
+    for local in objects:
+        digest = digests[local.name]
+        entry = {"name": f"{prefix}/{local.name}" if prefix else local.name,
+                 "bytes": local.size, "md5": digest.md5,
+                 # with the size, lets a rerun trust this MD5 without reading the file
+                 "mtime_ns": local.mtime_ns}
+        if digest.segments:
+            entry["slo_etag"] = digest.slo_etag
+        entries.append(entry)
+    write_json_atomically(path, {
+        "container": container, "prefix": prefix, "public_url": public_url,
+        "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "objects": entries})
 
 
 @contextlib.contextmanager

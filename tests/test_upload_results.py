@@ -10,11 +10,9 @@ import os
 import re
 import shutil
 import socket
-import stat
 import threading
-import time
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import pytest
