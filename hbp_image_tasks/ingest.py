@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         # --container is required by upload_results but not with --no-upload.
         if action.dest == "container":
-            action.required = False
+            action.required, action.default = False, None
     return parser
 
 
