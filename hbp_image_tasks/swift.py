@@ -263,6 +263,25 @@ def _keystone_session(settings: SwiftSettings, timeout: float):
     return ks_session.Session(auth=auth, timeout=timeout)
 
 
+class _RenewingSession:
+    """The shared keystoneauth session as swiftclient sees it: a 401 always renews.
+
+    keystoneauth's ``invalidate()`` answers False when another thread already
+    dropped the shared token, and swiftclient then gives up on the request
+    instead of fetching the new token; swiftclient renews once per request.
+    """
+
+    def __init__(self, session):
+        self._session = session
+
+    def invalidate(self) -> bool:
+        self._session.invalidate()
+        return True
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
 class SwiftConnection:
     """Authenticated access to one Swift account, safe to share between threads.
 
@@ -313,7 +332,7 @@ class SwiftConnection:
                       os_options={"region_name": self.settings.os_region_name}
                       if self.settings.os_region_name else None)
         if self._keystone is not None:
-            return Connection(session=self._keystone, **common)
+            return Connection(session=_RenewingSession(self._keystone), **common)
         return Connection(authurl=self.settings.os_auth_url,
                           user=self.settings.os_username,
                           key=self.settings.os_password.reveal(),

@@ -46,7 +46,7 @@ __all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_SIZE = 1 << 30
-PUT_ATTEMPTS = 3  # for refusals swiftclient does not retry: 401 (shared token), 422
+PUT_ATTEMPTS = 3  # for the refusal swiftclient does not retry: 422 (body != its MD5)
 MAX_EXAMPLES = 5
 HEADER_SAMPLE = 20  # objects whose served headers are checked after the upload
 # Listings ask for the server's own page size: more than its
@@ -260,10 +260,9 @@ class _Uploader:
         """PUTs the ``(body, md5)`` that ``body()`` returns; returns the MD5 and retries.
 
         swiftclient already retries 5xx, 408, 429, timeouts and dropped
-        connections. Here a 422 (the body did not match its MD5 on the way) is
-        sent again from the file, and so is a 401: when several threads share
-        one token, only the first to see it refused renews it, and swiftclient
-        gives up in the others.
+        connections, and renews the token after a 401 (the shared session
+        allows that in every thread). Here a 422 (the body did not match its MD5
+        on the way) is sent again from the file.
         """
         retries = 0
         for attempt in range(1, PUT_ATTEMPTS + 1):
@@ -274,9 +273,8 @@ class _Uploader:
             except RemoteError as exc:
                 retries += self._retries_of_last_call()
                 status = getattr(exc, "http_status", None)
-                if status in (401, 422) and attempt < PUT_ATTEMPTS:
-                    logger.log(logging.WARNING if status == 422 else logging.DEBUG,
-                               "%s; sending it again", exc)
+                if status == 422 and attempt < PUT_ATTEMPTS:
+                    logger.warning("%s; sending it again", exc)
                     retries += 1
                     continue
                 raise

@@ -266,6 +266,25 @@ def test_put_503_forever_gives_one_line_error():
     assert "\n" not in str(caught.value)
 
 
+def test_401_after_another_thread_renewed_the_shared_token_is_retried():
+    conn = SwiftConnection(fake_settings(), retries=2, starting_backoff=0.01)
+
+    def refused_while_another_thread_renews(request):
+        # The other thread has already dropped the shared token, so this
+        # thread's own invalidation finds nothing left to drop.
+        conn._keystone.invalidate()
+        return 401, {}, b""
+
+    with responses.RequestsMock() as mock:
+        add_keystone(mock)
+        mock.add_callback(responses.PUT, FAKE_STORAGE + "/c/o",
+                          callback=refused_while_another_thread_renews)
+        mock.add(responses.PUT, FAKE_STORAGE + "/c/o", status=201,
+                 headers={"ETag": "abc"})
+        assert conn.put_object("c", "o", b"data") == "abc"
+        assert [c.request.method for c in mock.calls] == ["POST", "PUT", "POST", "PUT"]
+
+
 def test_anonymous_get_503_is_retried():
     url = FAKE_STORAGE + "/c"
     with responses.RequestsMock() as mock:
