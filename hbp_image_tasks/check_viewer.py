@@ -24,6 +24,7 @@ from urllib.parse import quote
 import requests
 
 from . import cli, errors
+from .atomic import write_bytes_atomically
 from .viewer_server import ClientServer, DatasetProxy, ProxiedRequest, find_client_dir
 
 logger = logging.getLogger(__name__)
@@ -374,9 +375,7 @@ def save_png(png: bytes, path: Path | str) -> Path:
     """Writes a PNG under a temporary name, then renames it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.part")
-    temporary.write_bytes(png)
-    os.replace(temporary, path)
+    write_bytes_atomically(path, png)
     return path
 
 

@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import email.message
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -20,8 +19,9 @@ from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
 from . import cli, errors
+from .atomic import write_json_atomically
 from .download import (DEFAULT_RETRY, RetryPolicy, download, file_md5,
-                       stated_md5, temporary_path)
+                       stated_md5)
 from .errors import FetchError, InputError, UsageError
 from .object_names import (MANIFEST_NAME, check_layout, check_object_name,
                            compile_filter, is_directory_marker, literal_prefix)
@@ -110,13 +110,8 @@ def write_manifest(destination: Path, source: str, filter_regex: str | None,
                    objects: list[dict[str, Any]]) -> Path:
     """Writes ``fetch_manifest.json`` atomically; returns its path."""
     path = destination / MANIFEST_NAME
-    temporary = temporary_path(path)
-    data = {"version": MANIFEST_VERSION, "source": source, "filter": filter_regex,
-            "objects": objects}
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=1)
-        stream.write("\n")
-    os.replace(temporary, path)
+    write_json_atomically(path, {"version": MANIFEST_VERSION, "source": source,
+                                 "filter": filter_regex, "objects": objects})
     return path
 
 

@@ -7,7 +7,6 @@ killed job resumes where it stopped, and cleans up only after a verified upload.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import cli, errors, fetch_input, ingest_ngs, upload_results
+from .atomic import write_json_atomically
 from .parameters import SCHEMA_HELP, ConversionParameters, parse_parameters
 from .progress import format_bytes, format_duration
 from .settings import SwiftSettings, load_settings_from
@@ -281,23 +281,6 @@ class RunState:
         write_json_atomically(self.path, {"version": STATE_VERSION,
                                           "inputs": self.inputs,
                                           "steps": self.steps})
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Writes ``data`` as JSON to a temporary name, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def now() -> str:

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import cli, errors, parameters as parameters_module
+from .atomic import write_json_atomically
 from .parameters import ConversionParameters, parse_parameters
 from .progress import Progress, format_bytes, format_duration
 
@@ -69,12 +70,6 @@ def _read_json(path: Path) -> Optional[dict]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, document: dict) -> None:
-    from .pyramid import write_atomically
-    write_atomically(path, (json.dumps(document, indent=2, sort_keys=True) + "\n")
-                     .encode("utf-8"))
 
 
 def _output_dtype(source, params: ConversionParameters) -> str:
@@ -248,7 +243,7 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
     try:
         if state is None:
             # The state file first: it marks the directory as ours to resume.
-            _write_json(destination / STATE_NAME,
+            write_json_atomically(destination / STATE_NAME,
                         {"fingerprint": fingerprint, "slabs_done": 0})
         if state is None or not (destination / "info").is_file():
             precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
@@ -313,7 +308,7 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
         input_bytes=input_source.input_bytes,
         wall_seconds=round(time.monotonic() - started, 3),
         destination=str(destination), resumed=resumed)
-    _write_json(destination / COMPLETE_NAME,
+    write_json_atomically(destination / COMPLETE_NAME,
                 {"fingerprint": fingerprint, "result": result.to_dict()})
     for path in [destination / STATE_NAME] + _checkpoint_files(destination):
         try:
@@ -351,7 +346,7 @@ def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -
         with open(temporary, "wb") as stream:
             np.savez(stream, **pending)
         os.replace(temporary, destination / name)
-    _write_json(destination / STATE_NAME, {
+    write_json_atomically(destination / STATE_NAME, {
         "fingerprint": fingerprint, "slabs_done": slabs_done, "levels": positions,
         "chunks": builder.chunks_written, "bytes": builder.bytes_written,
         "pending": sorted(pending), "checkpoint": name if pending else None,

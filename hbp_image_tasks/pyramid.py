@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import threading
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -21,13 +20,7 @@ from neuroglancer_scripts.file_accessor import NO_COMPRESS_MIME_TYPES, FileAcces
 from neuroglancer_scripts.scripts.generate_scales_info import set_info_params
 from neuroglancer_scripts.utils import ceil_div
 
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a hidden temporary name and a rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(data)
-    os.replace(temporary, path)
+from .atomic import write_bytes_atomically
 
 
 def _fastest_gzip() -> tuple:
@@ -107,12 +100,12 @@ class AtomicFileAccessor(FileAccessor):
                    overwrite=False):
         path, data = self._encode(self.base_path / relative_path, buf, mime_type)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, data)
+        write_bytes_atomically(path, data)
 
     def store_chunk(self, buf, key, chunk_coords,
                     mime_type="application/octet-stream", overwrite=True) -> int:
         path, data = self._encode(self._chunk_path(key, chunk_coords), buf, mime_type)
-        write_atomically(path, data)
+        write_bytes_atomically(path, data)
         return len(data)
 
 

@@ -12,9 +12,8 @@ import mimetypes
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 from .errors import InputError, UsageError
 
@@ -277,26 +276,6 @@ class SegmentReader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=str(path.parent), prefix=f"{path.name}.",
-        suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        try:
-            os.unlink(handle.name)
-        except OSError:
-            pass
-        raise
 
 
 def read_manifest_digests(path: Path) -> dict[str, tuple[int, int, str]]:

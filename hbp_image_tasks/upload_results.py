@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 from urllib.parse import quote
 
 from . import cli, errors
+from .atomic import write_json_atomically
 from .errors import InputError, Interrupted, RemoteError, UploadError, UsageError
 from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
 from .progress import Progress, format_bytes, format_duration
@@ -38,7 +39,7 @@ from .upload_plan import (MANIFEST_FILE, Digest, LocalObject, SegmentReader,
                           check_conversion_complete, check_object_names,
                           file_digest, normalize_prefix, read_exactly,
                           read_manifest_digests, scan,
-                          validate_container_name, write_json_atomically)
+                          validate_container_name)
 
 __all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
            "validate_container_name", "main", "DEFAULT_VIEWER_BASE"]

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import re
 
