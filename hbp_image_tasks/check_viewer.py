@@ -451,34 +451,12 @@ def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[
     return report
 
 
-def _segment_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a segment number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"segment {value} is not >= 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not > 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
-    return value
+_segment_id = cli.checked_number(int, lambda value: value >= 1, ">= 1",
+                                 "a segment number")
+_seconds = cli.checked_number(float, lambda value: value > 0, "> 0",
+                              "a number of seconds")
+_fraction = cli.checked_number(float, lambda value: 0 <= value <= 1,
+                               "between 0 and 1")
 
 
 def _origin(text: str) -> str:

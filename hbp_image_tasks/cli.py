@@ -103,15 +103,21 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
+def checked_number(convert: Callable[[str], float], accept: Callable[[float], bool],
+                   requirement: str, noun: str = "a number") -> Callable[[str], float]:
+    """Returns an argparse type: ``convert`` the text, then refuse values not ``accept``ed."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{value:g} is not {requirement}")
+        return value
+    return parse
+
+
+positive_int = checked_number(int, lambda value: value >= 1, ">= 1", "an integer")
 
 
 def add_jobs_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
