@@ -18,9 +18,8 @@ from urllib.parse import quote
 import nibabel
 import numpy as np
 import pytest
-import requests
 from PIL import Image
-from test_ingest_ngs import factors_between, read_scale, reference_downscale
+from precomputed_reference import assert_pyramid
 
 from hbp_image_tasks import errors, ingest
 
@@ -58,24 +57,6 @@ def stack_objects(volume: np.ndarray, with_decoys: bool = True) -> dict[str, byt
     if with_decoys:
         objects.update(DECOYS)
     return objects
-
-
-def read_pyramid(url: str) -> tuple[dict, list[np.ndarray]]:
-    """Returns the info and every scale of the dataset at ``url`` (read over HTTP)."""
-    info = requests.get(f"{url}/info", timeout=30).json()
-    return info, [read_scale(url, index) for index in range(len(info["scales"]))]
-
-
-def assert_pyramid_matches(url: str, expected0: np.ndarray, method: str) -> dict:
-    """Checks scale 0 against the input and every lower scale against numpy."""
-    info, scales = read_pyramid(url)
-    assert len(scales) >= 2
-    expected = expected0
-    for index, scale in enumerate(scales):
-        if index:
-            expected = reference_downscale(expected, factors_between(info, index), method)
-        np.testing.assert_array_equal(scale, expected, err_msg=f"scale {index}")
-    return info
 
 
 def ingest_argv(source: str, work: Path, container: str | None, *extra: str,
@@ -118,7 +99,7 @@ def test_stack_ingested_from_a_public_container_matches_the_input_at_every_scale
                for e in proxy_log.entries("GET", f"/v1/AUTH_{local_swift.project_id}/"
                                           f"{source.name}/")}
     assert fetched == {f"data/raw/original/s{z}.png" for z in range(1, 13)}
-    assert_pyramid_matches(public_url(local_swift, output), volume[None], "average")
+    assert_pyramid(public_url(local_swift, output), volume[None], "average")
     # --cleanup after a verified upload removes both directories.
     assert not (tmp_path / "source").exists() and not (tmp_path / "results").exists()
     report = json.loads((tmp_path / "report.json").read_text())
@@ -146,7 +127,7 @@ def test_nifti_volume_from_a_single_url_becomes_a_segmentation(
         stacks=False, parameters={"type": "segmentation", "chunk_size": 16,
                                   "downscaling_method": "majority"}))
     assert code == 0
-    info = assert_pyramid_matches(public_url(local_swift, output),
+    info = assert_pyramid(public_url(local_swift, output),
                                   labels.transpose(2, 1, 0)[None], "majority")
     assert info["type"] == "segmentation"
     assert info["scales"][0]["resolution"] == [500000, 500000, 500000]
@@ -236,7 +217,7 @@ def test_killed_during_download_resumes_without_fetching_a_file_twice(
     finish(argv, swift_settings_file)
     gets = proxy_log.count("GET", section_paths(local_swift, container))
     assert gets == len(volume) - complete
-    assert_pyramid_matches(public_url(local_swift, argv[argv.index("--container") + 1]),
+    assert_pyramid(public_url(local_swift, argv[argv.index("--container") + 1]),
                            volume[None], "average")
 
 
@@ -315,7 +296,7 @@ def test_killed_during_upload_resumes_sending_only_the_missing_objects(
     assert proxy_log.count("GET", section_paths(local_swift, container)) == 0
     puts = [e for e in proxy_log.entries("PUT", prefix) if e.path != prefix.rstrip("/")]
     assert len(puts) == total - len(present)
-    assert_pyramid_matches(public_url(local_swift, output), volume[None], "average")
+    assert_pyramid(public_url(local_swift, output), volume[None], "average")
 
 
 def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
