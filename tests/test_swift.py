@@ -12,6 +12,7 @@ import re
 import pytest
 import requests
 import responses
+from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 
 from hbp_image_tasks import cli, errors
 from hbp_image_tasks.settings import Secret, SwiftSettings, load_settings
@@ -219,8 +220,6 @@ def test_ensure_container_with_bad_password_is_one_line_error(settings, unique_c
 # --------------------------------------------------------------------------
 # failure injection without a server
 
-FAKE_AUTH = "https://keystone.invalid/v3"
-FAKE_STORAGE = "https://swift.invalid/v1/AUTH_0123"
 
 
 def fake_settings() -> SwiftSettings:
@@ -230,14 +229,7 @@ def fake_settings() -> SwiftSettings:
 
 
 def add_keystone(mock: responses.RequestsMock) -> None:
-    body = {"token": {
-        "expires_at": "2099-01-01T00:00:00.000000Z", "methods": ["password"],
-        "user": {"id": "u", "name": "u", "domain": {"id": "default"}},
-        "project": {"id": "0123", "name": "p", "domain": {"id": "default"}},
-        "roles": [{"id": "r", "name": "member"}],
-        "catalog": [{"type": "object-store", "name": "swift", "endpoints": [
-            {"interface": "public", "region": "RegionOne", "url": FAKE_STORAGE}]}]}}
-    mock.add(responses.POST, FAKE_AUTH + "/auth/tokens", json=body, status=201,
+    mock.add(responses.POST, FAKE_AUTH + "/auth/tokens", json=token_body(), status=201,
              headers={"X-Subject-Token": "fake-token"})
 
 

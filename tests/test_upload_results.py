@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import responses
+from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 
 from hbp_image_tasks import errors, upload_results
 from hbp_image_tasks.errors import InputError, Interrupted, UploadError, UsageError
@@ -409,8 +410,6 @@ def test_large_file_goes_up_as_a_static_large_object(dataset, settings, unique_c
 # ---------------------------------------------------------------------------
 # failure injection with ``responses`` against an in-memory Swift
 
-FAKE_AUTH = "https://keystone.invalid/v3"
-FAKE_STORAGE = "https://swift.invalid/v1/AUTH_0123"
 
 
 class FakeSwift:
@@ -453,14 +452,7 @@ class FakeSwift:
             self.issued += 1
             token = f"token-{self.issued}"
             self.tokens.add(token)
-        body = {"token": {
-            "expires_at": "2099-01-01T00:00:00.000000Z", "methods": ["password"],
-            "user": {"id": "u", "name": "u", "domain": {"id": "default"}},
-            "project": {"id": "0123", "name": "p", "domain": {"id": "default"}},
-            "roles": [{"id": "r", "name": "member"}],
-            "catalog": [{"type": "object-store", "name": "swift", "endpoints": [
-                {"interface": "public", "region": "RegionOne", "url": FAKE_STORAGE}]}]}}
-        return 201, {"X-Subject-Token": token}, json.dumps(body)
+        return 201, {"X-Subject-Token": token}, json.dumps(token_body())
 
     @staticmethod
     def _body(request) -> bytes:
