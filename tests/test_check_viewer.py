@@ -287,7 +287,7 @@ def write_rgb_stack(directory: Path, volume: np.ndarray) -> Path:
     directory.mkdir(parents=True)
     for z in range(volume.shape[2]):
         section = np.ascontiguousarray(volume[:, :, z].transpose(1, 0, 2))  # rows are y
-        Image.fromarray(section, "RGB").save(directory / f"section_{z:03d}.png")
+        Image.fromarray(section.astype(np.uint8)).save(directory / f"section_{z:03d}.png")
     return directory
 
 
