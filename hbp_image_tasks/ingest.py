@@ -261,14 +261,16 @@ class RunState:
                 f"to start over") from None
         return cls(path, data.get("inputs", {}), data.get("steps", {}))
 
-    def done(self, step: str) -> bool:
-        """True when ``step`` finished in this or an earlier run."""
-        return bool(self.steps.get(step, {}).get("done"))
+    def done(self, step: str, target: Any = None) -> bool:
+        """True when ``step`` finished, for the same ``target``, in this or an earlier run."""
+        record = self.steps.get(step, {})
+        return bool(record.get("done")) and record.get("target") == target
 
-    def finish(self, step: str, result: dict[str, Any], seconds: float) -> None:
-        """Records ``step`` as finished and saves the state."""
+    def finish(self, step: str, result: dict[str, Any], seconds: float,
+               target: Any = None) -> None:
+        """Records ``step`` as finished (for ``target``) and saves the state."""
         self.steps[step] = {"done": True, "seconds": round(seconds, 3),
-                            "finished": now(), "result": result}
+                            "finished": now(), "result": result, "target": target}
         self.save()
 
     def forget(self, step: str) -> None:
@@ -321,16 +323,21 @@ def banner(number: int, total: int, title: str) -> None:
     logger.info("==== step %d/%d: %s ====", number, total, title)
 
 
-def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
-           ) -> dict[str, Any]:
-    """Runs the whole chain; returns the run report (also written as JSON)."""
-    started, started_clock = now(), time.monotonic()
-    should_stop = should_stop or (lambda: False)
+@dataclasses.dataclass
+class Preflight:
+    """What the pre-flight checks found: the selection and the inputs' fingerprint."""
+
+    connection: SwiftConnection | None
+    objects: list | None
+    listing: str
+    inputs: dict[str, Any]
+
+
+def preflight(options: IngestOptions) -> Preflight:
+    """Checks everything that can fail fast, before any long work."""
     connection = None
     if options.settings is not None:
         connection = SwiftConnection(options.settings, error_type=errors.UploadError)
-
-    # ---- pre-flight: everything that can fail fast, before any long work
     check_writable(options.download_dir, options.dry_run)
     check_writable(options.results_dir, options.dry_run)
     if options.order_file is not None and not options.order_file.is_file():
@@ -338,89 +345,132 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
     if connection is not None:
         storage_url = connection.check_credentials()
         logger.info("credentials accepted; storage URL %s", storage_url)
-    fetch_settings = options.settings if options.source_private else None
     objects = None
     if options.stacks:
         objects = fetch_input.select_objects(options.source, options.filter_regex,
-                                             settings=fetch_settings)
-        total_bytes = sum(item.bytes for item in objects)
+                                             settings=fetch_settings(options))
         logger.info("source: %d objects selected, %s", len(objects),
-                    format_bytes(total_bytes))
+                    format_bytes(sum(item.bytes for item in objects)))
         check_free_space(options.download_dir,
                          missing_download_bytes(objects, options.download_dir))
         listing = fetch_input.listing_fingerprint(
             (item.name, item.bytes, item.hash) for item in objects)
     else:
         listing = hashlib.sha256(options.source.encode()).hexdigest()
-    inputs = inputs_fingerprint(options, listing)
+    return Preflight(connection, objects, listing, inputs_fingerprint(options, listing))
 
-    state_path = options.results_dir / STATE_FILE
-    state = RunState.load(state_path)
-    if state is not None and state.inputs != inputs and not options.restart:
-        raise errors.UsageError(
-            f"{options.results_dir} holds a run with other inputs (changed: "
-            f"{', '.join(differing_inputs(state.inputs, inputs))}); to start "
-            f"over with these, rerun with --restart (it deletes the dataset in "
-            f"{options.results_dir})")
-    if options.dry_run:
-        return dry_run_report(options, objects, state if state and
-                              state.inputs == inputs else None)
-    if options.restart:
-        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
-        clear_directory(options.results_dir)
-        state = None
-    if state is None:
-        state = RunState(state_path, inputs)
-        state.save()
 
-    steps = ["fetch", "convert"] + (["upload"] if options.upload else [])
-    step_seconds: dict[str, float] = {}
+def fetch_settings(options: IngestOptions) -> SwiftSettings | None:
+    """Returns the credentials to read the source with (None: anonymously)."""
+    return options.settings if options.source_private else None
 
-    def run_step(number: int, step: str, work: Callable[[], Any]) -> Any:
-        banner(number, len(steps), step)
-        if state.done(step):
+
+def open_state(options: IngestOptions, inputs: dict[str, Any]) -> RunState | None:
+    """Returns the run's state, refusing other inputs; None when there is none yet."""
+    state = RunState.load(options.results_dir / STATE_FILE)
+    if state is not None and state.inputs != inputs:
+        if not options.restart:
+            raise errors.UsageError(
+                f"{options.results_dir} holds a run with other inputs (changed: "
+                f"{', '.join(differing_inputs(state.inputs, inputs))}); to start "
+                f"over with these, rerun with --restart (it deletes the dataset in "
+                f"{options.results_dir})")
+        return None
+    return state
+
+
+class StepRunner:
+    """Runs the steps in order, skipping those the state records as done."""
+
+    def __init__(self, state: RunState, steps: list[str]):
+        self.state = state
+        self.steps = steps
+        self.seconds: dict[str, float] = {}
+
+    def run(self, step: str, work: Callable[[], Any], target: Any = None
+            ) -> dict[str, Any]:
+        """Runs ``work`` unless ``step`` is done for ``target``; returns its summary."""
+        banner(self.steps.index(step) + 1, len(self.steps), step)
+        if self.state.done(step, target):
             logger.info("%s: already done in an earlier run, skipping", step)
-            return state.steps[step]["result"]
+            return self.state.steps[step]["result"]
         clock = time.monotonic()
         try:
             result = work()
         except errors.HbpError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a failure nobody mapped: name the step
             error_type = {"fetch": errors.FetchError, "convert": errors.ConversionError,
                           "upload": errors.UploadError}[step]
             logger.debug("%s failed", step, exc_info=True)
             raise error_type(f"{step} failed: {type(exc).__name__}: {exc}") from exc
-        step_seconds[step] = time.monotonic() - clock
+        self.seconds[step] = time.monotonic() - clock
         summary = result.to_json() if hasattr(result, "to_json") else result
         if isinstance(summary, str):
             summary = json.loads(summary)
-        state.finish(step, summary, step_seconds[step])
-        logger.info("%s: done in %s", step, format_duration(step_seconds[step]))
+        self.state.finish(step, summary, self.seconds[step], target)
+        logger.info("%s: done in %s", step, format_duration(self.seconds[step]))
         return summary
 
-    fetched = run_step(1, "fetch", lambda: fetch_input.fetch(
+
+def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
+           ) -> dict[str, Any]:
+    """Runs the whole chain; returns the run report (also written as JSON)."""
+    started, started_clock = now(), time.monotonic()
+    should_stop = should_stop or (lambda: False)
+    checked = preflight(options)
+    state = open_state(options, checked.inputs)
+    if options.dry_run:
+        return dry_run_report(options, checked.objects, state)
+    if options.restart:
+        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
+        clear_directory(options.results_dir)
+        state = None
+    if state is None:
+        state = RunState(options.results_dir / STATE_FILE, checked.inputs)
+        state.save()
+
+    runner = StepRunner(state, ["fetch", "convert"] + (["upload"] if options.upload else []))
+    fetched = runner.run("fetch", lambda: fetch_input.fetch(
         options.source, options.download_dir, stacks=options.stacks,
         filter_regex=options.filter_regex, jobs=options.jobs,
-        settings=fetch_settings, show_progress=options.show_progress,
-        should_stop=should_stop, objects=objects))
+        settings=fetch_settings(options), show_progress=options.show_progress,
+        should_stop=should_stop, objects=checked.objects))
     if state.done("convert") and not ingest_ngs.is_complete(options.results_dir):
         logger.warning("the dataset in %s is incomplete: converting again",
                        options.results_dir)
         state.forget("convert")
         state.forget("upload")
-    converted = run_step(2, "convert", lambda: ingest_ngs.convert(
+    converted = runner.run("convert", lambda: ingest_ngs.convert(
         conversion_source(options), options.results_dir, options.parameters,
         jobs=options.jobs, show_progress=options.show_progress,
-        should_stop=should_stop, **conversion_extras(options)))
+        should_stop=should_stop, order_file=options.order_file))
     uploaded = None
     if options.upload:
-        uploaded = run_step(3, "upload", lambda: upload_results.upload(
-            options.results_dir, options.container, connection,
+        # Done only for the same destination: another container uploads again.
+        target = {"storage_url": checked.connection.storage_url,
+                  "container": options.container,
+                  "prefix": options.upload_options.get("prefix", "")}
+        uploaded = runner.run("upload", lambda: upload_results.upload(
+            options.results_dir, options.container, checked.connection,
             jobs=options.jobs, show_progress=options.show_progress,
-            should_stop=should_stop, **options.upload_options))
+            should_stop=should_stop, **options.upload_options), target)
 
-    report = {
+    report = run_report(options, state, runner, checked.listing, fetched, converted,
+                        uploaded, started, started_clock)
+    write_json_atomically(options.report_path, report)
+    if options.cleanup:
+        for directory in (options.download_dir, options.results_dir):
+            logger.info("--cleanup: deleting %s", directory)
+            shutil.rmtree(directory)
+    return report
+
+
+def run_report(options: IngestOptions, state: RunState, runner: StepRunner,
+               listing: str, fetched: dict, converted: dict, uploaded: dict | None,
+               started: str, started_clock: float) -> dict[str, Any]:
+    """Returns the JSON run report."""
+    return {
         "status": "success",
         "started": started,
         "finished": now(),
@@ -430,22 +480,16 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
                    "files": fetched.get("files"), "bytes": fetched.get("bytes")},
         "parameters": json.loads(options.parameters.to_json()),
         "steps": {step: {"seconds": state.steps[step].get("seconds"),
-                         "resumed_from_earlier_run": step not in step_seconds,
+                         "resumed_from_earlier_run": step not in runner.seconds,
                          "result": state.steps[step]["result"]}
-                  for step in steps},
+                  for step in runner.steps},
         "outputs": converted,
         "public_url": uploaded.get("public_url") if uploaded else None,
         "neuroglancer_link": uploaded.get("neuroglancer_link") if uploaded else None,
         "retries": sum(int((state.steps[step]["result"] or {}).get("retries") or 0)
-                       for step in steps),
+                       for step in runner.steps),
         "versions": versions(),
     }
-    write_json_atomically(options.report_path, report)
-    if options.cleanup:
-        for directory in (options.download_dir, options.results_dir):
-            logger.info("--cleanup: deleting %s", directory)
-            shutil.rmtree(directory, ignore_errors=False)
-    return report
 
 
 def conversion_source(options: IngestOptions) -> Path:
@@ -455,11 +499,6 @@ def conversion_source(options: IngestOptions) -> Path:
     manifest = json.loads((options.download_dir / fetch_input.MANIFEST_NAME)
                           .read_text(encoding="utf-8"))
     return options.download_dir / manifest["objects"][0]["path"]
-
-
-def conversion_extras(options: IngestOptions) -> dict[str, Any]:
-    """Returns the optional converter arguments that were given."""
-    return {"order_file": options.order_file} if options.order_file else {}
 
 
 def dry_run_report(options: IngestOptions, objects, state: RunState | None

@@ -335,6 +335,25 @@ def test_other_inputs_in_the_same_results_dir_are_refused_until_restart(
     assert info["scales"][0]["chunk_sizes"][0][0] == 32
 
 
+def test_rerun_to_another_container_uploads_again_without_converting_again(
+        make_container, unique_container, swift_client, settings_env, tmp_path,
+        caplog):
+    volume = smooth_stack(4, 16, 16)
+    source = make_container(stack_objects(volume, with_decoys=False))
+    first, second = unique_container("first"), unique_container("second")
+    assert ingest.main(ingest_argv(source.url, tmp_path, first)) == 0
+    caplog.clear()
+    assert ingest.main(ingest_argv(source.url, tmp_path, second)) == 0
+    assert "convert: already done in an earlier run" in caplog.text
+    assert "upload: already done" not in caplog.text
+
+    def names(container: str) -> list[str]:
+        return sorted(o["name"] for o in
+                      swift_client.get_container(container, full_listing=True)[1])
+
+    assert names(second) == names(first) and "info" in names(second)
+
+
 @pytest.fixture
 def small_source(make_container):
     return make_container(stack_objects(smooth_stack(3, 8, 8), with_decoys=False))
