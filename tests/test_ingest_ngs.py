@@ -358,6 +358,35 @@ def test_gzip_compressor_writes_standard_gzip_within_5_percent_of_level_9(kind):
     assert len(packed) <= 1.05 * level9 + 16
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "float32"])
+def test_integer_downscaler_gives_the_voxels_of_neuroglancer_scripts_averaging(dtype):
+    from neuroglancer_scripts.downscaling import AveragingDownscaler
+
+    from hbp_image_tasks.pyramid import IntegerAveragingDownscaler
+    reference = AveragingDownscaler()
+    ours = IntegerAveragingDownscaler(reference)
+    rng = np.random.default_rng(4)
+    top = np.iinfo(dtype).max if dtype != "float32" else 1.0
+    factor_sets = [(2, 2, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 1, 1), (1, 1, 2)]
+    for trial in range(60):
+        shape = (1 + trial % 2,) + tuple(int(n) for n in rng.integers(1, 12, 3))
+        if trial % 4:  # mostly even extents, the integer path
+            shape = shape[:1] + tuple(2 * n for n in shape[1:])
+        if dtype == "float32":
+            chunk = rng.random(shape, dtype=np.float32)
+        elif trial % 3 == 0:  # the extremes, where rounding and overflow bite
+            chunk = rng.choice(np.array([0, 1, top - 1, top], dtype=dtype), shape)
+        elif trial % 3 == 1:  # small values: many exact halves to round to even
+            chunk = rng.integers(0, 4, shape).astype(dtype)
+        else:
+            chunk = rng.integers(0, top, shape, dtype=dtype, endpoint=True)
+        factors = factor_sets[trial % len(factor_sets)]
+        expected = reference.downscale(chunk, factors)
+        result = ours.downscale(chunk, factors)
+        assert result.dtype == expected.dtype
+        np.testing.assert_array_equal(result, expected, err_msg=f"{shape} {factors}")
+
+
 @pytest.mark.parametrize("voxel_size", [(1, 1, 4), (4, 4, 1), (1, 2, 8)])
 def test_anisotropic_pyramids_downscale_only_the_fine_axes_like_numpy(tmp_path, voxel_size):
     volume = smooth_volume((70, 45, 55), "uint8", seed=9)
