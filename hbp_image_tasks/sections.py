@@ -1,7 +1,8 @@
 """Finding, ordering and reading the 2D sections of a stack.
 
 Sections come from a directory, a fetch manifest or an order file; they are
-ordered by natural sort (``s2`` before ``s10``) and read with Pillow.
+ordered by natural sort (``s2`` before ``s10``) and read with Pillow (plain
+8/16-bit PNGs with imagecodecs' libpng, which is faster).
 """
 from __future__ import annotations
 
@@ -161,6 +162,45 @@ def probe_section(path: Path) -> SectionFormat:
         return _format_of(path, image)
 
 
+# PNG layouts that libpng decodes to exactly Pillow's samples without transformations.
+_PLAIN_PNG = {("L", "L"), ("RGB", "RGB"), ("I;16", "I;16B")}
+
+
+def _decode_plain_png(path: Path, image) -> Optional[np.ndarray]:
+    """Returns the samples of an 8/16-bit grey or RGB PNG decoded by imagecodecs' libpng.
+
+    About a quarter faster than Pillow, with one copy less, and the GIL held
+    only to read the file. Returns None for other images (palettes,
+    transparency, bit depths under 8), when imagecodecs is missing, and when
+    libpng refuses the file, so that Pillow decodes it (or names the error).
+    """
+    if image.format != "PNG" or len(image.tile) != 1 or "transparency" in image.info:
+        return None
+    if (image.mode, image.tile[0][3]) not in _PLAIN_PNG:
+        return None
+    try:
+        import imagecodecs
+        array = imagecodecs.png_decode(path.read_bytes())
+    except (ImportError, RuntimeError, OSError, ValueError):
+        return None
+    width, height = image.size
+    if array.dtype != np.dtype(_MODES[image.mode][0]) or array.shape[:2] != (height, width):
+        return None
+    return array
+
+
+def _decode_with_pillow(image, grey: bool) -> np.ndarray:
+    """Returns the samples that Pillow decodes, alpha and palettes expanded."""
+    image.load()
+    if image.mode in ("RGBA", "P", "PA"):
+        image = image.convert("RGB")
+    elif image.mode in ("LA", "1"):
+        image = image.convert("L")
+    if grey and image.mode == "RGB":
+        image = image.convert("L")
+    return np.asarray(image)
+
+
 def read_section(path: Path, expected: SectionFormat, grey: bool = False) -> np.ndarray:
     """Returns a section's pixels, (rows, columns) or (rows, columns, 3).
 
@@ -177,15 +217,10 @@ def read_section(path: Path, expected: SectionFormat, grey: bool = False) -> np.
         if (found.dtype, found.channels) != (expected.dtype, expected.channels):
             raise InputError(f"{path}: mode {found.describe()} differs from the "
                              f"first section's {expected.describe()}")
+        array = None if grey else _decode_plain_png(path, image)
         try:
-            image.load()
-            if image.mode in ("RGBA", "P", "PA"):
-                image = image.convert("RGB")
-            elif image.mode in ("LA", "1"):
-                image = image.convert("L")
-            if grey and image.mode == "RGB":
-                image = image.convert("L")
-            array = np.asarray(image)
+            if array is None:
+                array = _decode_with_pillow(image, grey)
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
     if array.dtype.byteorder == ">":

@@ -93,3 +93,52 @@ def test_truncated_section_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(InputError, match="s.png"):
         sections.read_section(path, fmt)
+
+
+def _png_variants(rng) -> dict:
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    return {
+        "grey8": (Image.fromarray(grey), {}),
+        "grey8-interlaced": (Image.fromarray(grey), {"interlace": 1}),
+        "grey16": (Image.fromarray(rng.integers(0, 65536, (37, 53), dtype=np.uint16)), {}),
+        "rgb": (Image.fromarray(rgb), {}),
+        "rgba": (Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)), {}),
+        "bilevel": (Image.fromarray(grey > 127), {}),
+        "grey2": (Image.fromarray(grey), {"bits": 2}),
+        "palette": (Image.fromarray(rgb).quantize(16), {}),
+        "grey-transparent": (Image.fromarray(grey), {"transparency": 7}),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_png_variants(np.random.default_rng(0))))
+@pytest.mark.parametrize("grey", [False, True])
+def test_png_sections_read_as_pillow_decodes_them(tmp_path, variant, grey):
+    image, options = _png_variants(np.random.default_rng(6))[variant]
+    path = tmp_path / "s.png"
+    image.save(path, **options)
+    fmt = sections.probe_section(path)
+    if grey and fmt.channels == 1:
+        pytest.skip("grey conversion applies to RGB sections only")
+    with Image.open(path) as reference:
+        expected = sections._decode_with_pillow(reference, grey)
+    result = sections.read_section(path, fmt, grey=grey)
+    assert result.dtype == expected.dtype
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
+    rng = np.random.default_rng(7)
+    plain = save(tmp_path / "plain.png", rng.integers(0, 256, (9, 11), dtype=np.uint8))
+    palette = tmp_path / "palette.png"
+    Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).quantize(4).save(palette)
+    with Image.open(plain) as image:
+        assert sections._decode_plain_png(plain, image) is not None
+    with Image.open(palette) as image:
+        assert sections._decode_plain_png(palette, image) is None
+    # A file libpng refuses goes to Pillow, which names the problem.
+    damaged = bytearray(plain.read_bytes())
+    damaged[-20] ^= 0xFF  # inside the image data or its checksum
+    plain.write_bytes(bytes(damaged))
+    with Image.open(plain) as image:
+        assert sections._decode_plain_png(plain, image) is None
