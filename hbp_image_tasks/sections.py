@@ -171,10 +171,12 @@ def _decode_plain_png(path: Path, image) -> Optional[np.ndarray]:
 
     About a quarter faster than Pillow, with one copy less, and the GIL held
     only to read the file. Returns None for other images (palettes,
-    transparency, bit depths under 8), when imagecodecs is missing, and when
-    libpng refuses the file, so that Pillow decodes it (or names the error).
+    transparency, bit depths under 8, animations), when imagecodecs is
+    missing, and when libpng refuses the file, so that Pillow decodes it (or
+    names the error).
     """
-    if image.format != "PNG" or len(image.tile) != 1 or "transparency" in image.info:
+    if (image.format != "PNG" or len(image.tile) != 1 or "transparency" in image.info
+            or getattr(image, "n_frames", 1) != 1):  # APNG: Pillow picks the frame
         return None
     if (image.mode, image.tile[0][3]) not in _PLAIN_PNG:
         return None

@@ -131,11 +131,20 @@ def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
     rng = np.random.default_rng(7)
     plain = save(tmp_path / "plain.png", rng.integers(0, 256, (9, 11), dtype=np.uint8))
     palette = tmp_path / "palette.png"
-    Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).quantize(4).save(palette)
+    colours = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    Image.fromarray(colours).quantize(4).save(palette)
     with Image.open(plain) as image:
         assert sections._decode_plain_png(plain, image) is not None
     with Image.open(palette) as image:
         assert sections._decode_plain_png(palette, image) is None
+    animated = tmp_path / "animated.png"
+    frames = [Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)) for _ in "ab"]
+    frames[0].save(animated, save_all=True, append_images=frames[1:])
+    with Image.open(animated) as image:
+        assert sections._decode_plain_png(animated, image) is None
+    np.testing.assert_array_equal(
+        sections.read_section(animated, sections.probe_section(animated)),
+        np.asarray(frames[0]))
     # A file libpng refuses goes to Pillow, which names the problem.
     damaged = bytearray(plain.read_bytes())
     damaged[-20] ^= 0xFF  # inside the image data or its checksum
