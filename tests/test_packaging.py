@@ -67,7 +67,8 @@ def test_sdist_contains_package_scripts_and_settings_example(sdist):
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     for expected in ("setup.py", "pyproject.toml", "README.md",
                      ".os_settings.example", "hbp_image_tasks/settings.py",
-                     "scripts/run-tests"):
+                     "scripts/run-tests", "scripts/local-swift", "scripts/demo",
+                     "examples/unicore-job.json"):
         assert expected in names
 
 
