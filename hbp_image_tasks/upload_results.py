@@ -12,13 +12,11 @@ examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -637,20 +635,6 @@ def _write_manifest(path: Path, container: str, prefix: str, public_url: str,
         "objects": entries})
 
 
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
-    """Yields a ``should_stop`` that turns true once SIGTERM arrives (e.g. walltime)."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event.is_set
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-    try:
-        yield event.is_set
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `upload_results`."""
     parser = argparse.ArgumentParser(
@@ -679,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings_from(args.settings)
         redactor.add(settings.os_password.reveal())
         connection = SwiftConnection(settings, error_type=UploadError)
-        with stop_on_sigterm() as should_stop:
+        with cli.stop_on_signals() as should_stop:
             try:
                 result = upload(args.results_dir, args.container, connection,
                                 jobs=args.jobs, show_progress=cli.verbosity(args) >= 0,
