@@ -182,11 +182,16 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
     )
 
 
+def existing_ancestor(path: Path) -> Path:
+    """Returns ``path`` or its nearest ancestor that exists (what a mkdir would use)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_writable(directory: Path, dry_run: bool) -> None:
     """Creates ``directory`` (unless a dry run) and proves a file can be written there."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(directory)
     if not existing.is_dir():
         raise errors.UsageError(f"{existing} is not a directory")
     if dry_run:
@@ -217,9 +222,7 @@ def missing_download_bytes(objects, download_dir: Path) -> int:
 
 def check_free_space(directory: Path, needed: int) -> None:
     """Refuses to start a download that cannot fit on the file system."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(directory)
     free = shutil.disk_usage(existing).free
     if needed * DISK_MARGIN > free:
         raise errors.UsageError(
