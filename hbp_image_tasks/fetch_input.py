@@ -142,6 +142,15 @@ def _open_container(source_url: str, settings: SwiftSettings | None, jobs: int,
     return location, lister, opener
 
 
+def has_right_size(destination: Path, info: ObjectInfo) -> bool:
+    """True when ``info`` is already a file of its listed size under ``destination``."""
+    try:
+        found = (destination / info.name).stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_size == info.bytes
+
+
 def select_objects(source_url: str, filter_regex: str | None,
                    settings: SwiftSettings | None = None,
                    page_size: int | None = None,
@@ -453,9 +462,7 @@ def fetch(source: str, destination: Path, *, stacks: bool = False,
     if objects is None:
         objects = select_objects(source, filter_regex, settings, page_size, policy)
     if dry_run:
-        present = sum(1 for info in objects
-                      if (destination / info.name).is_file()
-                      and (destination / info.name).stat().st_size == info.bytes)
+        present = sum(1 for info in objects if has_right_size(destination, info))
         for info in objects:
             logger.debug("would fetch %s (%d bytes)", info.name, info.bytes)
         return FetchResult(

@@ -208,16 +208,8 @@ def check_writable(directory: Path, dry_run: bool) -> None:
 
 def missing_download_bytes(objects, download_dir: Path) -> int:
     """Returns the bytes still to download (files of the right size count as there)."""
-    missing = 0
-    for item in objects:
-        local = download_dir / item.name
-        try:
-            if local.stat().st_size == item.bytes:
-                continue
-        except OSError:
-            pass
-        missing += item.bytes
-    return missing
+    return sum(item.bytes for item in objects
+               if not fetch_input.has_right_size(download_dir, item))
 
 
 def check_free_space(directory: Path, needed: int) -> None:
