@@ -57,7 +57,10 @@ class StackSource:
         """Decodes sections ``z0:z1`` in parallel into ``out`` (C, z1 - z0, Y, X)."""
         def load(index: int) -> None:
             path = self.paths[index]
-            array = sections.read_section(path, self.format, grey=self.grey)
+            target = out[0, index - z0] if self.channels == 1 and transform is None else None
+            array = sections.read_section(path, self.format, grey=self.grey, out=target)
+            if target is not None and np.shares_memory(array, target):
+                return  # decoded in place
             plane = array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
             if transform is not None:
                 plane = transform(plane)

@@ -130,6 +130,40 @@ def test_png_sections_read_as_pillow_decodes_them(tmp_path, variant, grey):
     np.testing.assert_array_equal(result, expected)
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate", "packbits"])
+@pytest.mark.parametrize("kind", ["grey8", "grey16", "rgb"])
+def test_tiff_sections_are_decoded_by_libtiff_as_pillow_decodes_them(tmp_path, kind,
+                                                                      compression):
+    rng = np.random.default_rng(8)
+    shape = (37, 53, 3) if kind == "rgb" else (37, 53)
+    dtype = np.uint16 if kind == "grey16" else np.uint8
+    array = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    path = tmp_path / "s.tif"
+    Image.fromarray(array).save(path, compression=compression)
+    with Image.open(path) as image:
+        decoded = sections._decode_plain(path, image)
+    assert decoded is not None  # libtiff, not Pillow
+    np.testing.assert_array_equal(decoded, array)
+    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)),
+                                  array)
+
+
+def test_grey_sections_are_decoded_into_the_given_buffer(tmp_path):
+    rng = np.random.default_rng(9)
+    slab = np.zeros((2, 37, 53), np.uint16)
+    for suffix in (".tif", ".png"):
+        array = rng.integers(0, 65535, (37, 53), dtype=np.uint16)
+        path = save(tmp_path / f"s{suffix}", array)
+        result = sections.read_section(path, sections.probe_section(path), out=slab[1])
+        assert np.shares_memory(result, slab)
+        np.testing.assert_array_equal(slab[1], array)
+    # A buffer of another shape is not used; the pixels come back all the same.
+    wrong = np.zeros((37, 52), np.uint16)
+    result = sections.read_section(path, sections.probe_section(path), out=wrong)
+    assert not np.shares_memory(result, wrong)
+    np.testing.assert_array_equal(result, array)
+
+
 def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
     rng = np.random.default_rng(7)
     plain = save(tmp_path / "plain.png", rng.integers(0, 256, (9, 11), dtype=np.uint8))
@@ -137,14 +171,14 @@ def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
     colours = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     Image.fromarray(colours).quantize(4).save(palette)
     with Image.open(plain) as image:
-        assert sections._decode_plain_png(plain, image) is not None
+        assert sections._decode_plain(plain, image) is not None
     with Image.open(palette) as image:
-        assert sections._decode_plain_png(palette, image) is None
+        assert sections._decode_plain(palette, image) is None
     animated = tmp_path / "animated.png"
     frames = [Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)) for _ in "ab"]
     frames[0].save(animated, save_all=True, append_images=frames[1:])
     with Image.open(animated) as image:
-        assert sections._decode_plain_png(animated, image) is None
+        assert sections._decode_plain(animated, image) is None
     np.testing.assert_array_equal(
         sections.read_section(animated, sections.probe_section(animated)),
         np.asarray(frames[0]))
@@ -153,4 +187,4 @@ def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
     damaged[-20] ^= 0xFF  # inside the image data or its checksum
     plain.write_bytes(bytes(damaged))
     with Image.open(plain) as image:
-        assert sections._decode_plain_png(plain, image) is None
+        assert sections._decode_plain(plain, image) is None
