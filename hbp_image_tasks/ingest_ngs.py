@@ -231,8 +231,10 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
             logger.info("%s is already complete", destination)
             return ConversionResult(**previous["result"])
 
-    accessor = pyramid.AtomicFileAccessor(destination, gzip=params.gzip,
-                                          compresslevel=params.compression_level)
+    accessor = pyramid.AtomicFileAccessor(
+        destination, gzip=params.gzip, compresslevel=params.compression_level,
+        wide_samples=(params.effective_encoding == "raw"
+                      and np.dtype(info["data_type"]).itemsize > 1))
     logger.info("converting %s into %s: %s %s, %d scales, %d jobs%s",
                 input_source.description, destination, info["data_type"],
                 params.effective_encoding, len(info["scales"]), jobs,

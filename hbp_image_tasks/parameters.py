@@ -46,7 +46,7 @@ parameters (JSON object, every key optional):
   downscaling_method  auto | average | majority | stride       (auto:
                       average for images, stride for segmentations)
   gzip                true | false                             (true)
-  compression_level   1..9, zlib level of the gzipped chunks   (5)
+  compression_level   1..9, zlib-like level; 9: smallest, slowest (5)
   input_min/input_max numbers: rescale [input_min, input_max] linearly onto
                       the output range (e.g. 16-bit or float input to uint8)
   channels            1 | 3, or null for the input's channels  (null)

@@ -339,23 +339,57 @@ def test_jpeg_encoding_writes_lossy_chunks_close_to_the_input(tmp_path):
     assert np.abs(data.astype(int) - volume).max() <= 8
 
 
-@pytest.mark.parametrize("kind", ["noise", "smooth", "zeros", "tiny"])
-def test_gzip_compressor_writes_standard_gzip_within_5_percent_of_level_9(kind):
+def _chunk_samples(kind: str) -> bytes:
+    """Returns a 64^3 chunk's bytes of one kind of data."""
+    rng = np.random.default_rng(2)
+    if kind == "noise":
+        return rng.integers(0, 256, 64 ** 3, dtype=np.uint8).tobytes()
+    if kind == "smooth":
+        return np.repeat(np.arange(64 ** 3 // 64, dtype=np.uint16) // 7,
+                         64).astype(np.uint8).tobytes()
+    if kind == "16-bit":  # half background, smooth tissue whose low bytes are noisy
+        z, y, x = np.mgrid[0:64, 0:64, 0:64]
+        tissue = 20000 + 300 * x + 200 * y + 100 * z + rng.integers(0, 256, (64,) * 3)
+        return np.where(x < 32, 0, tissue).astype("<u2").tobytes()
+    return {"zeros": bytes(64 ** 3), "tiny": b"abc"}[kind]
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth", "16-bit", "zeros", "tiny"])
+@pytest.mark.parametrize("level", [5, 9])
+def test_gzip_compressor_writes_standard_gzip_within_5_percent_of_level_9(kind, level):
     import gzip
     import zlib
 
     from hbp_image_tasks.pyramid import GzipCompressor
-    rng = np.random.default_rng(2)
-    data = {"noise": rng.integers(0, 256, 64 ** 3, dtype=np.uint8).tobytes(),
-            "smooth": np.repeat(np.arange(64 ** 3 // 64, dtype=np.uint16) // 7,
-                                64).astype(np.uint8).tobytes(),
-            "zeros": bytes(64 ** 3),
-            "tiny": b"abc"}[kind]
-    packed = GzipCompressor(5)(data)
+    data = _chunk_samples(kind)
+    compress = GzipCompressor(level, wide_samples=kind == "16-bit")
+    packed = compress(data)
     assert gzip.decompress(packed) == data
-    assert packed == GzipCompressor(5)(data)  # deterministic: resumed runs match
+    assert packed == compress(data)  # deterministic: resumed runs match
     level9 = len(zlib.compress(data, 9)) + 18  # gzip header and trailer
     assert len(packed) <= 1.05 * level9 + 16
+
+
+@pytest.mark.parametrize("kind, path", [
+    ("16-bit", "run-length"), ("noise", "isal"), ("smooth", "deflate")])
+def test_gzip_compressor_picks_the_fast_path_that_suits_the_chunk(kind, path):
+    from isal import isal_zlib
+
+    from hbp_image_tasks.pyramid import GzipCompressor, _fastest_gzip, _run_length_gzip
+    data = _chunk_samples(kind)
+    expected = {"run-length": lambda: _run_length_gzip()(data),
+                "isal": lambda: isal_zlib.compress(data, 1, wbits=31),
+                "deflate": lambda: _fastest_gzip()[1](data, 5)}[path]()
+    assert GzipCompressor(5, wide_samples=True)(data) == expected
+    # Level 9 asks for the smallest output: always the deflate library.
+    assert GzipCompressor(9, wide_samples=True)(data) == _fastest_gzip()[1](data, 9)
+
+
+def test_gzip_compressor_tries_run_length_on_wide_samples_only():
+    from hbp_image_tasks.pyramid import GzipCompressor, _fastest_gzip, _run_length_gzip
+    data = _chunk_samples("16-bit")
+    assert GzipCompressor(5, wide_samples=True)(data) == _run_length_gzip()(data)
+    assert GzipCompressor(5)(data) == _fastest_gzip()[1](data, 5)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "float32"])
