@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,6 +148,15 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, caplog, argv, message):
 # Single URL against a real local HTTP server
 # --------------------------------------------------------------------------
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """Keeps quiet when a client hangs up (downloads that give up on purpose)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FileServer:
     """A threaded HTTP/1.1 server on 127.0.0.1 with switchable misbehaviour."""
 
@@ -204,8 +214,7 @@ class FileServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever,
                                        args=(0.05,), daemon=True)
         self.thread.start()

@@ -148,6 +148,19 @@ def test_tiff_sections_are_decoded_by_libtiff_as_pillow_decodes_them(tmp_path, k
                                   array)
 
 
+def test_inverted_grey_tiff_goes_through_pillow(tmp_path):
+    from PIL import TiffImagePlugin
+    array = (np.arange(35, dtype=np.uint8) * 7).reshape(5, 7)
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[262] = 0  # PhotometricInterpretation: WhiteIsZero
+    path = tmp_path / "s.tif"
+    Image.fromarray(array).save(path, tiffinfo=tags)
+    with Image.open(path) as image:
+        assert sections._decode_plain(path, image) is None  # libtiff would not invert
+    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)),
+                                  array)
+
+
 def test_grey_sections_are_decoded_into_the_given_buffer(tmp_path):
     rng = np.random.default_rng(9)
     slab = np.zeros((2, 37, 53), np.uint16)
