@@ -61,9 +61,10 @@ class GzipCompressor:
 
     Below level 9, a sample of each chunk (eight strips, an eighth of it) is
     first compressed by ISA-L level 1 (``isal``: fast string matching) and,
-    for ``wide_samples`` (raw chunks of 16 bits or more per sample) where that
-    packs it to between a quarter and 98 %, by zlib-ng's run-length strategy
-    (``zlib-ng``: runs and Huffman codes only). The whole chunk then goes to
+    for ``wide_samples`` (raw chunks of 16 bits or more per sample) unless
+    that leaves it above 98 % (noise: nothing gains), by zlib-ng's run-length
+    strategy (``zlib-ng``: runs and Huffman codes only). The whole chunk then
+    goes to
     - run-length when that does at least as well as ISA-L on the sample:
       images whose noisy low bytes defeat string matching; 2.4x faster than
       libdeflate level 5, 3-5 % larger than zlib level 9 (8-bit samples never
@@ -78,8 +79,7 @@ class GzipCompressor:
     """
 
     INCOMPRESSIBLE = 0.9
-    STRINGS_WIN = 0.25  # samples that string matching packs below this skip run-length
-    NOISE = 0.98  # nor do those it cannot pack below this: nothing gains on noise
+    NOISE = 0.98  # samples that string matching cannot pack below this skip run-length
     STRIPS = 8
 
     def __init__(self, level: int, wide_samples: bool = False):
@@ -115,8 +115,7 @@ class GzipCompressor:
         sample = self._sample(view)
         matched = len(self._fast.compress(sample, 1))
         incompressible = matched > self.INCOMPRESSIBLE * len(sample)
-        if (self._runs is not None
-                and self.STRINGS_WIN * len(sample) <= matched <= self.NOISE * len(sample)
+        if (self._runs is not None and matched <= self.NOISE * len(sample)
                 and len(self._runs(sample)) <= matched):
             return self._runs(view)
         if incompressible:
