@@ -209,7 +209,7 @@ class Level:
         return self.buffer.shape[1]
 
 
-def _encode(encoder: chunk_encoding.ChunkEncoder, block: np.ndarray):
+def _encoded_chunk(encoder: chunk_encoding.ChunkEncoder, block: np.ndarray):
     """Returns the encoded chunk: raw chunks as a contiguous array, the same bytes as
     RawChunkEncoder.encode's with one copy less (gzip and files take arrays)."""
     if type(encoder) is chunk_encoding.RawChunkEncoder and block.dtype == encoder.dtype:
@@ -316,7 +316,7 @@ class PyramidBuilder:
         ox, oy, oz = level.offset
         for z in range(0, level.filled, chunk_z):
             z1 = min(z + chunk_z, level.filled)
-            data = _encode(level.encoder, tile[:, z:z1])
+            data = _encoded_chunk(level.encoder, tile[:, z:z1])
             coords = (ox + x0, ox + x1, oy + y0, oy + y1,
                       oz + level.z0 + z, oz + level.z0 + z1)
             written = self.accessor.store_chunk(data, level.key, coords,
