@@ -385,6 +385,28 @@ def test_gzip_compressor_picks_the_fast_path_that_suits_the_chunk(kind, path):
     assert GzipCompressor(9, wide_samples=True)(data) == _fastest_gzip()[1](data, 9)
 
 
+def test_gzip_compressor_compresses_zero_chunks_once_per_length():
+    import gzip
+
+    from hbp_image_tasks.pyramid import GzipCompressor
+    compress = GzipCompressor(5, wide_samples=True)
+    tissue = _chunk_samples("16-bit")
+    expected = {n: GzipCompressor(5, wide_samples=True)(bytes(n)) for n in (64 ** 3, 999)}
+    assert compress(bytes(64 ** 3)) == expected[64 ** 3]
+    assert compress(np.zeros(999, np.uint8)) == expected[999]
+
+    def no_more_compression(*args, **kwargs):
+        raise AssertionError("a zero chunk was compressed again")
+    compress._compress = compress._runs = no_more_compression
+    compress._fast = None
+    for _ in range(3):
+        assert compress(np.zeros((64, 64, 32), "<u2")) == expected[64 ** 3]
+        assert compress(bytes(999)) == expected[999]
+    assert gzip.decompress(expected[999]) == bytes(999)
+    with pytest.raises(AssertionError, match="compressed again"):
+        compress(tissue)  # anything else is still compressed
+
+
 def test_gzip_compressor_tries_run_length_on_wide_samples_only():
     from hbp_image_tasks.pyramid import GzipCompressor, _fastest_gzip, _run_length_gzip
     data = _chunk_samples("16-bit")
