@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -148,20 +149,23 @@ class AtomicFileAccessor(FileAccessor):
                          compresslevel=compresslevel)
         self.compress = GzipCompressor(compresslevel, wide_samples)
 
-    def _encode(self, path: Path, buf: bytes, mime_type: str) -> tuple:
+    def _encode(self, path: str, buf, mime_type: str) -> tuple:
         if self.gzip and mime_type not in NO_COMPRESS_MIME_TYPES:
-            return path.with_name(path.name + ".gz"), self.compress(buf)
+            return path + ".gz", self.compress(buf)
         return path, buf
 
     def store_file(self, relative_path, buf, mime_type="application/octet-stream",
                    overwrite=False):
-        path, data = self._encode(self.base_path / relative_path, buf, mime_type)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path, data = self._encode(os.path.join(self.base_path, relative_path), buf,
+                                  mime_type)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         write_bytes_atomically(path, data)
 
     def store_chunk(self, buf, key, chunk_coords,
                     mime_type="application/octet-stream", overwrite=True) -> int:
-        path, data = self._encode(self._chunk_path(key, chunk_coords), buf, mime_type)
+        # The accessor's own chunk name pattern, formatted without pathlib (GIL).
+        name = self.chunk_pattern.format(*chunk_coords, key=key)
+        path, data = self._encode(os.path.join(self.base_path, name), buf, mime_type)
         write_bytes_atomically(path, data)
         return memoryview(data).nbytes
 

@@ -22,3 +22,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_bytes_atomically(path, object())  # not bytes: the write fails
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["info"]
+
+
+def test_arrays_and_string_paths_are_written_as_their_bytes(tmp_path):
+    import numpy as np
+    samples = np.arange(70000, dtype="<u4").reshape(7, 10000)
+    write_bytes_atomically(str(tmp_path / "chunk"), samples)
+    assert (tmp_path / "chunk").read_bytes() == samples.tobytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["chunk"]
