@@ -64,6 +64,21 @@ def test_stack_scale0_equals_input_and_lower_scales_equal_numpy_means(tmp_path, 
     assert result.chunks == sum(1 for p in (tmp_path / "out").rglob("*.gz"))
 
 
+@pytest.mark.parametrize("voxel_size", [(10, 10, 10), (10, 40, 10)])
+def test_rows_wider_than_one_task_are_written_and_downscaled_exactly(tmp_path, voxel_size):
+    from hbp_image_tasks.pyramid import PyramidBuilder
+    chunk = 8
+    # Two full tasks of tiles and a third with an odd, partial last tile.
+    width = chunk * PyramidBuilder.TILES_PER_TASK * 2 + 13
+    volume = smooth_volume((19, 21, width), "uint16", seed=11)
+    write_stack(tmp_path / "in", volume, ".tif")
+    convert(tmp_path / "in", tmp_path / "out",
+            ConversionParameters(chunk_size=chunk, voxel_size=voxel_size), jobs=3,
+            show_progress=False)
+    info = assert_pyramid(tmp_path / "out", volume[np.newaxis], "average")
+    assert info["scales"][1]["size"][0] > chunk * PyramidBuilder.TILES_PER_TASK
+
+
 def write_nifti(path: Path, volume_xyz: np.ndarray, zooms=(0.5, 0.5, 1.0)) -> None:
     import nibabel
     affine = np.diag(list(zooms) + [1.0])
