@@ -420,6 +420,9 @@ def test_gzip_compressor_compresses_zero_chunks_once_per_length():
     assert gzip.decompress(expected[999]) == bytes(999)
     with pytest.raises(AssertionError, match="compressed again"):
         compress(tissue)  # anything else is still compressed
+    almost = bytearray(64 ** 3)
+    almost[12345] = 7  # zero at both ends and in the middle: not a zero chunk
+    assert gzip.decompress(GzipCompressor(5, wide_samples=True)(almost)) == almost
 
 
 def test_gzip_compressor_tries_run_length_on_wide_samples_only():
