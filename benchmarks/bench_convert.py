@@ -8,6 +8,7 @@ of both with their ratios (measured in the same run).
 
     python benchmarks/bench_convert.py --quick            # about a minute
     python benchmarks/bench_convert.py --sections 64 256 --kinds noise brain --repeat 3
+    python benchmarks/bench_convert.py --sections 256 --jobs 1 2 4 8 16   # scaling
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def run_plain(stack: Path, out: Path, size: int, sections: int, fmt: str) -> dic
     steps = [measure([str(BIN / "generate-scales-info"), str(fullres), str(out)]),
              measure([str(BIN / "slices-to-precomputed"), "--flat", str(stack), str(out)]),
              measure([str(BIN / "compute-scales"), "--flat", str(out)])]
+    fullres.unlink()
     return {"wall": sum(s["wall"] for s in steps), "cpu": sum(s["cpu"] for s in steps),
             "rss_mb": max(s["rss_mb"] for s in steps),
             "steps": [round(s["wall"], 1) for s in steps]}
@@ -157,13 +159,22 @@ def compare(plain: Path, ours: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--sections", type=int, nargs="+", default=[64, 256],
+                        help="stack depths to generate (default: 64 256)")
+    parser.add_argument("--size", type=int, default=2048,
+                        help="section width and height in pixels (default: 2048)")
     parser.add_argument("--kinds", nargs="+", default=["noise", "brain"],
-                        choices=["noise", "brain"])
+                        choices=["noise", "brain"],
+                        help="noise: uniform noise on a faint ramp; brain: smooth "
+                        "MRI-like head with zero background")
     parser.add_argument("--formats", nargs="+", default=["png8", "tiff16"],
-                        choices=["png8", "tiff16"])
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+                        choices=["png8", "tiff16"],
+                        help="8-bit grey PNG and/or 16-bit grey TIFF sections")
+    parser.add_argument("--jobs", type=int, nargs="+",
+                        default=[len(os.sched_getaffinity(0))],
+                        help="ingest_ngs --jobs; several values (e.g. 1 2 4 8 16) "
+                        "measure how the conversion scales with cores against one "
+                        "baseline run (default: the CPUs this process may use)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run ingest_ngs this many times per input and report "
                         "the median (short runs vary by 10-20 %% on a shared machine)")
@@ -171,7 +182,9 @@ def main(argv=None) -> int:
                         help="1024x1024x64 noise and brain 8-bit PNG only")
     parser.add_argument("--no-baseline", action="store_true",
                         help="run ingest_ngs only (no ratios)")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where stacks and outputs go (default: a new temporary "
+                        "directory); results.json is written there")
     parser.add_argument("--extra", default="", help="more ingest_ngs arguments")
     args = parser.parse_args(argv)
     if args.quick:
@@ -180,7 +193,8 @@ def main(argv=None) -> int:
     rows = []
     header = (f"{'input':<28} {'tool':<8} {'wall s':>8} {'CPU s':>8} {'RSS MB':>8} "
               f"{'RSS/slab':>8} {'out MB':>9}")
-    print(f"# {args.size}x{args.size}, jobs={args.jobs}, cpus={os.cpu_count()}")
+    print(f"# {args.size}x{args.size}, jobs={' '.join(map(str, args.jobs))}, "
+          f"cpus={len(os.sched_getaffinity(0))} of {os.cpu_count()}")
     print(header)
     for kind in args.kinds:
         for fmt in args.formats:
@@ -196,12 +210,15 @@ def main(argv=None) -> int:
                     results["plain"] = run_plain(stack, out, args.size, sections, fmt)
                     results["plain"]["bytes"] = output_bytes(out)
                 out = workdir / f"{name}-ours"
-                shutil.rmtree(out, ignore_errors=True)
-                results["ours"] = run_ours(stack, out, args.jobs, args.extra.split(),
-                                           args.repeat)
-                results["ours"]["bytes"] = output_bytes(out)
+                for jobs in args.jobs:
+                    tool = "ours" if len(args.jobs) == 1 else f"ours/j{jobs}"
+                    results[tool] = run_ours(stack, out, jobs, args.extra.split(),
+                                             args.repeat)
+                    results[tool]["jobs"] = jobs
+                    results[tool]["bytes"] = output_bytes(out)
+                    if not args.no_baseline:
+                        compare(workdir / f"{name}-plain", out)
                 if not args.no_baseline:
-                    compare(workdir / f"{name}-plain", out)
                     shutil.rmtree(workdir / f"{name}-plain")
                 for tool, r in results.items():
                     print(f"{name:<28} {tool:<8} {r['wall']:8.1f} {r['cpu']:8.1f} "
@@ -209,9 +226,12 @@ def main(argv=None) -> int:
                           f"{r['bytes'] / 2 ** 20:9.1f}"
                           + (f"   (median of {r['walls']} s)" if len(r.get("walls", ())) > 1
                              else ""), flush=True)
-                if "plain" in results:
-                    p, o = results["plain"], results["ours"]
-                    print(f"{name:<28} {'ratio':<8} {p['wall'] / o['wall']:7.1f}x "
+                for tool, o in results.items():
+                    if tool == "plain" or "plain" not in results:
+                        continue
+                    p = results["plain"]
+                    label = "ratio" if tool == "ours" else f"ratio/j{o['jobs']}"
+                    print(f"{name:<28} {label:<8} {p['wall'] / o['wall']:7.1f}x "
                           f"{p['cpu'] / o['cpu']:7.1f}x {o['rss_mb'] / p['rss_mb']:8.2f} "
                           f"{'':>8} {o['bytes'] / p['bytes']:9.3f}   (identical voxels)",
                           flush=True)
