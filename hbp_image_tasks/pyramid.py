@@ -227,10 +227,21 @@ class Level:
     buffer: np.ndarray  # (C, capacity, Y, X)
     filled: int = 0
     z0: int = 0
+    # The last filled planes, while they live in the previous scale's buffer
+    # (see PyramidBuilder._flush); None otherwise.
+    spill: Optional[np.ndarray] = None
 
     @property
     def capacity(self) -> int:
         return self.buffer.shape[1]
+
+    def planes(self, rows: slice, columns: slice) -> np.ndarray:
+        """Returns the filled planes of a region, (C, filled, rows, columns)."""
+        if self.spill is None:
+            return self.buffer[:, :self.filled, rows, columns]
+        kept = self.filled - self.spill.shape[1]
+        return np.concatenate((self.buffer[:, :kept, rows, columns],
+                               self.spill[:, :, rows, columns]), axis=1)
 
 
 def _encoded_chunk(encoder: chunk_encoding.ChunkEncoder, block: np.ndarray):
@@ -245,8 +256,10 @@ class PyramidBuilder:
     """Receives scale-0 slabs in z order and writes every scale's chunks.
 
     Call :meth:`slab` to get the buffer for the next slab, fill it, then
-    :meth:`push`; after the last slab call :meth:`finish`. Memory: one slab
-    plus the lower scales' buffers (about a third of a slab for isotropic data).
+    :meth:`push` (``last=True`` for the last slab). Memory: one slab
+    plus the planes the lower scales keep between slabs (about a fifth of a
+    slab for isotropic data: half of scale 1's buffer, scale 2's, ...); the
+    planes that complete a scale are put in the previous scale's buffer.
 
     A task writes the chunks of a row of up to TILES_PER_TASK tiles and
     downscales them in one call: few enough Python calls per voxel that
@@ -325,32 +338,49 @@ class PyramidBuilder:
         if level.filled < level.capacity and not last:
             return
         target = self.levels[index + 1] if index + 1 < len(self.levels) else None
+        spill = None
+        if target is not None:
+            fx, fy, fz = target.factors
+            incoming = ceil_div(level.filled, fz)
+            if level.spill is None and (target.filled + incoming >= target.capacity
+                                        or last):
+                # The target is flushed right after this level, before this
+                # level's buffer is filled again: its new planes can live there.
+                # Plane z, row y, column x of the target goes to plane z, row
+                # y * fy, column x * fx of this buffer, inside the very band it
+                # is computed from, once that band's chunks are written.
+                spill = level.buffer[:, :incoming, ::fy, ::fx]
         futures: List[Future] = []
         chunk_x, chunk_y = level.chunk[0], level.chunk[1]
         band_width = chunk_x * self.TILES_PER_TASK
         for y0 in range(0, level.size[1], chunk_y):
             for x0 in range(0, level.size[0], band_width):
                 futures.append(self.executor.submit(
-                    self._write_band, level, target, x0, y0))
+                    self._write_band, level, target, spill, x0, y0))
         for future in futures:
             future.result()
         if target is not None:
-            target.filled += ceil_div(level.filled, target.factors[2])
+            target.filled += incoming
+            target.spill = spill
         level.z0 += level.filled
         level.filled = 0
+        level.spill = None
         if target is not None:
             self._flush(index + 1, last)
 
-    def _write_band(self, level: Level, target: Optional[Level], x0: int, y0: int) -> None:
+    def _write_band(self, level: Level, target: Optional[Level], spill: Optional[np.ndarray],
+                    x0: int, y0: int) -> None:
         """Writes the chunks of up to TILES_PER_TASK columns of tiles from (x0, y0)
-        along x, then downscales them together into ``target``."""
+        along x, then downscales them together into ``target`` (into ``spill``
+        if given)."""
         chunk_x, chunk_y, chunk_z = level.chunk
         x_end = min(x0 + chunk_x * self.TILES_PER_TASK, level.size[0])
         y1 = min(y0 + chunk_y, level.size[1])
+        band = level.planes(slice(y0, y1), slice(x0, x_end))
         ox, oy, oz = level.offset
         for tile_x0 in range(x0, x_end, chunk_x):
             tile_x1 = min(tile_x0 + chunk_x, x_end)
-            tile = level.buffer[:, :level.filled, y0:y1, tile_x0:tile_x1]
+            tile = band[..., tile_x0 - x0:tile_x1 - x0]
             for z in range(0, level.filled, chunk_z):
                 z1 = min(z + chunk_z, level.filled)
                 data = _encoded_chunk(level.encoder, tile[:, z:z1])
@@ -365,15 +395,18 @@ class PyramidBuilder:
                     self.on_chunk(written)
         if target is not None:
             fx, fy, fz = target.factors
-            band = level.buffer[:, :level.filled, y0:y1, x0:x_end]
+            # A striding downscaler returns a view of ``band``, which the spill
+            # overlaps: numpy copies overlapping operands before assigning.
             small = self.downscaler.downscale(band, (fx, fy, fz))
-            start = target.filled
-            target.buffer[:, start:start + small.shape[1],
-                          y0 // fy:y0 // fy + small.shape[2],
-                          x0 // fx:x0 // fx + small.shape[3]] = small
+            destination, start = ((spill, 0) if spill is not None
+                                  else (target.buffer, target.filled))
+            destination[:, start:start + small.shape[1],
+                        y0 // fy:y0 // fy + small.shape[2],
+                        x0 // fx:x0 // fx + small.shape[3]] = small
 
     def state(self) -> tuple:
         """Returns (per-level positions, per-level pending planes) for a checkpoint."""
+        assert all(level.spill is None for level in self.levels)
         positions = [{"z0": lv.z0, "filled": lv.filled} for lv in self.levels]
         pending = {f"level{i}": lv.buffer[:, :lv.filled]
                    for i, lv in enumerate(self.levels) if lv.filled}

@@ -79,6 +79,33 @@ def test_rows_wider_than_one_task_are_written_and_downscaled_exactly(tmp_path, v
     assert info["scales"][1]["size"][0] > chunk * PyramidBuilder.TILES_PER_TASK
 
 
+@pytest.mark.parametrize("depth, kept", [(8, 0), (16, 4)])
+def test_scale_1_completing_planes_never_use_its_own_buffer(tmp_path, monkeypatch, depth,
+                                                             kept):
+    """Scale 1 is written from the slab's memory whenever it is complete: its own
+    buffer only ever holds the planes that wait for the next slab (``kept``)."""
+    from hbp_image_tasks import pyramid
+    builders = []
+
+    class WatchedBuilder(pyramid.PyramidBuilder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for level in self.levels[1:]:
+                level.buffer.fill(12345)
+            builders.append(self)
+
+    monkeypatch.setattr(pyramid, "PyramidBuilder", WatchedBuilder)
+    volume = smooth_volume((depth, 20, 150), "uint16", seed=13)
+    write_stack(tmp_path / "in", volume, ".tif")
+    convert(tmp_path / "in", tmp_path / "out",
+            ConversionParameters(chunk_size=8, voxel_size=(10, 10, 10)), jobs=2,
+            show_progress=False)
+    assert_pyramid(tmp_path / "out", volume[np.newaxis], "average")
+    scale1 = builders[0].levels[1].buffer
+    assert (scale1[:, kept:] == 12345).all()
+    assert (scale1[:, :kept] != 12345).any() or kept == 0
+
+
 def write_nifti(path: Path, volume_xyz: np.ndarray, zooms=(0.5, 0.5, 1.0)) -> None:
     import nibabel
     affine = np.diag(list(zooms) + [1.0])
