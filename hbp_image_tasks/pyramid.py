@@ -342,6 +342,7 @@ class PyramidBuilder:
         if target is not None:
             fx, fy, fz = target.factors
             incoming = ceil_div(level.filled, fz)
+            assert target.filled + incoming <= target.capacity, "buffer sizes"
             if level.spill is None and (target.filled + incoming >= target.capacity
                                         or last):
                 # The target is flushed right after this level, before this
