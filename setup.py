@@ -1,4 +1,5 @@
 """Packaging of hbp-image-tasks: all metadata lives here (release number on one line)."""
+
 from setuptools import find_packages, setup
 
 with open("README.md", encoding="utf-8") as readme:
@@ -6,7 +7,7 @@ with open("README.md", encoding="utf-8") as readme:
 
 setup(
     name="hbp-image-tasks",
-    version='0.1.0',
+    version="0.1.0",
     description=(
         "Fetch brain images, convert them to Neuroglancer precomputed "
         "and publish them on OpenStack Swift"
@@ -17,7 +18,6 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["hbp_image_tasks", "hbp_image_tasks.*"]),
     include_package_data=True,
-    package_data={"hbp_image_tasks": ["data/*", "data/**/*"]},
     python_requires=">=3.9",
     install_requires=[
         "requests>=2.25",
@@ -34,7 +34,7 @@ setup(
         "zlib-ng>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "responses>=0.22"],
+        "test": ["pytest>=7", "responses>=0.22", "ruff>=0.6"],
         "browser": ["playwright>=1.40", "neuroglancer>=2.38"],
     },
     entry_points={

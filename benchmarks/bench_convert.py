@@ -10,6 +10,7 @@ of both with their ratios (measured in the same run).
     python benchmarks/bench_convert.py --sections 64 256 --kinds noise brain --repeat 3
     python benchmarks/bench_convert.py --sections 256 --jobs 1 2 4 8 16   # scaling
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ print(json.dumps({"code": code, "wall": time.monotonic() - start,
 
 def measure(command: list, env: dict | None = None) -> dict:
     """Runs one command in a fresh wrapper process; returns wall, CPU and peak RSS."""
-    output = subprocess.run([sys.executable, "-c", WRAPPER] + command, check=True,
-                            capture_output=True, text=True, env=env).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", WRAPPER] + command,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     result = json.loads(output)
     if result["code"] != 0:
         raise SystemExit(f"failed ({result['code']}): {' '.join(command)}")
@@ -49,11 +55,15 @@ def measure(command: list, env: dict | None = None) -> dict:
 
 # ------------------------------------------------------------------ inputs
 
+
 def noise_plane(z: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Returns a float plane in [0, 1): a faint gradient under strong noise."""
     ramp = np.linspace(0, 0.3, size, dtype=np.float32)
-    return (ramp[np.newaxis, :] * 0 + ramp[:, np.newaxis]
-            + rng.random((size, size), dtype=np.float32) * 0.7)
+    return (
+        ramp[np.newaxis, :] * 0
+        + ramp[:, np.newaxis]
+        + rng.random((size, size), dtype=np.float32) * 0.7
+    )
 
 
 class BrainLike:
@@ -61,12 +71,11 @@ class BrainLike:
     181x217 voxels per section, bands of grey/white contrast, faint noise, ~40 %
     zero background) upsampled bilinearly to the section size."""
 
-    def __init__(self, size: int, depth: int, seed: int = 0, low=(181, 217),
-                 noise: float = 0.015):
+    def __init__(self, size: int, depth: int, seed: int = 0, low=(181, 217), noise: float = 0.015):
         self.noise = noise
         rng = np.random.default_rng(seed)
         self.size, self.depth = size, depth
-        yy, xx = np.mgrid[-1:1:low[1] * 1j, -1:1:low[0] * 1j].astype(np.float32)
+        yy, xx = np.mgrid[-1 : 1 : low[1] * 1j, -1 : 1 : low[0] * 1j].astype(np.float32)
         self.xx, self.yy, self.rng = xx, yy, rng
         self.radius2d = (xx / 0.97) ** 2 + (yy / 0.93) ** 2
 
@@ -77,8 +86,9 @@ class BrainLike:
         tissue += self.rng.normal(0, self.noise, tissue.shape).astype(np.float32)
         tissue[radius > 1] = 0
         low = np.clip(tissue, 0, 0.999).astype(np.float32)
-        return np.asarray(Image.fromarray(low, mode="F").resize(
-            (self.size, self.size), Image.BILINEAR))
+        return np.asarray(
+            Image.fromarray(low, mode="F").resize((self.size, self.size), Image.BILINEAR)
+        )
 
 
 def write_stack(directory: Path, kind: str, fmt: str, sections: int, size: int) -> int:
@@ -90,31 +100,50 @@ def write_stack(directory: Path, kind: str, fmt: str, sections: int, size: int) 
         plane = brain.plane(z) if kind == "brain" else noise_plane(z, size, rng)
         if fmt == "png8":
             Image.fromarray((plane * 255).astype(np.uint8)).save(
-                directory / f"section_{z:05d}.png", compress_level=1)
+                directory / f"section_{z:05d}.png", compress_level=1
+            )
         else:
             Image.fromarray((plane * 65535).astype(np.uint16)).save(
-                directory / f"section_{z:05d}.tif")
+                directory / f"section_{z:05d}.tif"
+            )
     return size * size * 64 * (1 if fmt == "png8" else 2)
 
 
 # ------------------------------------------------------------------ runs
 
+
 def run_plain(stack: Path, out: Path, size: int, sections: int, fmt: str) -> dict:
     """Runs the three plain neuroglancer-scripts commands; returns summed measures."""
     fullres = out.parent / f"{out.name}_fullres.json"
-    fullres.write_text(json.dumps({
-        "type": "image", "data_type": "uint8" if fmt == "png8" else "uint16",
-        "num_channels": 1,
-        "scales": [{"encoding": "raw", "size": [size, size, sections],
-                    "resolution": [1000.0, 1000.0, 1000.0],
-                    "voxel_offset": [0, 0, 0]}]}))
-    steps = [measure([str(BIN / "generate-scales-info"), str(fullres), str(out)]),
-             measure([str(BIN / "slices-to-precomputed"), "--flat", str(stack), str(out)]),
-             measure([str(BIN / "compute-scales"), "--flat", str(out)])]
+    fullres.write_text(
+        json.dumps(
+            {
+                "type": "image",
+                "data_type": "uint8" if fmt == "png8" else "uint16",
+                "num_channels": 1,
+                "scales": [
+                    {
+                        "encoding": "raw",
+                        "size": [size, size, sections],
+                        "resolution": [1000.0, 1000.0, 1000.0],
+                        "voxel_offset": [0, 0, 0],
+                    }
+                ],
+            }
+        )
+    )
+    steps = [
+        measure([str(BIN / "generate-scales-info"), str(fullres), str(out)]),
+        measure([str(BIN / "slices-to-precomputed"), "--flat", str(stack), str(out)]),
+        measure([str(BIN / "compute-scales"), "--flat", str(out)]),
+    ]
     fullres.unlink()
-    return {"wall": sum(s["wall"] for s in steps), "cpu": sum(s["cpu"] for s in steps),
-            "rss_mb": max(s["rss_mb"] for s in steps),
-            "steps": [round(s["wall"], 1) for s in steps]}
+    return {
+        "wall": sum(s["wall"] for s in steps),
+        "cpu": sum(s["cpu"] for s in steps),
+        "rss_mb": max(s["rss_mb"] for s in steps),
+        "steps": [round(s["wall"], 1) for s in steps],
+    }
 
 
 def run_ours(stack: Path, out: Path, jobs: int, extra: list, repeat: int = 1) -> dict:
@@ -123,10 +152,23 @@ def run_ours(stack: Path, out: Path, jobs: int, extra: list, repeat: int = 1) ->
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
-        runs.append(measure(
-            [str(BIN / "ingest_ngs"), str(stack), "--destination", str(out),
-             "--jobs", str(jobs), "--no-progress", "-q", "--parameters",
-             json.dumps({"voxel_size": [1, 1, 1], "voxel_unit": "um"})] + extra))
+        runs.append(
+            measure(
+                [
+                    str(BIN / "ingest_ngs"),
+                    str(stack),
+                    "--destination",
+                    str(out),
+                    "--jobs",
+                    str(jobs),
+                    "--no-progress",
+                    "-q",
+                    "--parameters",
+                    json.dumps({"voxel_size": [1, 1, 1], "voxel_unit": "um"}),
+                ]
+                + extra
+            )
+        )
     median = dict(sorted(runs, key=lambda r: r["wall"])[len(runs) // 2])
     median["rss_mb"] = max(r["rss_mb"] for r in runs)
     median["walls"] = [round(r["wall"], 2) for r in runs]
@@ -134,14 +176,17 @@ def run_ours(stack: Path, out: Path, jobs: int, extra: list, repeat: int = 1) ->
 
 
 def output_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*")
-               if p.is_file() and not any(part.startswith(".") for part in
-                                          p.relative_to(directory).parts))
+    return sum(
+        p.stat().st_size
+        for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def compare(plain: Path, ours: Path) -> None:
     """Checks chunk by chunk that both datasets decode to identical voxels."""
     from neuroglancer_scripts import accessor, precomputed_io
+
     a = precomputed_io.get_IO_for_existing_dataset(accessor.get_accessor_for_url(str(plain)))
     b = precomputed_io.get_IO_for_existing_dataset(accessor.get_accessor_for_url(str(ours)))
     assert [s["size"] for s in a.info["scales"]] == [s["size"] for s in b.info["scales"]]
@@ -151,50 +196,84 @@ def compare(plain: Path, ours: Path) -> None:
             for y in range(0, sy, cy):
                 for x in range(0, sx, cx):
                     coords = (x, min(x + cx, sx), y, min(y + cy, sy), z, min(z + cz, sz))
-                    if not np.array_equal(a.read_chunk(scale["key"], coords),
-                                          b.read_chunk(scale["key"], coords)):
+                    if not np.array_equal(
+                        a.read_chunk(scale["key"], coords), b.read_chunk(scale["key"], coords)
+                    ):
                         raise SystemExit(f"decoded voxels differ: {scale['key']} {coords}")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", type=int, nargs="+", default=[64, 256],
-                        help="stack depths to generate (default: 64 256)")
-    parser.add_argument("--size", type=int, default=2048,
-                        help="section width and height in pixels (default: 2048)")
-    parser.add_argument("--kinds", nargs="+", default=["noise", "brain"],
-                        choices=["noise", "brain"],
-                        help="noise: uniform noise on a faint ramp; brain: smooth "
-                        "MRI-like head with zero background")
-    parser.add_argument("--formats", nargs="+", default=["png8", "tiff16"],
-                        choices=["png8", "tiff16"],
-                        help="8-bit grey PNG and/or 16-bit grey TIFF sections")
-    parser.add_argument("--jobs", type=int, nargs="+",
-                        default=[len(os.sched_getaffinity(0))],
-                        help="ingest_ngs --jobs; several values (e.g. 1 2 4 8 16) "
-                        "measure how the conversion scales with cores against one "
-                        "baseline run (default: the CPUs this process may use)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run ingest_ngs this many times per input and report "
-                        "the median (short runs vary by 10-20 %% on a shared machine)")
-    parser.add_argument("--quick", action="store_true",
-                        help="1024x1024x64 noise and brain 8-bit PNG only")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="run ingest_ngs only (no ratios)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where stacks and outputs go (default: a new temporary "
-                        "directory); results.json is written there")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sections",
+        type=int,
+        nargs="+",
+        default=[64, 256],
+        help="stack depths to generate (default: 64 256)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=2048, help="section width and height in pixels (default: 2048)"
+    )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["noise", "brain"],
+        choices=["noise", "brain"],
+        help="noise: uniform noise on a faint ramp; brain: smooth "
+        "MRI-like head with zero background",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["png8", "tiff16"],
+        choices=["png8", "tiff16"],
+        help="8-bit grey PNG and/or 16-bit grey TIFF sections",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        nargs="+",
+        default=[len(os.sched_getaffinity(0))],
+        help="ingest_ngs --jobs; several values (e.g. 1 2 4 8 16) "
+        "measure how the conversion scales with cores against one "
+        "baseline run (default: the CPUs this process may use)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run ingest_ngs this many times per input and report "
+        "the median (short runs vary by 10-20 %% on a shared machine)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1024x1024x64 noise and brain 8-bit PNG only"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="run ingest_ngs only (no ratios)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where stacks and outputs go (default: a new temporary "
+        "directory); results.json is written there",
+    )
     parser.add_argument("--extra", default="", help="more ingest_ngs arguments")
     args = parser.parse_args(argv)
     if args.quick:
         args.sections, args.size, args.formats = [64], 1024, ["png8"]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-convert-"))
     rows = []
-    header = (f"{'input':<28} {'tool':<8} {'wall s':>8} {'CPU s':>8} {'RSS MB':>8} "
-              f"{'RSS/slab':>8} {'out MB':>9}")
-    print(f"# {args.size}x{args.size}, jobs={' '.join(map(str, args.jobs))}, "
-          f"cpus={len(os.sched_getaffinity(0))} of {os.cpu_count()}")
+    header = (
+        f"{'input':<28} {'tool':<8} {'wall s':>8} {'CPU s':>8} {'RSS MB':>8} "
+        f"{'RSS/slab':>8} {'out MB':>9}"
+    )
+    print(
+        f"# {args.size}x{args.size}, jobs={' '.join(map(str, args.jobs))}, "
+        f"cpus={len(os.sched_getaffinity(0))} of {os.cpu_count()}"
+    )
     print(header)
     for kind in args.kinds:
         for fmt in args.formats:
@@ -202,7 +281,7 @@ def main(argv=None) -> int:
                 name = f"{kind}-{fmt}-{args.size}x{sections}"
                 stack = workdir / name
                 shutil.rmtree(stack, ignore_errors=True)
-                slab = write_stack(stack, kind, fmt, sections, args.size) / 2 ** 20
+                slab = write_stack(stack, kind, fmt, sections, args.size) / 2**20
                 results = {}
                 if not args.no_baseline:
                     out = workdir / f"{name}-plain"
@@ -212,8 +291,7 @@ def main(argv=None) -> int:
                 out = workdir / f"{name}-ours"
                 for jobs in args.jobs:
                     tool = "ours" if len(args.jobs) == 1 else f"ours/j{jobs}"
-                    results[tool] = run_ours(stack, out, jobs, args.extra.split(),
-                                             args.repeat)
+                    results[tool] = run_ours(stack, out, jobs, args.extra.split(), args.repeat)
                     results[tool]["jobs"] = jobs
                     results[tool]["bytes"] = output_bytes(out)
                     if not args.no_baseline:
@@ -221,20 +299,24 @@ def main(argv=None) -> int:
                 if not args.no_baseline:
                     shutil.rmtree(workdir / f"{name}-plain")
                 for tool, r in results.items():
-                    print(f"{name:<28} {tool:<8} {r['wall']:8.1f} {r['cpu']:8.1f} "
-                          f"{r['rss_mb']:8.0f} {r['rss_mb'] / slab:8.2f} "
-                          f"{r['bytes'] / 2 ** 20:9.1f}"
-                          + (f"   (median of {r['walls']} s)" if len(r.get("walls", ())) > 1
-                             else ""), flush=True)
+                    print(
+                        f"{name:<28} {tool:<8} {r['wall']:8.1f} {r['cpu']:8.1f} "
+                        f"{r['rss_mb']:8.0f} {r['rss_mb'] / slab:8.2f} "
+                        f"{r['bytes'] / 2**20:9.1f}"
+                        + (f"   (median of {r['walls']} s)" if len(r.get("walls", ())) > 1 else ""),
+                        flush=True,
+                    )
                 for tool, o in results.items():
                     if tool == "plain" or "plain" not in results:
                         continue
                     p = results["plain"]
                     label = "ratio" if tool == "ours" else f"ratio/j{o['jobs']}"
-                    print(f"{name:<28} {label:<8} {p['wall'] / o['wall']:7.1f}x "
-                          f"{p['cpu'] / o['cpu']:7.1f}x {o['rss_mb'] / p['rss_mb']:8.2f} "
-                          f"{'':>8} {o['bytes'] / p['bytes']:9.3f}   (identical voxels)",
-                          flush=True)
+                    print(
+                        f"{name:<28} {label:<8} {p['wall'] / o['wall']:7.1f}x "
+                        f"{p['cpu'] / o['cpu']:7.1f}x {o['rss_mb'] / p['rss_mb']:8.2f} "
+                        f"{'':>8} {o['bytes'] / p['bytes']:9.3f}   (identical voxels)",
+                        flush=True,
+                    )
                 rows.append({"input": name, **results})
                 shutil.rmtree(out)
                 shutil.rmtree(stack)

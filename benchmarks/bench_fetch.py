@@ -9,6 +9,7 @@ prints the median times and their ratio. Not a test: run it by hand:
 
   python benchmarks/bench_fetch.py --objects 600 --size 262144 --repeat 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,12 @@ BIN = Path(sys.executable).parent
 
 def start_swift(state: str) -> dict:
     """Starts (or reuses) the local Swift; returns its env JSON."""
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "local_swift.py"),
-                           "start", "--dir", state], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", state],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         sys.exit(f"scripts/local-swift start failed:\n{done.stderr}")
     return json.loads(done.stdout)
@@ -44,9 +48,13 @@ def fill_container(env: dict, name: str, count: int, size: int) -> tuple[str, st
     from keystoneauth1 import session
     from keystoneauth1.identity import v3
 
-    auth = v3.Password(auth_url=env["auth_url"], username=env["username"],
-                       password=env["password"], project_id=env["project_id"],
-                       user_domain_name="Default")
+    auth = v3.Password(
+        auth_url=env["auth_url"],
+        username=env["username"],
+        password=env["password"],
+        project_id=env["project_id"],
+        user_domain_name="Default",
+    )
     keystone = session.Session(auth=auth)
     connection = swiftclient.Connection(session=keystone)
     try:
@@ -62,9 +70,13 @@ def fill_container(env: dict, name: str, count: int, size: int) -> tuple[str, st
                 info = tarfile.TarInfo(f"stack/section_{index:05d}.tif")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        connection.put_object(name, "", buffer.getvalue(),
-                              query_string="extract-archive=tar",
-                              headers={"Accept": "application/json"})
+        connection.put_object(
+            name,
+            "",
+            buffer.getvalue(),
+            query_string="extract-archive=tar",
+            headers={"Accept": "application/json"},
+        )
     return keystone.get_token(), f"{env['storage_url']}/{name}"
 
 
@@ -76,22 +88,32 @@ def timed(argv: list[str], cwd: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--objects", type=int, default=600)
     parser.add_argument("--size", type=int, default=256 * 1024, help="bytes per object")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="fetch_input --jobs (default: its own default)")
-    parser.add_argument("--state", default=str(REPO / ".local-swift" / "bench"),
-                        help="local-swift state directory")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="fetch_input --jobs (default: its own default)"
+    )
+    parser.add_argument(
+        "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
+    )
     args = parser.parse_args(argv)
 
     env = start_swift(args.state)
     container = f"bench-fetch-{args.objects}x{args.size}"
     token, url = fill_container(env, container, args.objects, args.size)
-    swift = [str(BIN / "swift"), "--os-auth-token", token,
-             "--os-storage-url", env["storage_url"], "download", container]
+    swift = [
+        str(BIN / "swift"),
+        "--os-auth-token",
+        token,
+        "--os-storage-url",
+        env["storage_url"],
+        "download",
+        container,
+    ]
     fetch = [str(BIN / "fetch_input"), "--stacks", "-q", "--destination", "."]
     fetch += ["--jobs", str(args.jobs)] if args.jobs else []
     fetch.append(url)
@@ -106,16 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                 assert len(files) == args.objects, (label, len(files))
                 shutil.rmtree(target)
     total = args.objects * args.size
-    print(f"{args.objects} objects x {args.size} bytes = {total / 2**20:.1f} MiB "
-          f"from {url}")
+    print(f"{args.objects} objects x {args.size} bytes = {total / 2**20:.1f} MiB from {url}")
     medians = {label: statistics.median(values) for label, values in times.items()}
     for label, values in times.items():
-        print(f"  {label:15s} median {medians[label]:6.2f} s "
-              f"({total / 2**20 / medians[label]:6.1f} MiB/s; runs "
-              + ", ".join(f"{v:.2f}" for v in values) + ")")
+        print(
+            f"  {label:15s} median {medians[label]:6.2f} s "
+            f"({total / 2**20 / medians[label]:6.1f} MiB/s; runs "
+            + ", ".join(f"{v:.2f}" for v in values)
+            + ")"
+        )
     ratio = medians["swift download"] / medians["fetch_input"]
-    print(f"  speed ratio fetch_input / swift download: {ratio:.2f}x "
-          f"({'at least as fast' if ratio >= 1 else 'slower'})")
+    print(
+        f"  speed ratio fetch_input / swift download: {ratio:.2f}x "
+        f"({'at least as fast' if ratio >= 1 else 'slower'})"
+    )
     return 0
 
 

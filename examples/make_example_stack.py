@@ -3,6 +3,7 @@
 The sections in ``examples/brain-stack/`` were made with this script; run it
 again to regenerate them: ``python examples/make_example_stack.py``.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -25,11 +26,13 @@ def main() -> None:
     for index, z in enumerate(range(6, volume.shape[2] - 3), start=1):
         section = np.flipud(volume[:, :, z].T).astype(np.uint8)
         image = Image.fromarray(section).resize(
-            (section.shape[1] * SCALE, section.shape[0] * SCALE), Image.BICUBIC)
+            (section.shape[1] * SCALE, section.shape[0] * SCALE), Image.BICUBIC
+        )
         image.save(target / f"brain_s{index}.png", optimize=True)
     (target / "README.txt").write_text(
         "Axial sections of nibabel's anatomical.nii test brain, upsampled 6x.\n"
-        "Made by examples/make_example_stack.py. Not a section: this file.\n")
+        "Made by examples/make_example_stack.py. Not a section: this file.\n"
+    )
 
 
 if __name__ == "__main__":

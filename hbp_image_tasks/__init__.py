@@ -3,6 +3,7 @@
 The four console scripts (``fetch_input``, ``ingest_ngs``, ``upload_results``
 and ``ingest``) are thin command-line layers over plain functions.
 """
+
 from importlib import metadata
 
 try:

@@ -3,6 +3,7 @@
 A reader (or a rerun after a kill) sees either the old file or the new one,
 never a half-written file under the final name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,18 +11,18 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-def temporary_name(path: Union[str, Path]) -> str:
+def temporary_name(path: str | Path) -> str:
     """Returns a hidden name next to ``path``, unique to this process and thread."""
     directory, name = os.path.split(os.fspath(path))
     return os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def write_bytes_atomically(path: Union[str, Path], data, durable: bool = False) -> None:
+def write_bytes_atomically(path: str | Path, data, durable: bool = False) -> None:
     """Writes ``data`` (bytes or a C-contiguous array) to ``path``; ``durable`` also
     flushes it to the disk first.
 
@@ -31,11 +32,10 @@ def write_bytes_atomically(path: Union[str, Path], data, durable: bool = False) 
     temporary = temporary_name(path)
     try:
         view = memoryview(data).cast("B")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC,
-                             0o666)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o666)
         try:
             while view:
-                view = view[os.write(descriptor, view):]
+                view = view[os.write(descriptor, view) :]
             if durable:
                 os.fsync(descriptor)
         finally:

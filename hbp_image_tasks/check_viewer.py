@@ -5,6 +5,7 @@ Chromium, points it at the dataset through a local logging proxy, and checks tha
 the viewer became ready, every chunk request succeeded, no chunk failed to decode
 and the data panel shows data. Saves a screenshot of what the viewer showed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -29,25 +31,42 @@ from .viewer_server import ClientServer, DatasetProxy, ProxiedRequest, find_clie
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install the browser extra and Chromium: "
-                "pip install hbp-image-tasks[browser] && apt-get install chromium")
-CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser",
-                       "google-chrome", "google-chrome-stable")
+INSTALL_HINT = (
+    "install the browser extra and Chromium: "
+    "pip install hbp-image-tasks[browser] && apt-get install chromium"
+)
+CHROMIUM_CANDIDATES = (
+    "/usr/lib/chromium/chromium",
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "google-chrome-stable",
+)
 # WebGL2 without a GPU (SwiftShader through ANGLE) and nothing that phones home:
 # the machines that run this have no network and no display.
 CHROMIUM_ARGS = (
-    "--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-    "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-    "--ignore-gpu-blocklist", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-    "--disable-default-apps", "--disable-extensions",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--ignore-gpu-blocklist",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--disable-extensions",
 )
 VIEWPORT = {"width": 1024, "height": 768}
 READY_POLLS = 5  # consecutive "ready" answers that count as settled
 POLL_SECONDS = 0.2
 CHUNK_ERROR_TEXT = "Error retrieving chunk"
-RGB_SHADER = ("void main() {\n  emitRGB(vec3(toNormalized(getDataValue(0)), "
-              "toNormalized(getDataValue(1)), toNormalized(getDataValue(2))));\n}\n")
+RGB_SHADER = (
+    "void main() {\n  emitRGB(vec3(toNormalized(getDataValue(0)), "
+    "toNormalized(getDataValue(1)), toNormalized(getDataValue(2))));\n}\n"
+)
 DEFAULT_MIN_FRACTION = 0.02
 PANEL_OVERLAYS_HIDDEN = ".neuroglancer-rendered-data-panel * { visibility: hidden !important; }"
 
@@ -104,9 +123,11 @@ class RenderReport:
         """Returns one line: the verdict and its main reason."""
         chunks = self.chunk_requests
         if self.ok:
-            return (f"{self.url}: rendered as {self.layer_type} in {self.seconds:.1f} s "
-                    f"({_count(len(chunks), 'chunk request')}, all served; "
-                    f"{self.signal_fraction:.1%} of the data panel shows data)")
+            return (
+                f"{self.url}: rendered as {self.layer_type} in {self.seconds:.1f} s "
+                f"({_count(len(chunks), 'chunk request')}, all served; "
+                f"{self.signal_fraction:.1%} of the data panel shows data)"
+            )
         return f"{self.url}: the viewer cannot show this dataset: {'; '.join(self.problems)}"
 
 
@@ -121,8 +142,9 @@ def find_chromium(explicit: str | None = None) -> str:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
         if candidate == explicit:
-            raise BrowserMissing(f"Chromium binary {explicit!r} not found or not "
-                                 f"executable; {INSTALL_HINT}")
+            raise BrowserMissing(
+                f"Chromium binary {explicit!r} not found or not executable; {INSTALL_HINT}"
+            )
     raise BrowserMissing(f"Chromium not found; {INSTALL_HINT}")
 
 
@@ -156,21 +178,33 @@ def read_info(url: str, timeout: float = 30.0) -> dict[str, Any]:
     if not scales or not isinstance(scales, list):
         raise ViewerCheckError(f"{info_url}: no 'scales' list: not a precomputed volume")
     for index, scale in enumerate(scales):
-        missing = [key for key in ("key", "size", "resolution", "chunk_sizes", "encoding")
-                   if key not in scale]
+        missing = [
+            key
+            for key in ("key", "size", "resolution", "chunk_sizes", "encoding")
+            if key not in scale
+        ]
         if missing:
             raise ViewerCheckError(f"{info_url}: scale {index} lacks {', '.join(missing)}")
     if info.get("type") not in ("image", "segmentation"):
-        raise ViewerCheckError(f"{info_url}: 'type' is {info.get('type')!r}, "
-                               "not 'image' or 'segmentation'")
+        raise ViewerCheckError(
+            f"{info_url}: 'type' is {info.get('type')!r}, not 'image' or 'segmentation'"
+        )
     return info
 
 
-def viewer_state(source: str, info: dict[str, Any], layer_type: str,
-                 segments: Sequence[int] = (), layout: str = "4panel") -> dict[str, Any]:
+def viewer_state(
+    source: str,
+    info: dict[str, Any],
+    layer_type: str,
+    segments: Sequence[int] = (),
+    layout: str = "4panel",
+) -> dict[str, Any]:
     """Returns a Neuroglancer state that shows the whole dataset at ``source``, UI overlays off."""
-    layer: dict[str, Any] = {"type": layer_type, "source": f"precomputed://{source}",
-                             "name": "dataset"}
+    layer: dict[str, Any] = {
+        "type": layer_type,
+        "source": f"precomputed://{source}",
+        "name": "dataset",
+    }
     if layer_type == "image" and int(info.get("num_channels", 1)) == 3:
         layer["shader"] = RGB_SHADER
     if layer_type == "segmentation":
@@ -234,16 +268,16 @@ class Browser:
         self._playwright = None
         self._browser = None
 
-    def __enter__(self) -> "Browser":
-        from playwright.sync_api import sync_playwright
-
+    def __enter__(self) -> Browser:
         from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
 
         self._client = ClientServer().start()
         try:
             self._playwright = sync_playwright().start()
             self._browser = self._playwright.chromium.launch(
-                executable_path=self.chromium, headless=True, args=list(CHROMIUM_ARGS))
+                executable_path=self.chromium, headless=True, args=list(CHROMIUM_ARGS)
+            )
         except PlaywrightError as exc:
             self.__exit__(None, None, None)
             first_line = (str(exc).strip().splitlines() or ["no message"])[0]
@@ -265,10 +299,18 @@ class Browser:
             self._client.close()
             self._client = None
 
-    def check(self, url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
-              screenshot: Path | str | None = None, timeout: float = 60.0,
-              min_fraction: float = DEFAULT_MIN_FRACTION, layout: str = "4panel",
-              origin: str | None = None) -> RenderReport:
+    def check(
+        self,
+        url: str,
+        *,
+        layer_type: str | None = None,
+        segments: Sequence[int] = (),
+        screenshot: Path | str | None = None,
+        timeout: float = 60.0,
+        min_fraction: float = DEFAULT_MIN_FRACTION,
+        layout: str = "4panel",
+        origin: str | None = None,
+    ) -> RenderReport:
         """Opens ``url`` in the viewer; returns what happened.
 
         Raises ViewerCheckError only when ``info`` is unusable; a bad render is
@@ -282,14 +324,32 @@ class Browser:
             state = viewer_state(proxy.url, info, layer_type, segments, layout)
             context = self._browser.new_context(viewport=VIEWPORT)
             try:
-                return self._render(context, proxy, url, state, layer_type, screenshot,
-                                    timeout, min_fraction, started)
+                return self._render(
+                    context,
+                    proxy,
+                    url,
+                    state,
+                    layer_type,
+                    screenshot,
+                    timeout,
+                    min_fraction,
+                    started,
+                )
             finally:
                 context.close()
 
-    def _render(self, context, proxy: DatasetProxy, url: str, state: dict[str, Any],
-                layer_type: str, screenshot: Path | str | None, timeout: float,
-                min_fraction: float, started: float) -> RenderReport:
+    def _render(
+        self,
+        context,
+        proxy: DatasetProxy,
+        url: str,
+        state: dict[str, Any],
+        layer_type: str,
+        screenshot: Path | str | None,
+        timeout: float,
+        min_fraction: float,
+        started: float,
+    ) -> RenderReport:
         from playwright.sync_api import Error as PlaywrightError
 
         assert self._client is not None
@@ -310,26 +370,40 @@ class Browser:
         saved = None
         fraction = 0.0
         try:
-            page.goto(viewer_url(self._client.url, state), wait_until="load",
-                      timeout=timeout * 1000)
-            ready = self._wait_until_ready(page, proxy, started + timeout,
-                                           console_errors, page_errors)
+            page.goto(
+                viewer_url(self._client.url, state), wait_until="load", timeout=timeout * 1000
+            )
+            ready = self._wait_until_ready(
+                page, proxy, started + timeout, console_errors, page_errors
+            )
             saved = save_png(page.screenshot(), screenshot) if screenshot else None
             fraction = self._panel_fraction(page, layer_type)
         except PlaywrightError as exc:
             # A crashed or hung page is a failed render, not a bug of this command.
             page_errors.append(f"browser: {(str(exc).strip().splitlines() or ['?'])[0]}")
         report = RenderReport(
-            url=url, layer_type=layer_type, problems=[], ready=ready,
-            requests=proxy.requests, console_errors=console_errors, page_errors=page_errors,
-            signal_fraction=fraction, screenshot=saved,
-            seconds=time.monotonic() - started)
+            url=url,
+            layer_type=layer_type,
+            problems=[],
+            ready=ready,
+            requests=proxy.requests,
+            console_errors=console_errors,
+            page_errors=page_errors,
+            signal_fraction=fraction,
+            screenshot=saved,
+            seconds=time.monotonic() - started,
+        )
         report.problems = judge(report, timeout, min_fraction)
         return report
 
     @staticmethod
-    def _wait_until_ready(page, proxy: DatasetProxy, deadline: float,
-                          console_errors: list[str], page_errors: list[str]) -> bool:
+    def _wait_until_ready(
+        page,
+        proxy: DatasetProxy,
+        deadline: float,
+        console_errors: list[str],
+        page_errors: list[str],
+    ) -> bool:
         """Returns True once the viewer says "ready" on several polls in a row after chunks came."""
         streak = 0
         while time.monotonic() < deadline:
@@ -393,21 +467,24 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
         problems.append(
             f"{_count(len(refused), 'response')} without a matching Access-Control-Allow-"
             f"Origin header (CORS; got {got!r} for {refused[0].path or '/'}): "
-            "browsers refuse the data to viewers on other sites")
+            "browsers refuse the data to viewers on other sites"
+        )
     unencoded = [r for r in report.requests if r.gzip_body_without_header]
     if unencoded:
-        problems.append(f"{_count(len(unencoded), 'response')} with gzip data but no "
-                        f"'Content-Encoding: gzip' header (e.g. {unencoded[0].path})")
+        problems.append(
+            f"{_count(len(unencoded), 'response')} with gzip data but no "
+            f"'Content-Encoding: gzip' header (e.g. {unencoded[0].path})"
+        )
     failed = [r for r in report.requests if r.status not in (200, 206, 304)]
     if failed:
         shown = ", ".join(r.describe() for r in failed[:3])
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        problems.append(f"{len(failed)} of {_count(len(report.requests), 'request')} "
-                        f"failed: {shown}{more}")
+        problems.append(
+            f"{len(failed)} of {_count(len(report.requests), 'request')} failed: {shown}{more}"
+        )
     chunk_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT in line]
     if chunk_errors:
-        problems.append(f"{_count(len(chunk_errors), 'chunk')} failed to load: "
-                        f"{chunk_errors[0]}")
+        problems.append(f"{_count(len(chunk_errors), 'chunk')} failed to load: {chunk_errors[0]}")
     other_errors = [line for line in report.console_errors if CHUNK_ERROR_TEXT not in line]
     if other_errors:
         problems.append(f"console error: {other_errors[0]}")
@@ -419,15 +496,25 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
         problems.append(f"the viewer was not ready after {timeout:g} s")
     if report.ready and report.signal_fraction < min_fraction:
         what = "saturated colours" if report.layer_type == "segmentation" else "bright pixels"
-        problems.append(f"the data panel looks empty: {report.signal_fraction:.2%} {what} "
-                        f"(at least {min_fraction:.0%} expected)")
+        problems.append(
+            f"the data panel looks empty: {report.signal_fraction:.2%} {what} "
+            f"(at least {min_fraction:.0%} expected)"
+        )
     return problems
 
 
-def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[int] = (),
-                 screenshot: Path | str | None = None, timeout: float = 60.0,
-                 min_fraction: float = DEFAULT_MIN_FRACTION, chromium: str | None = None,
-                 layout: str = "4panel", origin: str | None = None) -> RenderReport:
+def check_viewer(
+    url: str,
+    *,
+    layer_type: str | None = None,
+    segments: Sequence[int] = (),
+    screenshot: Path | str | None = None,
+    timeout: float = 60.0,
+    min_fraction: float = DEFAULT_MIN_FRACTION,
+    chromium: str | None = None,
+    layout: str = "4panel",
+    origin: str | None = None,
+) -> RenderReport:
     """Opens the dataset at ``url`` in headless Neuroglancer; returns the report of a good render.
 
     Raises ViewerCheckError (with the reasons) when the viewer cannot show it,
@@ -435,13 +522,20 @@ def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[
     """
     # Operators often paste the source as the viewer shows it.
     if url.startswith("precomputed://"):
-        url = url[len("precomputed://"):]
+        url = url[len("precomputed://") :]
     if not url.startswith(("http://", "https://")):
         raise errors.UsageError(f"{url!r} is not an http(s) URL of a precomputed dataset")
     with Browser(chromium) as browser:
-        report = browser.check(url, layer_type=layer_type, segments=segments,
-                               screenshot=screenshot, timeout=timeout,
-                               min_fraction=min_fraction, layout=layout, origin=origin)
+        report = browser.check(
+            url,
+            layer_type=layer_type,
+            segments=segments,
+            screenshot=screenshot,
+            timeout=timeout,
+            min_fraction=min_fraction,
+            layout=layout,
+            origin=origin,
+        )
     for entry in report.requests:
         logger.debug("%s", entry.describe())
     if report.screenshot:
@@ -451,12 +545,9 @@ def check_viewer(url: str, *, layer_type: str | None = None, segments: Sequence[
     return report
 
 
-_segment_id = cli.checked_number(int, lambda value: value >= 1, ">= 1",
-                                 "a segment number")
-_seconds = cli.checked_number(float, lambda value: value > 0, "> 0",
-                              "a number of seconds")
-_fraction = cli.checked_number(float, lambda value: 0 <= value <= 1,
-                               "between 0 and 1")
+_segment_id = cli.checked_number(int, lambda value: value >= 1, ">= 1", "a segment number")
+_seconds = cli.checked_number(float, lambda value: value > 0, "> 0", "a number of seconds")
+_fraction = cli.checked_number(float, lambda value: 0 <= value <= 1, "between 0 and 1")
 
 
 def _origin(text: str) -> str:
@@ -471,33 +562,77 @@ def _origin(text: str) -> str:
 def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
     """Parses the command line of `check_viewer`."""
     parser = argparse.ArgumentParser(
-        prog="check_viewer", description=__doc__,
+        prog="check_viewer",
+        description=__doc__,
         epilog=EXAMPLES + "\n" + EXIT_CODES_HELP + f"\nneeds: {INSTALL_HINT}",
-        formatter_class=cli.HelpFormatter)
-    parser.add_argument("url", help="public http(s) URL of the dataset: the directory "
-                                    "holding its 'info' file, e.g. a Swift container URL "
-                                    "(a leading precomputed:// is accepted)")
-    parser.add_argument("--type", dest="layer_type", choices=("image", "segmentation"),
-                        default=None, help="layer type; None: the 'type' in 'info'")
-    parser.add_argument("--segments", type=_segment_id, nargs="+", default=[], metavar="ID",
-                        help="segments to select in a segmentation; none: show all")
-    parser.add_argument("--screenshot", type=Path, default=None, metavar="FILE.png",
-                        help="save what the viewer showed to this PNG file (1024x768)")
-    parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                        help="give up when the viewer is not ready after this long")
-    parser.add_argument("--min-fraction", type=_fraction, default=DEFAULT_MIN_FRACTION,
-                        metavar="F", help="share of the data panel that must show data "
-                        "(bright pixels for images, saturated colours for segmentations)")
-    parser.add_argument("--layout", choices=("4panel", "xy", "xz", "yz"), default="4panel",
-                        help="viewer layout; the check looks at the first (xy) panel")
-    parser.add_argument("--origin", type=_origin, default=None, metavar="URL",
-                        help="check CORS as seen from this viewer site (e.g. "
-                             "https://neuroglancer.example.org) instead of from any site; "
-                             "None: the dataset must be readable from any site "
-                             "(Access-Control-Allow-Origin for the checking page)")
-    parser.add_argument("--chromium", default=None, metavar="PATH",
-                        help="Chromium binary; None: $CHROMIUM, else "
-                             "/usr/lib/chromium/chromium or chromium on the PATH")
+        formatter_class=cli.HelpFormatter,
+    )
+    parser.add_argument(
+        "url",
+        help="public http(s) URL of the dataset: the directory "
+        "holding its 'info' file, e.g. a Swift container URL "
+        "(a leading precomputed:// is accepted)",
+    )
+    parser.add_argument(
+        "--type",
+        dest="layer_type",
+        choices=("image", "segmentation"),
+        default=None,
+        help="layer type; None: the 'type' in 'info'",
+    )
+    parser.add_argument(
+        "--segments",
+        type=_segment_id,
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="segments to select in a segmentation; none: show all",
+    )
+    parser.add_argument(
+        "--screenshot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="save what the viewer showed to this PNG file (1024x768)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when the viewer is not ready after this long",
+    )
+    parser.add_argument(
+        "--min-fraction",
+        type=_fraction,
+        default=DEFAULT_MIN_FRACTION,
+        metavar="F",
+        help="share of the data panel that must show data "
+        "(bright pixels for images, saturated colours for segmentations)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("4panel", "xy", "xz", "yz"),
+        default="4panel",
+        help="viewer layout; the check looks at the first (xy) panel",
+    )
+    parser.add_argument(
+        "--origin",
+        type=_origin,
+        default=None,
+        metavar="URL",
+        help="check CORS as seen from this viewer site (e.g. "
+        "https://neuroglancer.example.org) instead of from any site; "
+        "None: the dataset must be readable from any site "
+        "(Access-Control-Allow-Origin for the checking page)",
+    )
+    parser.add_argument(
+        "--chromium",
+        default=None,
+        metavar="PATH",
+        help="Chromium binary; None: $CHROMIUM, else "
+        "/usr/lib/chromium/chromium or chromium on the PATH",
+    )
     cli.add_logging_options(parser)
     return parser.parse_args(None if argv is None else list(argv))
 
@@ -507,10 +642,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse_command_line(argv)
 
     def work(_redactor: cli.RedactingFilter) -> None:
-        report = check_viewer(args.url, layer_type=args.layer_type, segments=args.segments,
-                              screenshot=args.screenshot, timeout=args.timeout,
-                              min_fraction=args.min_fraction, chromium=args.chromium,
-                              layout=args.layout, origin=args.origin)
+        report = check_viewer(
+            args.url,
+            layer_type=args.layer_type,
+            segments=args.segments,
+            screenshot=args.screenshot,
+            timeout=args.timeout,
+            min_fraction=args.min_fraction,
+            chromium=args.chromium,
+            layout=args.layout,
+            origin=args.origin,
+        )
         print(report.summary())
 
     return cli.run_command(work, args)

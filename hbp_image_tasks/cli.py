@@ -3,6 +3,7 @@
 Every console script builds its parser from these helpers and runs its work
 through :func:`run_command`, so options and exit codes never drift apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Callable
 
 from . import errors
 
@@ -57,13 +59,20 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
     """Adds the stacked ``-v``/``-q`` counters."""
     group = parser.add_argument_group("logging")
     group.add_argument(
-        "-v", "--verbose", action="count", default=0,
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
         help="more output: -v shows debug messages and tracebacks, -vv also "
-             "the HTTP libraries' debug messages (secrets are always hidden)")
+        "the HTTP libraries' debug messages (secrets are always hidden)",
+    )
     group.add_argument(
-        "-q", "--quiet", action="count", default=0,
-        help="less output: -q shows only warnings and errors (no progress), "
-             "-qq only errors")
+        "-q",
+        "--quiet",
+        action="count",
+        default=0,
+        help="less output: -q shows only warnings and errors (no progress), -qq only errors",
+    )
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -74,7 +83,8 @@ def verbosity(args: argparse.Namespace) -> int:
 def configure_logging(level: int, stream=None) -> RedactingFilter:
     """Sets up the root logger for a command run; returns its redacting filter."""
     python_level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(level, -2), logging.DEBUG)
+        max(level, -2), logging.DEBUG
+    )
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     redactor = RedactingFilter()
@@ -85,8 +95,14 @@ def configure_logging(level: int, stream=None) -> RedactingFilter:
     root.setLevel(python_level)
     # Third-party libraries are noisy at DEBUG; show them only from -vv on.
     library_level = logging.DEBUG if level >= 2 else max(python_level, logging.WARNING)
-    for name in ("urllib3", "swiftclient", "keystoneauth", "requests", "PIL",
-                 "neuroglancer_scripts"):
+    for name in (
+        "urllib3",
+        "swiftclient",
+        "keystoneauth",
+        "requests",
+        "PIL",
+        "neuroglancer_scripts",
+    ):
         logging.getLogger(name).setLevel(library_level)
     return redactor
 
@@ -103,9 +119,14 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def checked_number(convert: Callable[[str], float], accept: Callable[[float], bool],
-                   requirement: str, noun: str = "a number") -> Callable[[str], float]:
+def checked_number(
+    convert: Callable[[str], float],
+    accept: Callable[[float], bool],
+    requirement: str,
+    noun: str = "a number",
+) -> Callable[[str], float]:
     """Returns an argparse type: ``convert`` the text, then refuse values not ``accept``ed."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -114,19 +135,26 @@ def checked_number(convert: Callable[[str], float], accept: Callable[[float], bo
         if not accept(value):
             raise argparse.ArgumentTypeError(f"{value:g} is not {requirement}")
         return value
+
     return parse
 
 
 positive_int = checked_number(int, lambda value: value >= 1, ">= 1", "an integer")
 
 
-def add_jobs_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                    what: str = "parallel workers") -> None:
+def add_jobs_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "parallel workers"
+) -> None:
     """Adds ``--jobs N`` with the allocation-aware default."""
     parser.add_argument(
-        "-j", "--jobs", type=positive_int, default=None, metavar="N",
+        "-j",
+        "--jobs",
+        type=positive_int,
+        default=None,
+        metavar="N",
         help=f"number of {what} (default: the CPUs this process may use, "
-             "from SLURM_CPUS_PER_TASK or the CPU affinity mask)")
+        "from SLURM_CPUS_PER_TASK or the CPU affinity mask)",
+    )
 
 
 class StopRequest:
@@ -161,13 +189,14 @@ def stop_on_signals() -> Iterator[StopRequest]:
         if stop() and number == signal.SIGINT:
             raise KeyboardInterrupt
         if not stop():
-            logger.warning("received %s: finishing the work in flight, then saving "
-                           "the state (Ctrl-C again to stop at once)",
-                           signal.Signals(number).name)
+            logger.warning(
+                "received %s: finishing the work in flight, then saving "
+                "the state (Ctrl-C again to stop at once)",
+                signal.Signals(number).name,
+            )
         stop.set(number)
 
-    previous = {number: signal.signal(number, handle)
-                for number in (signal.SIGTERM, signal.SIGINT)}
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     except errors.Interrupted as exc:
@@ -182,15 +211,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text.lower() or action.default in (None, False, "", 0)
-                or action.default is argparse.SUPPRESS or not action.option_strings
-                or isinstance(action, argparse._StoreFalseAction)):
+        if (
+            "default" in text.lower()
+            or action.default in (None, False, "", 0)
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+            or isinstance(action, argparse._StoreFalseAction)
+        ):
             return text
         return text + " (default: %(default)s)"
 
 
-def run_command(work: Callable[[RedactingFilter], int | None],
-                args: argparse.Namespace, stream=None) -> int:
+def run_command(
+    work: Callable[[RedactingFilter], int | None], args: argparse.Namespace, stream=None
+) -> int:
     """Runs ``work`` with logging set up; maps failures to one line and an exit code."""
     level = verbosity(args)
     redactor = configure_logging(level, stream)
@@ -211,8 +245,11 @@ def run_command(work: Callable[[RedactingFilter], int | None],
         if level >= 1:
             logger.error("unexpected error", exc_info=True)
         else:
-            logger.error("unexpected error: %s: %s (run with -v for the traceback)",
-                         type(exc).__name__, redactor.redact(str(exc)))
+            logger.error(
+                "unexpected error: %s: %s (run with -v for the traceback)",
+                type(exc).__name__,
+                redactor.redact(str(exc)),
+            )
         return errors.EXIT_INTERNAL
     finally:
         # In-process callers (ingest, tests) get the logging they had before.

@@ -4,6 +4,7 @@ resume with ``Range`` after a broken transfer, verification, then rename.
 Callers hand in a function that opens the body from a byte offset, so the same
 code serves plain HTTP(S) URLs and Swift objects (anonymous or authenticated).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,9 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import requests
 import urllib3.exceptions
@@ -86,6 +88,7 @@ def stated_md5(headers: Mapping[str, str]) -> str | None:
     if content_md5:
         import base64
         import binascii
+
         try:
             return base64.b64decode(content_md5, validate=True).hex()
         except (binascii.Error, ValueError):
@@ -94,8 +97,9 @@ def stated_md5(headers: Mapping[str, str]) -> str | None:
         return None
     if "x-static-large-object" in headers or "x-object-manifest" in headers:
         return None
-    from_object_store = any(key in headers for key in (
-        "x-trans-id", "x-openstack-request-id", "x-amz-request-id"))
+    from_object_store = any(
+        key in headers for key in ("x-trans-id", "x-openstack-request-id", "x-amz-request-id")
+    )
     etag = headers.get("etag", "")
     if not from_object_store or etag.startswith("W/"):
         return None
@@ -108,12 +112,18 @@ def _content_range_start(headers: Mapping[str, str]) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def download(path: Path, open_stream: Callable[[int], ObjectStream], *,
-             expected_size: int | None = None, expected_md5: str | None = None,
-             first: ObjectStream | None = None, description: str = "",
-             policy: RetryPolicy = DEFAULT_RETRY,
-             on_bytes: Callable[[int], None] | None = None,
-             on_retry: Callable[[], None] | None = None) -> str:
+def download(
+    path: Path,
+    open_stream: Callable[[int], ObjectStream],
+    *,
+    expected_size: int | None = None,
+    expected_md5: str | None = None,
+    first: ObjectStream | None = None,
+    description: str = "",
+    policy: RetryPolicy = DEFAULT_RETRY,
+    on_bytes: Callable[[int], None] | None = None,
+    on_retry: Callable[[], None] | None = None,
+) -> str:
     """Writes the body that ``open_stream(start)`` gives to ``path``; returns its MD5.
 
     The body goes to ``.NAME.part`` and is renamed to ``path`` only once its
@@ -135,12 +145,16 @@ def download(path: Path, open_stream: Callable[[int], ObjectStream], *,
                 if stream is None:
                     stream = open_stream(written)
                 with stream:
-                    if written and (stream.status != 206
-                                    or _content_range_start(stream.headers) != written):
+                    if written and (
+                        stream.status != 206 or _content_range_start(stream.headers) != written
+                    ):
                         # The server ignored the Range (or the object changed,
                         # with If-Range): start again from the first byte.
-                        logger.debug("%s: no resume possible (status %s), "
-                                     "restarting", description, stream.status)
+                        logger.debug(
+                            "%s: no resume possible (status %s), restarting",
+                            description,
+                            stream.status,
+                        )
                         out.seek(0)
                         out.truncate()
                         if on_bytes:
@@ -172,23 +186,29 @@ def download(path: Path, open_stream: Callable[[int], ObjectStream], *,
                             raise FetchError(
                                 f"{description}: the transfer broke off {attempt} "
                                 f"times, last after {written} bytes: "
-                                f"{type(exc).__name__}") from None
+                                f"{type(exc).__name__}"
+                            ) from None
                         pause = policy.delay(attempt)
-                        logger.warning("%s: transfer broke off after %d bytes "
-                                       "(%s); resuming in %.1f s", description,
-                                       written, type(exc).__name__, pause)
+                        logger.warning(
+                            "%s: transfer broke off after %d bytes (%s); resuming in %.1f s",
+                            description,
+                            written,
+                            type(exc).__name__,
+                            pause,
+                        )
                         if on_retry:
                             on_retry()
                         time.sleep(pause)
                         continue
                 break
         if expected_size is not None and written != expected_size:
-            raise FetchError(f"{description}: got {written} bytes, expected "
-                             f"{expected_size}")
+            raise FetchError(f"{description}: got {written} bytes, expected {expected_size}")
         md5 = digest.hexdigest()
         if expected_md5 is not None and md5 != expected_md5.lower():
-            raise FetchError(f"{description}: MD5 {md5} of the received data "
-                             f"differs from the stated {expected_md5}")
+            raise FetchError(
+                f"{description}: MD5 {md5} of the received data "
+                f"differs from the stated {expected_md5}"
+            )
         os.replace(part, path)
         return md5
     except BaseException:

@@ -3,6 +3,7 @@
 ``main()`` of every command turns these into a one-line message and the exit
 code documented here (and in the README), so job scripts can act on it.
 """
+
 from __future__ import annotations
 
 EXIT_OK = 0

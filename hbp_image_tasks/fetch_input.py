@@ -1,6 +1,7 @@
 """fetch_input: download the input of a conversion (one URL, or a selection of a
 Swift container's objects with --stacks) to the cluster's filesystem, verified.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,22 +14,35 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from . import cli, errors
 from .atomic import write_json_atomically
-from .download import (DEFAULT_RETRY, RetryPolicy, download, file_md5,
-                       stated_md5)
+from .download import DEFAULT_RETRY, RetryPolicy, download, file_md5, stated_md5
 from .errors import FetchError, InputError, UsageError
-from .object_names import (MANIFEST_NAME, check_layout, check_object_name,
-                           compile_filter, is_directory_marker, literal_prefix)
+from .object_names import (
+    MANIFEST_NAME,
+    check_layout,
+    check_object_name,
+    compile_filter,
+    is_directory_marker,
+    literal_prefix,
+)
 from .progress import Progress, format_bytes
 from .settings import SwiftSettings, add_settings_option, load_settings_from
-from .swift import (ObjectInfo, ObjectStream, PublicContainer, SwiftConnection,
-                    http_session, open_url, parse_container_url)
+from .swift import (
+    ObjectInfo,
+    ObjectStream,
+    PublicContainer,
+    SwiftConnection,
+    http_session,
+    open_url,
+    parse_container_url,
+)
 from .verified_files import STATE_NAME, VerifiedFiles
 
 logger = logging.getLogger(__name__)
@@ -40,8 +54,9 @@ DEFAULT_JOBS = 16
 SEED_STACK_EXAMPLE = r"""
 examples:
   # a selection of a public container's objects (a stack of sections)
+  CASE=Pitx3-tTA-horizontal-case6513/6513_PitX3_tiffs
   fetch_input --stacks \
-    --filter 'Pitx3-tTA-horizontal-case6513/6513_PitX3_tiffs/6513_Pitx3_tTA_lacZ_Xgal_s01\d_0.22.tif' \
+    --filter "$CASE/6513_Pitx3_tTA_lacZ_Xgal_s01\d_0.22.tif" \
     --destination ./source \
     https://object.cscs.ch/v1/AUTH_6ebec77683fb472f94d352be92b5a577/tTA-atlas
 
@@ -63,6 +78,7 @@ and fetch_manifest.json in the destination lists the selected objects in order.
 # --------------------------------------------------------------------------
 # Results and manifest
 # --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class FetchResult:
@@ -87,31 +103,40 @@ class FetchResult:
     def summary(self) -> str:
         """Returns the one-line result shown to the user."""
         if self.dry_run:
-            return (f"would fetch {self.files} file(s), {format_bytes(self.bytes)} "
-                    f"({self.bytes} bytes); {self.skipped} already present with the "
-                    f"right size")
+            return (
+                f"would fetch {self.files} file(s), {format_bytes(self.bytes)} "
+                f"({self.bytes} bytes); {self.skipped} already present with the "
+                f"right size"
+            )
         if not self.downloaded:
-            return (f"nothing to do: all {self.files} file(s) "
-                    f"({format_bytes(self.bytes)}) already complete and verified")
-        return (f"fetched {self.files} file(s), {format_bytes(self.bytes)}: "
-                f"{self.downloaded} downloaded, {self.skipped} already complete, "
-                f"in {self.elapsed:.1f} s")
+            return (
+                f"nothing to do: all {self.files} file(s) "
+                f"({format_bytes(self.bytes)}) already complete and verified"
+            )
+        return (
+            f"fetched {self.files} file(s), {format_bytes(self.bytes)}: "
+            f"{self.downloaded} downloaded, {self.skipped} already complete, "
+            f"in {self.elapsed:.1f} s"
+        )
 
 
 def listing_fingerprint(entries: Iterable[tuple[str, int, str | None]]) -> str:
     """Returns the SHA-256 of the sorted (name, bytes, hash) list."""
     digest = hashlib.sha256()
     for name, size, md5 in sorted(entries):
-        digest.update(f"{name}\0{size}\0{md5 or ''}\n".encode("utf-8"))
+        digest.update(f"{name}\0{size}\0{md5 or ''}\n".encode())
     return digest.hexdigest()
 
 
-def write_manifest(destination: Path, source: str, filter_regex: str | None,
-                   objects: list[dict[str, Any]]) -> Path:
+def write_manifest(
+    destination: Path, source: str, filter_regex: str | None, objects: list[dict[str, Any]]
+) -> Path:
     """Writes ``fetch_manifest.json`` atomically; returns its path."""
     path = destination / MANIFEST_NAME
-    write_json_atomically(path, {"version": MANIFEST_VERSION, "source": source,
-                                 "filter": filter_regex, "objects": objects})
+    write_json_atomically(
+        path,
+        {"version": MANIFEST_VERSION, "source": source, "filter": filter_regex, "objects": objects},
+    )
     return path
 
 
@@ -119,26 +144,34 @@ def write_manifest(destination: Path, source: str, filter_regex: str | None,
 # Selecting objects
 # --------------------------------------------------------------------------
 
-def _open_container(source_url: str, settings: SwiftSettings | None, jobs: int,
-                    policy: RetryPolicy):
+
+def _open_container(
+    source_url: str, settings: SwiftSettings | None, jobs: int, policy: RetryPolicy
+):
     """Returns (location, lister(prefix, page_size), opener(name, start))."""
     location = parse_container_url(source_url)
     if settings is None:
         container = PublicContainer(
-            location, session=http_session(jobs, policy.attempts, policy.backoff),
-            error_type=FetchError)
+            location,
+            session=http_session(jobs, policy.attempts, policy.backoff),
+            error_type=FetchError,
+        )
         return (location, container.iter_objects, container.open_object)
     # The URL names the account; the credentials only bring the token.
     connection = SwiftConnection(
         dataclasses.replace(settings, os_storage_url=location.storage_url),
-        retries=policy.attempts, starting_backoff=policy.backoff,
-        max_backoff=policy.max_backoff, error_type=FetchError)
+        retries=policy.attempts,
+        starting_backoff=policy.backoff,
+        max_backoff=policy.max_backoff,
+        error_type=FetchError,
+    )
 
     def lister(prefix: str = "", page_size: int | None = None):
         return connection.iter_objects(location.container, prefix, page_size)
 
     def opener(name: str, start: int = 0) -> ObjectStream:
         return connection.open_object(location.container, name, start)
+
     return location, lister, opener
 
 
@@ -151,10 +184,13 @@ def has_right_size(destination: Path, info: ObjectInfo) -> bool:
     return stat.S_ISREG(found.st_mode) and found.st_size == info.bytes
 
 
-def select_objects(source_url: str, filter_regex: str | None,
-                   settings: SwiftSettings | None = None,
-                   page_size: int | None = None,
-                   policy: RetryPolicy = DEFAULT_RETRY) -> list[ObjectInfo]:
+def select_objects(
+    source_url: str,
+    filter_regex: str | None,
+    settings: SwiftSettings | None = None,
+    page_size: int | None = None,
+    policy: RetryPolicy = DEFAULT_RETRY,
+) -> list[ObjectInfo]:
     """Returns the container's objects whose whole name matches ``filter_regex``.
 
     Lists every page (``marker``; ``page_size`` None asks for the server's
@@ -183,8 +219,12 @@ def select_objects(source_url: str, filter_regex: str | None,
     if not selected:
         raise UsageError(
             f"no object of {where} matches: {listed} object(s) listed, "
-            + (f"none matches --filter {filter_regex!r} as a whole name"
-               if filter_regex is not None else "none is a file"))
+            + (
+                f"none matches --filter {filter_regex!r} as a whole name"
+                if filter_regex is not None
+                else "none is a file"
+            )
+        )
     check_layout(selected)
     return selected
 
@@ -193,6 +233,7 @@ def select_objects(source_url: str, filter_regex: str | None,
 # Stacks
 # --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Done:
     downloaded: bool
@@ -200,11 +241,19 @@ class _Done:
     bytes: int
 
 
-def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
-                 filter_regex: str | None, jobs: int, settings: SwiftSettings | None,
-                 force: bool, show_progress: bool,
-                 should_stop: Callable[[], bool], policy: RetryPolicy
-                 ) -> FetchResult:
+def _fetch_stack(
+    source: str,
+    destination: Path,
+    objects: list[ObjectInfo],
+    *,
+    filter_regex: str | None,
+    jobs: int,
+    settings: SwiftSettings | None,
+    force: bool,
+    show_progress: bool,
+    should_stop: Callable[[], bool],
+    policy: RetryPolicy,
+) -> FetchResult:
     started = time.monotonic()
     total_bytes = sum(info.bytes for info in objects)
     _, _, opener = _open_container(source, settings, jobs, policy)
@@ -230,8 +279,9 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
         except FileNotFoundError:
             found = None
         if found is not None and stat.S_ISDIR(found.st_mode):
-            raise InputError(f"{path} is a directory, but object {info.name!r} "
-                             f"must be written there")
+            raise InputError(
+                f"{path} is a directory, but object {info.name!r} must be written there"
+            )
         if not force and found is not None and found.st_size == info.bytes:
             md5 = state.known_md5(info.name, found)
             if md5 is None:
@@ -243,16 +293,26 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
             if expected_md5 is None or md5 == expected_md5:
                 progress.update(1, info.bytes)
                 return _Done(False, md5, info.bytes)
-            logger.warning("%s differs from %s (MD5 %s, expected %s): fetching "
-                           "it again", path, info.name, md5, expected_md5)
+            logger.warning(
+                "%s differs from %s (MD5 %s, expected %s): fetching it again",
+                path,
+                info.name,
+                md5,
+                expected_md5,
+            )
         if path.parent not in made_directories:
             path.parent.mkdir(parents=True, exist_ok=True)
             made_directories.add(path.parent)
-        md5 = download(path, lambda start: opener(info.name, start),
-                       expected_size=info.bytes, expected_md5=expected_md5,
-                       description=f"object {info.name!r}", policy=policy,
-                       on_bytes=lambda n: progress.update(0, n),
-                       on_retry=progress.add_retry)
+        md5 = download(
+            path,
+            lambda start: opener(info.name, start),
+            expected_size=info.bytes,
+            expected_md5=expected_md5,
+            description=f"object {info.name!r}",
+            policy=policy,
+            on_bytes=lambda n: progress.update(0, n),
+            on_retry=progress.add_retry,
+        )
         state.record(info.name, path, md5)
         progress.update(1, 0)
         return _Done(True, md5, path.stat().st_size)
@@ -260,9 +320,13 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
     results: dict[int, _Done] = {}
     failures: list[BaseException] = []
     # Exited in reverse: the pool's threads are done before the sidecar closes.
-    with state, Progress("fetch", total=len(objects), total_bytes=total_bytes,
-                         enabled=show_progress) as progress, \
-            ThreadPoolExecutor(jobs, thread_name_prefix="fetch") as pool:
+    with (
+        state,
+        Progress(
+            "fetch", total=len(objects), total_bytes=total_bytes, enabled=show_progress
+        ) as progress,
+        ThreadPoolExecutor(jobs, thread_name_prefix="fetch") as pool,
+    ):
         pending: dict[Future, int] = {}
 
         def collect(done: Iterable[Future]) -> None:
@@ -270,7 +334,7 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
                 index = pending.pop(future)
                 try:
                     outcome = future.result()
-                except BaseException as exc:  # noqa: B902 - reported below
+                except BaseException as exc:  # reported below
                     failures.append(exc)
                     cancel.set()
                     continue
@@ -292,35 +356,53 @@ def _fetch_stack(source: str, destination: Path, objects: list[ObjectInfo], *,
 
     if failures:
         first = failures[0]
-        extra = (f" ({len(failures)} objects failed; "
-                 f"{len(results)} of {len(objects)} are complete)"
-                 if len(failures) > 1 else "")
+        extra = (
+            f" ({len(failures)} objects failed; {len(results)} of {len(objects)} are complete)"
+            if len(failures) > 1
+            else ""
+        )
         if isinstance(first, errors.HbpError):
             raise type(first)(f"{first}{extra}") from None
         if isinstance(first, OSError):
-            raise FetchError(f"writing {first.filename or destination}: "
-                             f"{first.strerror or first}{extra}") from None
+            raise FetchError(
+                f"writing {first.filename or destination}: {first.strerror or first}{extra}"
+            ) from None
         raise first
     if len(results) < len(objects):
         raise errors.Interrupted(
             f"fetch stopped after {len(results)} of {len(objects)} objects; "
-            f"run the same command again to fetch the rest")
-    entries = [{"name": info.name, "path": info.name, "bytes": results[index].bytes,
-                "md5": results[index].md5} for index, info in enumerate(objects)]
+            f"run the same command again to fetch the rest"
+        )
+    entries = [
+        {
+            "name": info.name,
+            "path": info.name,
+            "bytes": results[index].bytes,
+            "md5": results[index].md5,
+        }
+        for index, info in enumerate(objects)
+    ]
     manifest_path = write_manifest(destination, source, filter_regex, entries)
     state.compact({info.name for info in objects})
     downloaded = sum(1 for done in results.values() if done.downloaded)
     return FetchResult(
-        files=len(objects), bytes=total_bytes, downloaded=downloaded,
-        skipped=len(objects) - downloaded, manifest_path=manifest_path,
+        files=len(objects),
+        bytes=total_bytes,
+        downloaded=downloaded,
+        skipped=len(objects) - downloaded,
+        manifest_path=manifest_path,
         listing_fingerprint=listing_fingerprint(
-            (info.name, info.bytes, info.hash) for info in objects),
-        elapsed=time.monotonic() - started, retries=retries)
+            (info.name, info.bytes, info.hash) for info in objects
+        ),
+        elapsed=time.monotonic() - started,
+        retries=retries,
+    )
 
 
 # --------------------------------------------------------------------------
 # Single URL
 # --------------------------------------------------------------------------
+
 
 def file_name_from(url: str, headers: Mapping[str, str]) -> str | None:
     """Returns the file name from ``Content-Disposition``, else the URL's path."""
@@ -345,9 +427,16 @@ def _validator(headers: Mapping[str, str]) -> str | None:
     return headers.get("last-modified")
 
 
-def _fetch_url(url: str, destination: Path, *, output: str | None, force: bool,
-               dry_run: bool, show_progress: bool, policy: RetryPolicy
-               ) -> FetchResult:
+def _fetch_url(
+    url: str,
+    destination: Path,
+    *,
+    output: str | None,
+    force: bool,
+    dry_run: bool,
+    show_progress: bool,
+    policy: RetryPolicy,
+) -> FetchResult:
     started = time.monotonic()
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -362,27 +451,48 @@ def _fetch_url(url: str, destination: Path, *, output: str | None, force: bool,
             raise UsageError(f"{url} names no file: pass --output NAME")
         relative = check_object_name(name)
         path = destination / relative
-        size = (int(first.headers["content-length"])
-                if first.status == 200 and "content-length" in first.headers else None)
+        size = (
+            int(first.headers["content-length"])
+            if first.status == 200 and "content-length" in first.headers
+            else None
+        )
         md5 = stated_md5(first.headers)
 
-        def result(downloaded: bool, file_md5_hex: str | None,
-                   manifest: Path | None, dry: bool = False,
-                   present: int = 0) -> FetchResult:
-            nbytes = size if size is not None else (
-                path.stat().st_size if path.is_file() else 0)
+        def result(
+            downloaded: bool,
+            file_md5_hex: str | None,
+            manifest: Path | None,
+            dry: bool = False,
+            present: int = 0,
+        ) -> FetchResult:
+            nbytes = size if size is not None else (path.stat().st_size if path.is_file() else 0)
             return FetchResult(
-                files=1, bytes=nbytes, downloaded=int(downloaded),
+                files=1,
+                bytes=nbytes,
+                downloaded=int(downloaded),
                 skipped=present if dry else int(not downloaded),
                 manifest_path=manifest,
                 listing_fingerprint=listing_fingerprint(
-                    [(str(relative), nbytes, file_md5_hex or md5)]),
-                elapsed=time.monotonic() - started, dry_run=dry)
+                    [(str(relative), nbytes, file_md5_hex or md5)]
+                ),
+                elapsed=time.monotonic() - started,
+                dry_run=dry,
+            )
 
         def manifest_for(file_md5_hex: str) -> Path:
-            return write_manifest(destination, url, None, [{
-                "name": str(relative), "path": str(relative),
-                "bytes": path.stat().st_size, "md5": file_md5_hex}])
+            return write_manifest(
+                destination,
+                url,
+                None,
+                [
+                    {
+                        "name": str(relative),
+                        "path": str(relative),
+                        "bytes": path.stat().st_size,
+                        "md5": file_md5_hex,
+                    }
+                ],
+            )
 
         present = path.is_file() and size is not None and path.stat().st_size == size
         if dry_run:
@@ -392,32 +502,43 @@ def _fetch_url(url: str, destination: Path, *, output: str | None, force: bool,
         if path.exists() and not force:
             local_md5 = file_md5(path) if present else None
             if present and (md5 is None or local_md5 == md5):
-                logger.info("%s is already complete (%d bytes%s): nothing to do",
-                            path, size, f", MD5 {md5}" if md5 else "")
+                logger.info(
+                    "%s is already complete (%d bytes%s): nothing to do",
+                    path,
+                    size,
+                    f", MD5 {md5}" if md5 else "",
+                )
                 return result(False, local_md5, manifest_for(local_md5))
             raise UsageError(
                 f"{path} exists and differs from {url} (local "
                 f"{path.stat().st_size} bytes, remote "
                 f"{size if size is not None else 'unknown'} bytes"
                 + (f", MD5 {local_md5} vs {md5}" if md5 and local_md5 else "")
-                + "): pass --force to replace it")
+                + "): pass --force to replace it"
+            )
         validator = _validator(first.headers)
 
         def opener(start: int) -> ObjectStream:
             headers = dict(base_headers)
             if start and validator:
                 headers["If-Range"] = validator  # never splice two versions
-            return open_url(session, url, start, error_type=FetchError,
-                            headers=headers)
+            return open_url(session, url, start, error_type=FetchError, headers=headers)
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        with Progress(f"fetch {relative}", total=1, total_bytes=size,
-                      enabled=show_progress) as progress:
+        with Progress(
+            f"fetch {relative}", total=1, total_bytes=size, enabled=show_progress
+        ) as progress:
             downloaded_md5 = download(
-                path, opener, expected_size=size, expected_md5=md5, first=first,
-                description=url, policy=policy,
+                path,
+                opener,
+                expected_size=size,
+                expected_md5=md5,
+                first=first,
+                description=url,
+                policy=policy,
                 on_bytes=lambda n: progress.update(0, n),
-                on_retry=progress.add_retry)
+                on_retry=progress.add_retry,
+            )
             progress.update(1, 0)
             retries = progress.retries
     outcome = result(True, downloaded_md5, manifest_for(downloaded_md5))
@@ -429,15 +550,24 @@ def _fetch_url(url: str, destination: Path, *, output: str | None, force: bool,
 # The step
 # --------------------------------------------------------------------------
 
-def fetch(source: str, destination: Path, *, stacks: bool = False,
-          filter_regex: str | None = None, jobs: int | None = None,
-          settings: SwiftSettings | None = None, force: bool = False,
-          dry_run: bool = False, output: str | None = None,
-          show_progress: bool = True,
-          should_stop: Callable[[], bool] | None = None,
-          objects: list[ObjectInfo] | None = None,
-          policy: RetryPolicy = DEFAULT_RETRY,
-          page_size: int | None = None) -> FetchResult:
+
+def fetch(
+    source: str,
+    destination: Path,
+    *,
+    stacks: bool = False,
+    filter_regex: str | None = None,
+    jobs: int | None = None,
+    settings: SwiftSettings | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    output: str | None = None,
+    show_progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    objects: list[ObjectInfo] | None = None,
+    policy: RetryPolicy = DEFAULT_RETRY,
+    page_size: int | None = None,
+) -> FetchResult:
     """Fetches ``source`` into ``destination``; returns what was done.
 
     With ``stacks``, ``source`` is a Swift container URL and every object
@@ -454,9 +584,15 @@ def fetch(source: str, destination: Path, *, stacks: bool = False,
             raise UsageError("--filter needs --stacks (a container URL)")
         if not dry_run:
             destination.mkdir(parents=True, exist_ok=True)
-        return _fetch_url(source, destination, output=output, force=force,
-                          dry_run=dry_run, show_progress=show_progress,
-                          policy=policy)
+        return _fetch_url(
+            source,
+            destination,
+            output=output,
+            force=force,
+            dry_run=dry_run,
+            show_progress=show_progress,
+            policy=policy,
+        )
     if output is not None:
         raise UsageError("--output applies to a single URL, not to --stacks")
     if objects is None:
@@ -466,23 +602,38 @@ def fetch(source: str, destination: Path, *, stacks: bool = False,
         for info in objects:
             logger.debug("would fetch %s (%d bytes)", info.name, info.bytes)
         return FetchResult(
-            files=len(objects), bytes=sum(info.bytes for info in objects),
-            downloaded=0, skipped=present, manifest_path=None,
+            files=len(objects),
+            bytes=sum(info.bytes for info in objects),
+            downloaded=0,
+            skipped=present,
+            manifest_path=None,
             listing_fingerprint=listing_fingerprint(
-                (info.name, info.bytes, info.hash) for info in objects),
-            elapsed=0.0, dry_run=True)
+                (info.name, info.bytes, info.hash) for info in objects
+            ),
+            elapsed=0.0,
+            dry_run=True,
+        )
     destination.mkdir(parents=True, exist_ok=True)
-    return _fetch_stack(source, destination, objects, filter_regex=filter_regex,
-                        jobs=jobs, settings=settings, force=force,
-                        show_progress=show_progress, should_stop=should_stop,
-                        policy=policy)
+    return _fetch_stack(
+        source,
+        destination,
+        objects,
+        filter_regex=filter_regex,
+        jobs=jobs,
+        settings=settings,
+        force=force,
+        show_progress=show_progress,
+        should_stop=should_stop,
+        policy=policy,
+    )
 
 
-def add_fetch_options(parser: argparse.ArgumentParser,
-                      destination_flag: str = "--destination",
-                      exclude: Iterable[str] = (),
-                      destination_default: str | None = None
-                      ) -> argparse._ArgumentGroup:
+def add_fetch_options(
+    parser: argparse.ArgumentParser,
+    destination_flag: str = "--destination",
+    exclude: Iterable[str] = (),
+    destination_default: str | None = None,
+) -> argparse._ArgumentGroup:
     """Adds the fetch option group; returns it.
 
     The destination is stored as ``args.destination`` whatever its flag, and
@@ -493,52 +644,76 @@ def add_fetch_options(parser: argparse.ArgumentParser,
     skip = set(exclude)
     group = parser.add_argument_group("fetching the input")
     group.add_argument(
-        "--stacks", action="store_true",
+        "--stacks",
+        action="store_true",
         help="the URL is a Swift container (https://HOST/v1/AUTH_<project>/"
-             "<container>[/<prefix>]): fetch its objects selected by --filter, "
-             "listing every page")
+        "<container>[/<prefix>]): fetch its objects selected by --filter, "
+        "listing every page",
+    )
     group.add_argument(
-        "--filter", metavar="REGEX", default=None,
+        "--filter",
+        metavar="REGEX",
+        default=None,
         help="with --stacks: a Python regular expression that must match the "
-             "WHOLE object name (re.fullmatch), e.g. "
-             r"'data/raw/original/pm31\d{2}o.png'. Default: every object")
+        "WHOLE object name (re.fullmatch), e.g. "
+        r"'data/raw/original/pm31\d{2}o.png'. Default: every object",
+    )
     group.add_argument(
-        destination_flag, dest="destination", metavar="DIR",
-        required=destination_default is None, default=destination_default,
-        help="directory to write to; objects keep their names as relative paths")
+        destination_flag,
+        dest="destination",
+        metavar="DIR",
+        required=destination_default is None,
+        default=destination_default,
+        help="directory to write to; objects keep their names as relative paths",
+    )
     if "jobs" not in skip:
         group.add_argument(
-            "--jobs", dest="jobs", type=cli.positive_int, default=DEFAULT_JOBS,
-            metavar="N", help="parallel downloads for --stacks")
+            "--jobs",
+            dest="jobs",
+            type=cli.positive_int,
+            default=DEFAULT_JOBS,
+            metavar="N",
+            help="parallel downloads for --stacks",
+        )
     if "settings" not in skip:
         add_settings_option(
-            group, purpose="to read a private container (without it, the "
-                           "container must be public)")
+            group, purpose="to read a private container (without it, the container must be public)"
+        )
     if "force" not in skip:
         group.add_argument(
-            "--force", action="store_true",
+            "--force",
+            action="store_true",
             help="fetch again even files that are already complete, and replace "
-                 "an existing different file")
+            "an existing different file",
+        )
     if "dry_run" not in skip:
         group.add_argument(
-            "--dry-run", action="store_true",
-            help="only list what would be fetched (count, bytes) and exit")
+            "--dry-run",
+            action="store_true",
+            help="only list what would be fetched (count, bytes) and exit",
+        )
     if "output" not in skip:
         group.add_argument(
-            "--output", metavar="NAME", default=None,
+            "--output",
+            metavar="NAME",
+            default=None,
             help="without --stacks: file name to write under the destination "
-                 "(default: from Content-Disposition or the URL)")
+            "(default: from Content-Disposition or the URL)",
+        )
     return group
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `fetch_input`."""
     parser = argparse.ArgumentParser(
-        prog="fetch_input", description=__doc__,
+        prog="fetch_input",
+        description=__doc__,
         epilog=SEED_STACK_EXAMPLE + "\n" + errors.EXIT_CODES_HELP,
-        formatter_class=cli.HelpFormatter)
-    parser.add_argument("url", metavar="URL",
-                        help="URL of one file, or with --stacks of a Swift container")
+        formatter_class=cli.HelpFormatter,
+    )
+    parser.add_argument(
+        "url", metavar="URL", help="URL of one file, or with --stacks of a Swift container"
+    )
     add_fetch_options(parser)
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
@@ -554,10 +729,18 @@ def main(argv: list[str] | None = None) -> int:
             redactor.add(settings.os_password.reveal())
         with cli.stop_on_signals() as stop:
             result = fetch(
-                args.url, Path(args.destination), stacks=args.stacks,
-                filter_regex=args.filter, jobs=args.jobs, settings=settings,
-                force=args.force, dry_run=args.dry_run, output=args.output,
-                show_progress=cli.verbosity(args) >= 0, should_stop=stop)
+                args.url,
+                Path(args.destination),
+                stacks=args.stacks,
+                filter_regex=args.filter,
+                jobs=args.jobs,
+                settings=settings,
+                force=args.force,
+                dry_run=args.dry_run,
+                output=args.output,
+                show_progress=cli.verbosity(args) >= 0,
+                should_stop=stop,
+            )
         print(result.summary())
         return errors.EXIT_OK
 

@@ -4,6 +4,7 @@ This is what the image service's UNICORE (or Slurm) jobs run. It checks every
 option before any long work, records finished steps in a state file so that a
 killed job resumes where it stopped, and cleans up only after a verified upload.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,21 @@ REPORT_FILE = ".hbp-ingest-report.json"
 STATE_VERSION = 1
 STEPS = ("fetch", "convert", "upload")
 DISK_MARGIN = 1.05  # free space asked for beyond the bytes still to download
-REPORTED_DEPENDENCIES = ("neuroglancer-scripts", "numpy", "Pillow", "nibabel",
-                         "python-swiftclient", "keystoneauth1", "requests", "tqdm")
+REPORTED_DEPENDENCIES = (
+    "neuroglancer-scripts",
+    "numpy",
+    "Pillow",
+    "nibabel",
+    "python-swiftclient",
+    "keystoneauth1",
+    "requests",
+    "tqdm",
+)
 
 EPILOG = f"""\
 example (the image service's job):
-  SWIFT_SETTINGS='../.os_settings' ingest \\
-    --source https://object.cscs.ch/v1/AUTH_61499a61052f419abad475045aaf88f9/img-svc-bigbrain-input \\
+  SOURCE_URL=https://object.cscs.ch/v1/AUTH_61499a61052f419abad475045aaf88f9/img-svc-bigbrain-input
+  SWIFT_SETTINGS='../.os_settings' ingest --source "$SOURCE_URL" \\
     --download-dir $SOURCE --results-dir $RESULTS --stacks \\
     --filter 'data/raw/original/pm31\\d{{2}}o.png' \\
     --parameters "$PARAMS" --container test_wrapper2 --cleanup
@@ -87,46 +96,75 @@ class IngestOptions:
 def build_parser() -> argparse.ArgumentParser:
     """Returns ``ingest``'s parser, built from the step commands' option groups."""
     parser = argparse.ArgumentParser(
-        prog="ingest", description=__doc__, epilog=EPILOG,
-        formatter_class=cli.HelpFormatter, conflict_handler="resolve")
+        prog="ingest",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=cli.HelpFormatter,
+        conflict_handler="resolve",
+    )
     parser.add_argument(
-        "--source", required=True, metavar="URL",
+        "--source",
+        required=True,
+        metavar="URL",
         help="what to ingest: with --stacks the URL of a Swift container "
-             "(https://HOST/v1/AUTH_<project>/<container>), else the URL of one "
-             "file (a volume)")
+        "(https://HOST/v1/AUTH_<project>/<container>), else the URL of one "
+        "file (a volume)",
+    )
     fetch_input.add_fetch_options(
-        parser, destination_flag="--download-dir",
-        exclude=("jobs", "settings", "force", "dry_run", "output"))
+        parser,
+        destination_flag="--download-dir",
+        exclude=("jobs", "settings", "force", "dry_run", "output"),
+    )
     ingest_ngs.add_conversion_options(parser)
     upload_results.add_upload_options(parser)
     job = parser.add_argument_group("job")
     job.add_argument(
-        "--results-dir", required=True, type=Path, metavar="DIR",
+        "--results-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
         help="where the precomputed dataset is written, with the job's state "
-             f"({STATE_FILE}) and report ({REPORT_FILE})")
+        f"({STATE_FILE}) and report ({REPORT_FILE})",
+    )
     job.add_argument(
-        "--source-private", action="store_true",
+        "--source-private",
+        action="store_true",
         help="read the --source container with the Swift credentials of "
-             "--settings/$SWIFT_SETTINGS (default: anonymously, as a public container)")
-    job.add_argument("--no-upload", action="store_true",
-                     help="fetch and convert only; --container is then not needed")
+        "--settings/$SWIFT_SETTINGS (default: anonymously, as a public container)",
+    )
     job.add_argument(
-        "--cleanup", action="store_true",
+        "--no-upload",
+        action="store_true",
+        help="fetch and convert only; --container is then not needed",
+    )
+    job.add_argument(
+        "--cleanup",
+        action="store_true",
         help="after the upload was verified, delete the download and results "
-             "directories (never after a failure)")
+        "directories (never after a failure)",
+    )
     job.add_argument(
-        "--restart", action="store_true",
+        "--restart",
+        action="store_true",
         help="forget an earlier run in RESULTS_DIR (its state and dataset) and "
-             "start over; needed when the inputs or parameters changed")
+        "start over; needed when the inputs or parameters changed",
+    )
     job.add_argument(
-        "--report", type=Path, metavar="FILE", default=None,
+        "--report",
+        type=Path,
+        metavar="FILE",
+        default=None,
         help=f"where to write the JSON run report (default: RESULTS_DIR/"
-             f"{REPORT_FILE}, or ./ingest-report.json with --cleanup)")
+        f"{REPORT_FILE}, or ./ingest-report.json with --cleanup)",
+    )
     job.add_argument(
-        "--dry-run", action="store_true",
-        help="check everything and print what would be done, without writing")
-    cli.add_jobs_option(job, "parallel workers in each step (downloads, "
-                             "decoding and encoding, uploads)")
+        "--dry-run",
+        action="store_true",
+        help="check everything and print what would be done, without writing",
+    )
+    cli.add_jobs_option(
+        job, "parallel workers in each step (downloads, decoding and encoding, uploads)"
+    )
     cli.add_logging_options(parser)
     for action in parser._actions:
         # --container is required by upload_results but not with --no-upload.
@@ -147,7 +185,8 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         raise errors.UsageError("--container is required (or pass --no-upload)")
     if args.cleanup and not upload:
         raise errors.UsageError(
-            "--cleanup needs an upload to verify first: drop --no-upload or --cleanup")
+            "--cleanup needs an upload to verify first: drop --no-upload or --cleanup"
+        )
     if args.container:
         upload_results.validate_container_name(args.container)
     parameters = parse_parameters(args.parameters)
@@ -156,8 +195,9 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         settings = load_settings_from(args.settings, required=True)
     report = args.report
     if report is None:
-        report = (Path("ingest-report.json").resolve() if args.cleanup
-                  else args.results_dir / REPORT_FILE)
+        report = (
+            Path("ingest-report.json").resolve() if args.cleanup else args.results_dir / REPORT_FILE
+        )
     return IngestOptions(
         source=args.source,
         download_dir=Path(args.destination),
@@ -170,9 +210,11 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         settings=settings,
         source_private=args.source_private,
         upload=upload,
-        upload_options={key: value for key, value in
-                        upload_results.upload_options(args).items()
-                        if key != "dry_run"},
+        upload_options={
+            key: value
+            for key, value in upload_results.upload_options(args).items()
+            if key != "dry_run"
+        },
         jobs=args.jobs,
         cleanup=args.cleanup,
         restart=args.restart,
@@ -208,8 +250,7 @@ def check_writable(directory: Path, dry_run: bool) -> None:
 
 def missing_download_bytes(objects, download_dir: Path) -> int:
     """Returns the bytes still to download (files of the right size count as there)."""
-    return sum(item.bytes for item in objects
-               if not fetch_input.has_right_size(download_dir, item))
+    return sum(item.bytes for item in objects if not fetch_input.has_right_size(download_dir, item))
 
 
 def check_free_space(directory: Path, needed: int) -> None:
@@ -219,7 +260,8 @@ def check_free_space(directory: Path, needed: int) -> None:
     if needed * DISK_MARGIN > free:
         raise errors.UsageError(
             f"not enough free disk in {existing}: the download needs "
-            f"{format_bytes(needed)} (+5 %), {format_bytes(free)} are free")
+            f"{format_bytes(needed)} (+5 %), {format_bytes(free)} are free"
+        )
 
 
 def inputs_fingerprint(options: IngestOptions, listing: str) -> dict[str, Any]:
@@ -237,14 +279,13 @@ def inputs_fingerprint(options: IngestOptions, listing: str) -> dict[str, Any]:
 class RunState:
     """The job's progress through its steps, saved atomically after each one."""
 
-    def __init__(self, path: Path, inputs: dict[str, Any],
-                 steps: dict[str, Any] | None = None):
+    def __init__(self, path: Path, inputs: dict[str, Any], steps: dict[str, Any] | None = None):
         self.path = path
         self.inputs = inputs
         self.steps: dict[str, Any] = steps or {}
 
     @classmethod
-    def load(cls, path: Path) -> "RunState | None":
+    def load(cls, path: Path) -> RunState | None:
         """Returns the saved state, or None when there is none."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -252,8 +293,8 @@ class RunState:
             return None
         except (OSError, ValueError) as exc:
             raise errors.UsageError(
-                f"state file {path} is unreadable ({exc}); rerun with --restart "
-                f"to start over") from None
+                f"state file {path} is unreadable ({exc}); rerun with --restart to start over"
+            ) from None
         return cls(path, data.get("inputs", {}), data.get("steps", {}))
 
     def done(self, step: str, target: Any = None) -> bool:
@@ -261,11 +302,15 @@ class RunState:
         record = self.steps.get(step, {})
         return bool(record.get("done")) and record.get("target") == target
 
-    def finish(self, step: str, result: dict[str, Any], seconds: float,
-               target: Any = None) -> None:
+    def finish(self, step: str, result: dict[str, Any], seconds: float, target: Any = None) -> None:
         """Records ``step`` as finished (for ``target``) and saves the state."""
-        self.steps[step] = {"done": True, "seconds": round(seconds, 3),
-                            "finished": now(), "result": result, "target": target}
+        self.steps[step] = {
+            "done": True,
+            "seconds": round(seconds, 3),
+            "finished": now(),
+            "result": result,
+            "target": target,
+        }
         self.save()
 
     def forget(self, step: str) -> None:
@@ -275,9 +320,9 @@ class RunState:
 
     def save(self) -> None:
         """Writes the state atomically."""
-        write_json_atomically(self.path, {"version": STATE_VERSION,
-                                          "inputs": self.inputs,
-                                          "steps": self.steps})
+        write_json_atomically(
+            self.path, {"version": STATE_VERSION, "inputs": self.inputs, "steps": self.steps}
+        )
 
 
 def now() -> str:
@@ -287,8 +332,7 @@ def now() -> str:
 
 def differing_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Returns the names of the inputs that changed since the saved run."""
-    return sorted(key for key in set(saved) | set(current)
-                  if saved.get(key) != current.get(key))
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
 
 
 def clear_directory(directory: Path) -> None:
@@ -342,14 +386,20 @@ def preflight(options: IngestOptions) -> Preflight:
         logger.info("credentials accepted; storage URL %s", storage_url)
     objects = None
     if options.stacks:
-        objects = fetch_input.select_objects(options.source, options.filter_regex,
-                                             settings=fetch_settings(options))
-        logger.info("source: %d objects selected, %s", len(objects),
-                    format_bytes(sum(item.bytes for item in objects)))
-        check_free_space(options.download_dir,
-                         missing_download_bytes(objects, options.download_dir))
+        objects = fetch_input.select_objects(
+            options.source, options.filter_regex, settings=fetch_settings(options)
+        )
+        logger.info(
+            "source: %d objects selected, %s",
+            len(objects),
+            format_bytes(sum(item.bytes for item in objects)),
+        )
+        check_free_space(
+            options.download_dir, missing_download_bytes(objects, options.download_dir)
+        )
         listing = fetch_input.listing_fingerprint(
-            (item.name, item.bytes, item.hash) for item in objects)
+            (item.name, item.bytes, item.hash) for item in objects
+        )
     else:
         listing = hashlib.sha256(options.source.encode()).hexdigest()
     return Preflight(connection, objects, listing, inputs_fingerprint(options, listing))
@@ -369,7 +419,8 @@ def open_state(options: IngestOptions, inputs: dict[str, Any]) -> RunState | Non
                 f"{options.results_dir} holds a run with other inputs (changed: "
                 f"{', '.join(differing_inputs(state.inputs, inputs))}); to start "
                 f"over with these, rerun with --restart (it deletes the dataset in "
-                f"{options.results_dir})")
+                f"{options.results_dir})"
+            )
         return None
     return state
 
@@ -382,8 +433,7 @@ class StepRunner:
         self.steps = steps
         self.seconds: dict[str, float] = {}
 
-    def run(self, step: str, work: Callable[[], Any], target: Any = None
-            ) -> dict[str, Any]:
+    def run(self, step: str, work: Callable[[], Any], target: Any = None) -> dict[str, Any]:
         """Runs ``work`` unless ``step`` is done for ``target``; returns its summary."""
         banner(self.steps.index(step) + 1, len(self.steps), step)
         if self.state.done(step, target):
@@ -395,8 +445,11 @@ class StepRunner:
         except errors.HbpError:
             raise
         except Exception as exc:  # a failure nobody mapped: name the step
-            error_type = {"fetch": errors.FetchError, "convert": errors.ConversionError,
-                          "upload": errors.UploadError}[step]
+            error_type = {
+                "fetch": errors.FetchError,
+                "convert": errors.ConversionError,
+                "upload": errors.UploadError,
+            }[step]
             logger.debug("%s failed", step, exc_info=True)
             raise error_type(f"{step} failed: {type(exc).__name__}: {exc}") from exc
         self.seconds[step] = time.monotonic() - clock
@@ -408,8 +461,7 @@ class StepRunner:
         return summary
 
 
-def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
-           ) -> dict[str, Any]:
+def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Runs the whole chain; returns the run report (also written as JSON)."""
     started, started_clock = now(), time.monotonic()
     should_stop = should_stop or (lambda: False)
@@ -426,33 +478,69 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
         state.save()
 
     runner = StepRunner(state, ["fetch", "convert"] + (["upload"] if options.upload else []))
-    fetched = runner.run("fetch", lambda: fetch_input.fetch(
-        options.source, options.download_dir, stacks=options.stacks,
-        filter_regex=options.filter_regex, jobs=options.jobs,
-        settings=fetch_settings(options), show_progress=options.show_progress,
-        should_stop=should_stop, objects=checked.objects))
+    fetched = runner.run(
+        "fetch",
+        lambda: fetch_input.fetch(
+            options.source,
+            options.download_dir,
+            stacks=options.stacks,
+            filter_regex=options.filter_regex,
+            jobs=options.jobs,
+            settings=fetch_settings(options),
+            show_progress=options.show_progress,
+            should_stop=should_stop,
+            objects=checked.objects,
+        ),
+    )
     if state.done("convert") and not ingest_ngs.is_complete(options.results_dir):
-        logger.warning("the dataset in %s is incomplete: converting again",
-                       options.results_dir)
+        logger.warning("the dataset in %s is incomplete: converting again", options.results_dir)
         state.forget("convert")
         state.forget("upload")
-    converted = runner.run("convert", lambda: ingest_ngs.convert(
-        conversion_source(options), options.results_dir, options.parameters,
-        jobs=options.jobs, show_progress=options.show_progress,
-        should_stop=should_stop, order_file=options.order_file))
+    converted = runner.run(
+        "convert",
+        lambda: ingest_ngs.convert(
+            conversion_source(options),
+            options.results_dir,
+            options.parameters,
+            jobs=options.jobs,
+            show_progress=options.show_progress,
+            should_stop=should_stop,
+            order_file=options.order_file,
+        ),
+    )
     uploaded = None
     if options.upload:
         # Done only for the same destination: another container uploads again.
-        target = {"storage_url": checked.connection.storage_url,
-                  "container": options.container,
-                  "prefix": options.upload_options.get("prefix", "")}
-        uploaded = runner.run("upload", lambda: upload_results.upload(
-            options.results_dir, options.container, checked.connection,
-            jobs=options.jobs, show_progress=options.show_progress,
-            should_stop=should_stop, **options.upload_options), target)
+        target = {
+            "storage_url": checked.connection.storage_url,
+            "container": options.container,
+            "prefix": options.upload_options.get("prefix", ""),
+        }
+        uploaded = runner.run(
+            "upload",
+            lambda: upload_results.upload(
+                options.results_dir,
+                options.container,
+                checked.connection,
+                jobs=options.jobs,
+                show_progress=options.show_progress,
+                should_stop=should_stop,
+                **options.upload_options,
+            ),
+            target,
+        )
 
-    report = run_report(options, state, runner, checked.listing, fetched, converted,
-                        uploaded, started, started_clock)
+    report = run_report(
+        options,
+        state,
+        runner,
+        checked.listing,
+        fetched,
+        converted,
+        uploaded,
+        started,
+        started_clock,
+    )
     write_json_atomically(options.report_path, report)
     if options.cleanup:
         for directory in (options.download_dir, options.results_dir):
@@ -461,28 +549,46 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
     return report
 
 
-def run_report(options: IngestOptions, state: RunState, runner: StepRunner,
-               listing: str, fetched: dict, converted: dict, uploaded: dict | None,
-               started: str, started_clock: float) -> dict[str, Any]:
+def run_report(
+    options: IngestOptions,
+    state: RunState,
+    runner: StepRunner,
+    listing: str,
+    fetched: dict,
+    converted: dict,
+    uploaded: dict | None,
+    started: str,
+    started_clock: float,
+) -> dict[str, Any]:
     """Returns the JSON run report."""
     return {
         "status": "success",
         "started": started,
         "finished": now(),
         "wall_seconds": round(time.monotonic() - started_clock, 3),
-        "inputs": {"source": options.source, "stacks": options.stacks,
-                   "filter": options.filter_regex, "listing_fingerprint": listing,
-                   "files": fetched.get("files"), "bytes": fetched.get("bytes")},
+        "inputs": {
+            "source": options.source,
+            "stacks": options.stacks,
+            "filter": options.filter_regex,
+            "listing_fingerprint": listing,
+            "files": fetched.get("files"),
+            "bytes": fetched.get("bytes"),
+        },
         "parameters": json.loads(options.parameters.to_json()),
-        "steps": {step: {"seconds": state.steps[step].get("seconds"),
-                         "resumed_from_earlier_run": step not in runner.seconds,
-                         "result": state.steps[step]["result"]}
-                  for step in runner.steps},
+        "steps": {
+            step: {
+                "seconds": state.steps[step].get("seconds"),
+                "resumed_from_earlier_run": step not in runner.seconds,
+                "result": state.steps[step]["result"],
+            }
+            for step in runner.steps
+        },
         "outputs": converted,
         "public_url": uploaded.get("public_url") if uploaded else None,
         "neuroglancer_link": uploaded.get("neuroglancer_link") if uploaded else None,
-        "retries": sum(int((state.steps[step]["result"] or {}).get("retries") or 0)
-                       for step in runner.steps),
+        "retries": sum(
+            int((state.steps[step]["result"] or {}).get("retries") or 0) for step in runner.steps
+        ),
         "versions": versions(),
     }
 
@@ -491,13 +597,13 @@ def conversion_source(options: IngestOptions) -> Path:
     """Returns what the converter reads: the download dir (stack) or the one file."""
     if options.stacks:
         return options.download_dir
-    manifest = json.loads((options.download_dir / fetch_input.MANIFEST_NAME)
-                          .read_text(encoding="utf-8"))
+    manifest = json.loads(
+        (options.download_dir / fetch_input.MANIFEST_NAME).read_text(encoding="utf-8")
+    )
     return options.download_dir / manifest["objects"][0]["path"]
 
 
-def dry_run_report(options: IngestOptions, objects, state: RunState | None
-                   ) -> dict[str, Any]:
+def dry_run_report(options: IngestOptions, objects, state: RunState | None) -> dict[str, Any]:
     """Returns (and logs) what a real run would do."""
     plan = {
         "status": "dry-run",
@@ -507,11 +613,13 @@ def dry_run_report(options: IngestOptions, objects, state: RunState | None
         "steps_done_before": sorted(s for s in STEPS if state and state.done(s)),
         "container": options.container if options.upload else None,
     }
-    logger.info("dry run: would fetch %s object(s)%s, convert to %s%s",
-                plan["objects"],
-                f" ({format_bytes(plan['bytes'])})" if plan["bytes"] else "",
-                options.results_dir,
-                f", upload to container {options.container!r}" if options.upload else "")
+    logger.info(
+        "dry run: would fetch %s object(s)%s, convert to %s%s",
+        plan["objects"],
+        f" ({format_bytes(plan['bytes'])})" if plan["bytes"] else "",
+        options.results_dir,
+        f", upload to container {options.container!r}" if options.upload else "",
+    )
     return plan
 
 
@@ -547,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             except errors.Interrupted as exc:
                 raise errors.Interrupted(
                     f"{exc}; state saved in {options.results_dir / STATE_FILE}: "
-                    f"submit the same command again to resume") from None
+                    f"submit the same command again to resume"
+                ) from None
         print_summary(report)
         return errors.EXIT_OK
 

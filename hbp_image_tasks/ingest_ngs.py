@@ -7,6 +7,7 @@ nibabel reads (NIfTI, MINC, Analyze, MGH). The output directory gets the
 with neuroglancer-scripts' encoders by a thread pool. A killed conversion
 resumes from its last checkpoint when the same command is run again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-from . import cli, errors, parameters as parameters_module
+from . import cli, errors
+from . import parameters as parameters_module
 from .atomic import write_json_atomically
 from .parameters import ConversionParameters, parse_parameters
 from .progress import Progress, format_bytes, format_duration
@@ -65,7 +67,7 @@ def is_complete(destination: Path) -> bool:
     return (destination / COMPLETE_NAME).is_file() and (destination / "info").is_file()
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -77,13 +79,17 @@ def _output_dtype(source, params: ConversionParameters) -> str:
     input_dtype = np.dtype(source.dtype)
     if params.data_type is not None:
         output = np.dtype(params.data_type)
-        if (params.input_max is None and np.issubdtype(input_dtype, np.integer)
-                and np.issubdtype(output, np.integer)
-                and input_dtype.itemsize > output.itemsize):
+        if (
+            params.input_max is None
+            and np.issubdtype(input_dtype, np.integer)
+            and np.issubdtype(output, np.integer)
+            and input_dtype.itemsize > output.itemsize
+        ):
             raise errors.InputError(
                 f"{source.paths[0]}: {input_dtype} samples do not fit parameter "
                 f"'data_type' {params.data_type}; give 'input_min'/'input_max' to "
-                "rescale them, or omit 'data_type' to keep the input's type")
+                "rescale them, or omit 'data_type' to keep the input's type"
+            )
         return params.data_type
     if params.input_max is not None:
         return "uint8"
@@ -93,26 +99,27 @@ def _output_dtype(source, params: ConversionParameters) -> str:
         return "uint8"
     if input_dtype.kind == "f":
         if params.type == "segmentation":
-            raise errors.InputError(f"{source.paths[0]}: floating-point samples "
-                                    "cannot be labels; give 'data_type'")
+            raise errors.InputError(
+                f"{source.paths[0]}: floating-point samples cannot be labels; give 'data_type'"
+            )
         return "float32"
     if input_dtype.kind == "i":
         minimum = source.minimum()
         if minimum is not None and minimum < 0:
             if params.type == "segmentation":
-                raise errors.InputError(f"{source.paths[0]}: negative labels "
-                                        f"(minimum {minimum:g})")
-            logger.warning("%s: signed samples down to %g are stored as float32",
-                           source.paths[0], minimum)
+                raise errors.InputError(f"{source.paths[0]}: negative labels (minimum {minimum:g})")
+            logger.warning(
+                "%s: signed samples down to %g are stored as float32", source.paths[0], minimum
+            )
             return "float32"
         return f"uint{input_dtype.itemsize * 8}"
     return input_dtype.name
 
 
-def _value_transform(input_dtype: np.dtype, output_dtype: str,
-                     params: ConversionParameters):
+def _value_transform(input_dtype: np.dtype, output_dtype: str, params: ConversionParameters):
     """Returns the per-block sample conversion, or None when samples are copied as is."""
     from neuroglancer_scripts.data_types import get_chunk_dtype_transformer
+
     output = np.dtype(output_dtype)
     if params.input_max is None:
         if input_dtype == output:
@@ -123,8 +130,11 @@ def _value_transform(input_dtype: np.dtype, output_dtype: str,
         return lambda block: transformer(block, preserve_input=True)
     low = params.input_min if params.input_min is not None else 0.0
     high = params.input_max
-    out_low, out_high = ((float(np.iinfo(output).min), float(np.iinfo(output).max))
-                         if np.issubdtype(output, np.integer) else (0.0, 1.0))
+    out_low, out_high = (
+        (float(np.iinfo(output).min), float(np.iinfo(output).max))
+        if np.issubdtype(output, np.integer)
+        else (0.0, 1.0)
+    )
     slope = (out_high - out_low) / (high - low)
     transformer = get_chunk_dtype_transformer(np.float64, output, warn=False)
 
@@ -134,12 +144,17 @@ def _value_transform(input_dtype: np.dtype, output_dtype: str,
         work *= slope
         work += out_low
         return transformer(work, preserve_input=False)
+
     return rescale
 
 
 def _fingerprint(params: ConversionParameters, info: dict, source) -> str:
-    document = {"parameters": params.to_dict(), "info": info,
-                "inputs": source.identity(), "format": 1}
+    document = {
+        "parameters": params.to_dict(),
+        "info": info,
+        "inputs": source.identity(),
+        "format": 1,
+    }
     text = json.dumps(document, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -152,15 +167,16 @@ def _remove_previous_output(destination: Path) -> None:
         target = destination / key
         if key and ".." not in key and target.is_dir():
             shutil.rmtree(target)
-    for path in ([destination / name for name in (COMPLETE_NAME, STATE_NAME, "info")]
-                 + _checkpoint_files(destination)):
+    for path in [
+        destination / name for name in (COMPLETE_NAME, STATE_NAME, "info")
+    ] + _checkpoint_files(destination):
         try:
             path.unlink()
         except FileNotFoundError:
             pass
 
 
-def _prepare_destination(destination: Path, fingerprint: str) -> Optional[dict]:
+def _prepare_destination(destination: Path, fingerprint: str) -> dict | None:
     """Returns the resumable state for ``fingerprint``, cleaning stale output."""
     destination.mkdir(parents=True, exist_ok=True)
     state = _read_json(destination / STATE_NAME)
@@ -171,21 +187,28 @@ def _prepare_destination(destination: Path, fingerprint: str) -> Optional[dict]:
         if entries:
             raise errors.UsageError(
                 f"{destination}: not empty and holds no conversion state of "
-                "ingest_ngs; give an empty or new --destination")
+                "ingest_ngs; give an empty or new --destination"
+            )
         return None
     for document in (state, complete):
         if document is not None and document.get("fingerprint") != fingerprint:
-            logger.warning("%s holds a conversion of other input or parameters; "
-                           "starting over", destination)
+            logger.warning(
+                "%s holds a conversion of other input or parameters; starting over", destination
+            )
             _remove_previous_output(destination)
             return None
     return state
 
 
-def convert(source: Path, destination: Path, parameters: ConversionParameters,
-            jobs: int | None = None, show_progress: bool = True,
-            should_stop: Callable[[], bool] | None = None,
-            order_file: Path | None = None) -> ConversionResult:
+def convert(
+    source: Path,
+    destination: Path,
+    parameters: ConversionParameters,
+    jobs: int | None = None,
+    show_progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    order_file: Path | None = None,
+) -> ConversionResult:
     """Converts ``source`` into a precomputed pyramid in ``destination``; returns the result.
 
     Raises InputError for unusable input, ConversionError when writing fails
@@ -194,6 +217,7 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
     """
     from neuroglancer_scripts import precomputed_io
     from neuroglancer_scripts.accessor import DataAccessError
+
     from . import pyramid, sources
 
     started = time.monotonic()
@@ -208,21 +232,38 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
     data_type = _output_dtype(input_source, params)
     voxel_size = params.voxel_size_nm() or input_source.voxel_size_nm
     if voxel_size is None:
-        logger.warning("no 'voxel_size' given for the section stack: using 1 um "
-                       "isotropic voxels (give e.g. {\"voxel_size\": [20, 20, 20], "
-                       "\"voxel_unit\": \"um\"})")
+        logger.warning(
+            "no 'voxel_size' given for the section stack: using 1 um "
+            'isotropic voxels (give e.g. {"voxel_size": [20, 20, 20], '
+            '"voxel_unit": "um"})'
+        )
         voxel_size = (parameters_module.DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
     info = pyramid.build_info(
-        data_type, input_source.channels, input_source.size, voxel_size,
-        params.voxel_offset, params.type, params.effective_encoding,
-        params.chunk_size, params.max_scales)
+        data_type,
+        input_source.channels,
+        input_source.size,
+        voxel_size,
+        params.voxel_offset,
+        params.type,
+        params.effective_encoding,
+        params.chunk_size,
+        params.max_scales,
+    )
     if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
-        raise errors.UsageError("parameter 'encoding': jpeg needs uint8 samples, "
-                                f"the input gives {info['data_type']}")
+        raise errors.UsageError(
+            f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
+        )
     transform = _value_transform(np.dtype(input_source.dtype), info["data_type"], params)
     fingerprint = _fingerprint(params, info, input_source)
-    scales = [{"key": s["key"], "size": s["size"], "chunk_size": s["chunk_sizes"][0],
-               "resolution": s["resolution"]} for s in info["scales"]]
+    scales = [
+        {
+            "key": s["key"],
+            "size": s["size"],
+            "chunk_size": s["chunk_sizes"][0],
+            "resolution": s["resolution"],
+        }
+        for s in info["scales"]
+    ]
 
     state = _prepare_destination(destination, fingerprint)
     if state is None and is_complete(destination):
@@ -232,35 +273,50 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
             return ConversionResult(**previous["result"])
 
     accessor = pyramid.AtomicFileAccessor(
-        destination, gzip=params.gzip, compresslevel=params.compression_level,
-        wide_samples=(params.effective_encoding == "raw"
-                      and np.dtype(info["data_type"]).itemsize > 1))
-    logger.info("converting %s into %s: %s %s, %d scales, %d jobs%s",
-                input_source.description, destination, info["data_type"],
-                params.effective_encoding, len(info["scales"]), jobs,
-                f", gzip level {params.compression_level} "
-                f"({accessor.compress.backends})" if params.gzip else ", no gzip")
+        destination,
+        gzip=params.gzip,
+        compresslevel=params.compression_level,
+        wide_samples=(
+            params.effective_encoding == "raw" and np.dtype(info["data_type"]).itemsize > 1
+        ),
+    )
+    logger.info(
+        "converting %s into %s: %s %s, %d scales, %d jobs%s",
+        input_source.description,
+        destination,
+        info["data_type"],
+        params.effective_encoding,
+        len(info["scales"]),
+        jobs,
+        f", gzip level {params.compression_level} ({accessor.compress.backends})"
+        if params.gzip
+        else ", no gzip",
+    )
     total_chunks = pyramid.count_chunks(info)
     depth_total = input_source.size[2]
     try:
         if state is None:
             # The state file first: it marks the directory as ours to resume.
-            write_json_atomically(destination / STATE_NAME,
-                        {"fingerprint": fingerprint, "slabs_done": 0})
+            write_json_atomically(
+                destination / STATE_NAME, {"fingerprint": fingerprint, "slabs_done": 0}
+            )
         if state is None or not (destination / "info").is_file():
             precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
         downscaler = pyramid.make_downscaler(params.effective_downscaling_method, info)
     except DataAccessError as exc:
         raise errors.ConversionError(f"{destination}: {exc}") from None
 
-    progress = Progress("chunks", total=total_chunks, unit="chunks",
-                        enabled=show_progress)
+    progress = Progress("chunks", total=total_chunks, unit="chunks", enabled=show_progress)
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ingest")
     try:
         builder = pyramid.PyramidBuilder(
-            info, accessor, downscaler, executor,
+            info,
+            accessor,
+            downscaler,
+            executor,
             encoder_options={"jpeg_quality": params.jpeg_quality},
-            on_chunk=lambda nbytes: progress.update(1, nbytes))
+            on_chunk=lambda nbytes: progress.update(1, nbytes),
+        )
         slab_depth = builder.slab_depth
         slab_count = -(-depth_total // slab_depth)
         next_slab = 0
@@ -271,8 +327,7 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
             next_slab = _restore(destination, state, builder)
             resumed = True
             progress.update(builder.chunks_written, builder.bytes_written)
-            logger.info("resuming %s at slab %d/%d", destination, next_slab + 1,
-                        slab_count)
+            logger.info("resuming %s at slab %d/%d", destination, next_slab + 1, slab_count)
         last_checkpoint = time.monotonic()
         for slab_index in range(next_slab, slab_count):
             z0 = slab_index * slab_depth
@@ -281,44 +336,65 @@ def convert(source: Path, destination: Path, parameters: ConversionParameters,
             input_source.read(z0, z1, builder.slab(z1 - z0), transform, executor)
             read_seconds = time.monotonic() - slab_started
             builder.push(z1 - z0, last=slab_index == slab_count - 1)
-            logger.log(logging.INFO if show_progress else logging.DEBUG,
-                       "slab %d/%d (sections %d-%d): read %.1f s, written %.1f s; %s",
-                       slab_index + 1, slab_count, z0, z1 - 1, read_seconds,
-                       time.monotonic() - slab_started - read_seconds, progress.line())
+            logger.log(
+                logging.INFO if show_progress else logging.DEBUG,
+                "slab %d/%d (sections %d-%d): read %.1f s, written %.1f s; %s",
+                slab_index + 1,
+                slab_count,
+                z0,
+                z1 - 1,
+                read_seconds,
+                time.monotonic() - slab_started - read_seconds,
+                progress.line(),
+            )
             stop = should_stop is not None and should_stop()
             if slab_index + 1 < slab_count and (
-                    stop or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
-                    or not any(level.filled for level in builder.levels)):
+                stop
+                or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
+                or not any(level.filled for level in builder.levels)
+            ):
                 _checkpoint(destination, fingerprint, slab_index + 1, builder)
                 last_checkpoint = time.monotonic()
             if stop and slab_index + 1 < slab_count:
                 raise errors.Interrupted(
                     f"conversion into {destination} stopped after slab "
-                    f"{slab_index + 1}/{slab_count}; run the same command to resume")
+                    f"{slab_index + 1}/{slab_count}; run the same command to resume"
+                )
     except DataAccessError as exc:
         raise errors.ConversionError(f"{destination}: {exc}") from None
     except OSError as exc:
-        raise errors.ConversionError(f"{destination}: cannot write "
-                                     f"({exc.strerror or exc})") from None
+        raise errors.ConversionError(
+            f"{destination}: cannot write ({exc.strerror or exc})"
+        ) from None
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         progress.close()
 
     result = ConversionResult(
-        scales=scales, chunks=builder.chunks_written, bytes_written=builder.bytes_written,
+        scales=scales,
+        chunks=builder.chunks_written,
+        bytes_written=builder.bytes_written,
         input_count=len(input_source.paths) if input_source.kind == "stack" else 1,
         input_bytes=input_source.input_bytes,
         wall_seconds=round(time.monotonic() - started, 3),
-        destination=str(destination), resumed=resumed)
-    write_json_atomically(destination / COMPLETE_NAME,
-                {"fingerprint": fingerprint, "result": result.to_dict()})
+        destination=str(destination),
+        resumed=resumed,
+    )
+    write_json_atomically(
+        destination / COMPLETE_NAME, {"fingerprint": fingerprint, "result": result.to_dict()}
+    )
     for path in [destination / STATE_NAME] + _checkpoint_files(destination):
         try:
             path.unlink()
         except FileNotFoundError:
             pass
-    logger.info("converted %s: %d chunks, %s in %s", destination, result.chunks,
-                format_bytes(result.bytes_written), format_duration(result.wall_seconds))
+    logger.info(
+        "converted %s: %d chunks, %s in %s",
+        destination,
+        result.chunks,
+        format_bytes(result.bytes_written),
+        format_duration(result.wall_seconds),
+    )
     return result
 
 
@@ -348,12 +424,19 @@ def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -
         with open(temporary, "wb") as stream:
             np.savez(stream, **pending)
         os.replace(temporary, destination / name)
-    write_json_atomically(destination / STATE_NAME, {
-        "fingerprint": fingerprint, "slabs_done": slabs_done, "levels": positions,
-        "chunks": builder.chunks_written, "bytes": builder.bytes_written,
-        "pending": sorted(pending), "checkpoint": name if pending else None,
-        "saved": time.time(),
-    })
+    write_json_atomically(
+        destination / STATE_NAME,
+        {
+            "fingerprint": fingerprint,
+            "slabs_done": slabs_done,
+            "levels": positions,
+            "chunks": builder.chunks_written,
+            "bytes": builder.bytes_written,
+            "pending": sorted(pending),
+            "checkpoint": name if pending else None,
+            "saved": time.time(),
+        },
+    )
     for old in _checkpoint_files(destination):
         if old.name != name:
             old.unlink()
@@ -369,8 +452,8 @@ def _restore(destination: Path, state: dict, builder) -> int:
                 pending = {name: archive[name] for name in state["pending"]}
         except (OSError, ValueError, KeyError) as exc:
             raise errors.ConversionError(
-                f"{path}: unreadable checkpoint ({exc}); "
-                f"delete {destination} and convert again") from None
+                f"{path}: unreadable checkpoint ({exc}); delete {destination} and convert again"
+            ) from None
     builder.restore(state["levels"], pending)
     builder.chunks_written = int(state.get("chunks", 0))
     builder.bytes_written = int(state.get("bytes", 0))
@@ -381,17 +464,26 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     """Adds the conversion option group (shared with `ingest`)."""
     group = parser.add_argument_group("conversion")
     group.add_argument(
-        "--parameters", metavar="JSON|@FILE", default=None,
+        "--parameters",
+        metavar="JSON|@FILE",
+        default=None,
         help="conversion parameters as inline JSON or @file.json, e.g. "
-             "'{\"voxel_size\": [20, 20, 20], \"voxel_unit\": \"um\"}' "
-             "(see the parameter list below; every key has a default)")
+        '\'{"voxel_size": [20, 20, 20], "voxel_unit": "um"}\' '
+        "(see the parameter list below; every key has a default)",
+    )
     group.add_argument(
-        "--order-file", type=Path, default=None, metavar="FILE",
+        "--order-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="text file listing the section file names in z order, one per line "
-             "(default: natural sort of the names, s2 before s10)")
+        "(default: natural sort of the names, s2 before s10)",
+    )
     group.add_argument(
-        "--print-parameters", action="store_true",
-        help="print the effective parameters as JSON and exit")
+        "--print-parameters",
+        action="store_true",
+        help="print the effective parameters as JSON and exit",
+    )
     cli.add_jobs_option(group, what="threads decoding sections and writing chunks")
 
 
@@ -409,18 +501,29 @@ examples:
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `ingest_ngs`."""
     parser = argparse.ArgumentParser(
-        prog="ingest_ngs", description=__doc__,
-        epilog=EXAMPLES + "\n" + parameters_module.SCHEMA_HELP + "\n"
-        + errors.EXIT_CODES_HELP,
-        formatter_class=cli.HelpFormatter)
-    parser.add_argument("source", type=Path, nargs="?",
-                        help="directory of sections, fetch manifest (or the directory "
-                             "holding fetch_manifest.json), or a volume file")
-    parser.add_argument("--destination", "-d", type=Path, metavar="DIR",
-                        help="output directory of the precomputed dataset")
+        prog="ingest_ngs",
+        description=__doc__,
+        epilog=EXAMPLES + "\n" + parameters_module.SCHEMA_HELP + "\n" + errors.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
+    )
+    parser.add_argument(
+        "source",
+        type=Path,
+        nargs="?",
+        help="directory of sections, fetch manifest (or the directory "
+        "holding fetch_manifest.json), or a volume file",
+    )
+    parser.add_argument(
+        "--destination",
+        "-d",
+        type=Path,
+        metavar="DIR",
+        help="output directory of the precomputed dataset",
+    )
     add_conversion_options(parser)
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar or periodic progress lines")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar or periodic progress lines"
+    )
     cli.add_logging_options(parser)
     args = parser.parse_args(argv)
     if not args.print_parameters and (args.source is None or args.destination is None):
@@ -438,12 +541,20 @@ def main(argv: list[str] | None = None) -> int:
             print(params.resolved().to_json())
             return errors.EXIT_OK
         with cli.stop_on_signals() as stop:
-            result = convert(args.source, args.destination, params, jobs=args.jobs,
-                             show_progress=not args.no_progress and cli.verbosity(args) >= 0,
-                             should_stop=stop, order_file=args.order_file)
-        print(f"{result.destination}: {len(result.scales)} scales, {result.chunks} "
-              f"chunks, {format_bytes(result.bytes_written)} in "
-              f"{format_duration(result.wall_seconds)}")
+            result = convert(
+                args.source,
+                args.destination,
+                params,
+                jobs=args.jobs,
+                show_progress=not args.no_progress and cli.verbosity(args) >= 0,
+                should_stop=stop,
+                order_file=args.order_file,
+            )
+        print(
+            f"{result.destination}: {len(result.scales)} scales, {result.chunks} "
+            f"chunks, {format_bytes(result.bytes_written)} in "
+            f"{format_duration(result.wall_seconds)}"
+        )
         return errors.EXIT_OK
 
     return cli.run_command(work, args)

@@ -1,6 +1,7 @@
 """Object names: the literal prefix of a --filter regex, and the checks that keep
 every selected object inside the destination directory.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,7 @@ def _has_top_level_alternation(pattern: str) -> bool:
             in_class = char != "]"
         elif char == "[":
             in_class = True
-            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
+            if pattern[i + 1 : i + 2] == "]" or pattern[i + 1 : i + 3] == "^]":
                 i += 2 if pattern[i + 1] == "]" else 3  # a leading ] is literal
                 continue
         elif char == "(":
@@ -76,8 +77,9 @@ def compile_filter(filter_regex: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(filter_regex)
     except re.error as exc:
-        raise UsageError(f"--filter {filter_regex!r} is not a valid regular "
-                         f"expression: {exc}") from None
+        raise UsageError(
+            f"--filter {filter_regex!r} is not a valid regular expression: {exc}"
+        ) from None
 
 
 def check_object_name(name: str) -> PurePosixPath:
@@ -96,15 +98,15 @@ def check_object_name(name: str) -> PurePosixPath:
         elif any(not part for part in parts):
             problem = "it contains an empty path component ('//' or a trailing '/')"
     if problem:
-        raise InputError(f"object name {name!r} cannot be written under the "
-                         f"destination: {problem}")
+        raise InputError(f"object name {name!r} cannot be written under the destination: {problem}")
     return PurePosixPath(name)
 
 
 def is_directory_marker(info: ObjectInfo) -> bool:
     """Returns True for a pseudo-directory marker (``dir/`` or application/directory)."""
     return info.name.endswith("/") or (
-        info.bytes == 0 and info.content_type.startswith("application/directory"))
+        info.bytes == 0 and info.content_type.startswith("application/directory")
+    )
 
 
 def check_layout(objects: list[ObjectInfo]) -> None:
@@ -117,7 +119,9 @@ def check_layout(objects: list[ObjectInfo]) -> None:
             if parent in names:
                 raise InputError(
                     f"objects {parent!r} and {info.name!r} cannot both be "
-                    f"written: {parent!r} would be a file and a directory")
+                    f"written: {parent!r} would be a file and a directory"
+                )
     if MANIFEST_NAME in names:
-        raise InputError(f"object {MANIFEST_NAME!r} would be overwritten by the "
-                         f"fetch manifest of the same name")
+        raise InputError(
+            f"object {MANIFEST_NAME!r} would be overwritten by the fetch manifest of the same name"
+        )

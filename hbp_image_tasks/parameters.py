@@ -4,13 +4,14 @@ Parameters come as JSON (inline or ``@file.json``); every key is optional.
 ``ConversionParameters.to_json()`` is what ``--print-parameters`` shows and
 what the resume fingerprint is computed from.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from .errors import UsageError
 
@@ -58,20 +59,20 @@ class ConversionParameters:
     """Validated conversion parameters; ``None`` means "derive from the input"."""
 
     type: str = "image"
-    data_type: Optional[str] = None
-    encoding: Optional[str] = None
+    data_type: str | None = None
+    encoding: str | None = None
     jpeg_quality: int = 95
-    voxel_size: Optional[Tuple[float, float, float]] = None
+    voxel_size: tuple[float, float, float] | None = None
     voxel_unit: str = "nm"
-    voxel_offset: Tuple[int, int, int] = (0, 0, 0)
+    voxel_offset: tuple[int, int, int] = (0, 0, 0)
     chunk_size: int = 64
-    max_scales: Optional[int] = None
+    max_scales: int | None = None
     downscaling_method: str = "auto"
     gzip: bool = True
     compression_level: int = DEFAULT_COMPRESSION_LEVEL
-    input_min: Optional[float] = None
-    input_max: Optional[float] = None
-    channels: Optional[int] = None
+    input_min: float | None = None
+    input_max: float | None = None
+    channels: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("type", self.type, TYPES)
@@ -81,70 +82,99 @@ class ConversionParameters:
             _check_choice("encoding", self.encoding, ENCODINGS)
         _check_int("jpeg_quality", self.jpeg_quality, 1, 100)
         if self.voxel_size is not None:
-            object.__setattr__(self, "voxel_size",
-                               _check_triple("voxel_size", self.voxel_size, float))
+            object.__setattr__(
+                self, "voxel_size", _check_triple("voxel_size", self.voxel_size, float)
+            )
         _check_choice("voxel_unit", self.voxel_unit, tuple(VOXEL_UNITS))
-        object.__setattr__(self, "voxel_offset",
-                           _check_triple("voxel_offset", self.voxel_offset, int))
+        object.__setattr__(
+            self, "voxel_offset", _check_triple("voxel_offset", self.voxel_offset, int)
+        )
         _check_int("chunk_size", self.chunk_size, 1, 4096)
         if self.chunk_size & (self.chunk_size - 1):
-            raise UsageError(f"parameter 'chunk_size' must be a power of two "
-                             f"(e.g. 32, 64, 128), got {self.chunk_size}")
+            raise UsageError(
+                f"parameter 'chunk_size' must be a power of two "
+                f"(e.g. 32, 64, 128), got {self.chunk_size}"
+            )
         if self.max_scales is not None:
             _check_int("max_scales", self.max_scales, 1, 64)
-        _check_choice("downscaling_method", self.downscaling_method,
-                      DOWNSCALING_METHODS)
+        _check_choice("downscaling_method", self.downscaling_method, DOWNSCALING_METHODS)
         if not isinstance(self.gzip, bool):
-            raise UsageError(f"parameter 'gzip' must be true or false, got "
-                             f"{self.gzip!r}")
+            raise UsageError(f"parameter 'gzip' must be true or false, got {self.gzip!r}")
         _check_int("compression_level", self.compression_level, 1, 9)
         for key in ("input_min", "input_max"):
             value = getattr(self, key)
             if value is not None:
-                if (isinstance(value, bool) or not isinstance(value, (int, float))
-                        or not math.isfinite(value)):
-                    raise UsageError(f"parameter '{key}' must be a finite number "
-                                     f"or null, got {value!r}")
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                ):
+                    raise UsageError(
+                        f"parameter '{key}' must be a finite number or null, got {value!r}"
+                    )
                 object.__setattr__(self, key, float(value))
         if self.channels is not None:
             _check_choice("channels", self.channels, CHANNELS)
         self._check_combinations()
 
     def _check_combinations(self) -> None:
-        if (self.input_min is not None and self.input_max is not None
-                and self.input_min >= self.input_max):
-            raise UsageError("parameters 'input_min' and 'input_max': input_min "
-                             f"({self.input_min:g}) must be below input_max "
-                             f"({self.input_max:g})")
+        if (
+            self.input_min is not None
+            and self.input_max is not None
+            and self.input_min >= self.input_max
+        ):
+            raise UsageError(
+                "parameters 'input_min' and 'input_max': input_min "
+                f"({self.input_min:g}) must be below input_max "
+                f"({self.input_max:g})"
+            )
         if self.input_min is not None and self.input_max is None:
             raise UsageError("parameter 'input_min' needs 'input_max' too")
         segmentation = self.type == "segmentation"
         if self.encoding == "compressed_segmentation" and not segmentation:
-            raise UsageError("parameter 'encoding': compressed_segmentation needs "
-                             "'type': 'segmentation' (allowed for images: raw, jpeg)")
+            raise UsageError(
+                "parameter 'encoding': compressed_segmentation needs "
+                "'type': 'segmentation' (allowed for images: raw, jpeg)"
+            )
         if self.encoding == "jpeg" and segmentation:
-            raise UsageError("parameter 'encoding': jpeg is lossy and cannot hold "
-                             "labels (allowed for segmentations: raw, "
-                             "compressed_segmentation)")
+            raise UsageError(
+                "parameter 'encoding': jpeg is lossy and cannot hold "
+                "labels (allowed for segmentations: raw, "
+                "compressed_segmentation)"
+            )
         if self.encoding == "jpeg" and self.data_type not in (None, "uint8"):
-            raise UsageError("parameter 'data_type': the jpeg encoding needs "
-                             f"uint8, got {self.data_type}")
+            raise UsageError(
+                f"parameter 'data_type': the jpeg encoding needs uint8, got {self.data_type}"
+            )
         if self.encoding == "compressed_segmentation" and self.data_type in (
-                "uint8", "uint16", "float32"):
-            raise UsageError("parameter 'data_type': compressed_segmentation needs "
-                             f"uint32 or uint64, got {self.data_type}")
+            "uint8",
+            "uint16",
+            "float32",
+        ):
+            raise UsageError(
+                "parameter 'data_type': compressed_segmentation needs "
+                f"uint32 or uint64, got {self.data_type}"
+            )
         if segmentation and self.channels == 3:
-            raise UsageError("parameter 'channels': a segmentation has 1 channel "
-                             "(RGB is only allowed with 'type': 'image')")
+            raise UsageError(
+                "parameter 'channels': a segmentation has 1 channel "
+                "(RGB is only allowed with 'type': 'image')"
+            )
         if segmentation and self.data_type == "float32":
-            raise UsageError("parameter 'data_type': a segmentation needs an "
-                             "integer type (uint8, uint16, uint32, uint64)")
+            raise UsageError(
+                "parameter 'data_type': a segmentation needs an "
+                "integer type (uint8, uint16, uint32, uint64)"
+            )
         if segmentation and self.downscaling_method == "average":
-            raise UsageError("parameter 'downscaling_method': average mixes labels; "
-                             "allowed for segmentations: auto, majority, stride")
+            raise UsageError(
+                "parameter 'downscaling_method': average mixes labels; "
+                "allowed for segmentations: auto, majority, stride"
+            )
         if segmentation and self.input_max is not None:
-            raise UsageError("parameters 'input_min'/'input_max' rescale "
-                             "intensities and cannot be used with segmentations")
+            raise UsageError(
+                "parameters 'input_min'/'input_max' rescale "
+                "intensities and cannot be used with segmentations"
+            )
 
     @property
     def effective_encoding(self) -> str:
@@ -160,17 +190,18 @@ class ConversionParameters:
             return self.downscaling_method
         return "average" if self.type == "image" else "stride"
 
-    def voxel_size_nm(self) -> Optional[Tuple[float, float, float]]:
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
         """Returns the voxel size in nanometres, or None when not given."""
         if self.voxel_size is None:
             return None
         factor = VOXEL_UNITS[self.voxel_unit]
         return tuple(v * factor for v in self.voxel_size)  # type: ignore[return-value]
 
-    def resolved(self) -> "ConversionParameters":
+    def resolved(self) -> ConversionParameters:
         """Returns a copy with ``encoding`` and ``downscaling_method`` made explicit."""
-        return self.replace(encoding=self.effective_encoding,
-                            downscaling_method=self.effective_downscaling_method)
+        return self.replace(
+            encoding=self.effective_encoding, downscaling_method=self.effective_downscaling_method
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the parameters as a JSON-ready dict (lists, not tuples)."""
@@ -184,40 +215,41 @@ class ConversionParameters:
         """Returns the parameters as JSON with sorted keys (stable for fingerprints)."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "ConversionParameters":
+    def replace(self, **changes: Any) -> ConversionParameters:
         """Returns a validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
     if isinstance(value, bool) or value not in allowed:
-        raise UsageError(f"parameter '{key}' must be one of "
-                         f"{', '.join(str(a) for a in allowed)}; got {value!r}")
+        raise UsageError(
+            f"parameter '{key}' must be one of {', '.join(str(a) for a in allowed)}; got {value!r}"
+        )
 
 
 def _check_int(key: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise UsageError(f"parameter '{key}' must be an integer from {low} to "
-                         f"{high}; got {value!r}")
+        raise UsageError(
+            f"parameter '{key}' must be an integer from {low} to {high}; got {value!r}"
+        )
 
 
 def _check_triple(key: str, value: Any, kind: type) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise UsageError(f"parameter '{key}' must be a list of 3 numbers [x, y, z]; "
-                         f"got {value!r}")
+        raise UsageError(f"parameter '{key}' must be a list of 3 numbers [x, y, z]; got {value!r}")
     result = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise UsageError(f"parameter '{key}' must be a list of 3 numbers "
-                             f"[x, y, z]; got {value!r}")
+            raise UsageError(
+                f"parameter '{key}' must be a list of 3 numbers [x, y, z]; got {value!r}"
+            )
         if kind is int:
             if float(item) != int(item):
                 raise UsageError(f"parameter '{key}' must hold integers; got {value!r}")
             result.append(int(item))
         else:
             if not math.isfinite(item) or item <= 0:
-                raise UsageError(f"parameter '{key}' must hold positive numbers; "
-                                 f"got {value!r}")
+                raise UsageError(f"parameter '{key}' must hold positive numbers; got {value!r}")
             result.append(float(item))
     return tuple(result)
 
@@ -228,12 +260,10 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ConversionParameters))
 def parameters_from_dict(values: dict[str, Any]) -> ConversionParameters:
     """Returns validated parameters from a decoded JSON object."""
     if not isinstance(values, dict):
-        raise UsageError("--parameters must be a JSON object such as "
-                         '{"voxel_size": [20, 20, 20]}')
+        raise UsageError('--parameters must be a JSON object such as {"voxel_size": [20, 20, 20]}')
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
-        raise UsageError(f"unknown parameter '{unknown[0]}' (allowed: "
-                         f"{', '.join(FIELD_NAMES)})")
+        raise UsageError(f"unknown parameter '{unknown[0]}' (allowed: {', '.join(FIELD_NAMES)})")
     return ConversionParameters(**values)
 
 
@@ -247,8 +277,9 @@ def parse_parameters(text: str | None) -> ConversionParameters:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read parameters file {path}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise UsageError(
+                f"cannot read parameters file {path}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         origin = str(path)
     try:
         values = json.loads(text)

@@ -3,6 +3,7 @@
 Without a terminal, a line with counts, bytes, rate and ETA is logged every
 ``interval`` seconds and once at the end; no control characters are written.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,10 +38,16 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Thread-safe progress of ``total`` items (and optionally ``total_bytes``)."""
 
-    def __init__(self, description: str, total: int | None = None,
-                 total_bytes: int | None = None, unit: str = "files",
-                 interval: float = 10.0, enabled: bool = True,
-                 use_tty: bool | None = None):
+    def __init__(
+        self,
+        description: str,
+        total: int | None = None,
+        total_bytes: int | None = None,
+        unit: str = "files",
+        interval: float = 10.0,
+        enabled: bool = True,
+        use_tty: bool | None = None,
+    ):
         self.description = description
         self.total = total
         self.total_bytes = total_bytes
@@ -60,11 +67,17 @@ class Progress:
             use_tty = sys.stderr.isatty()
         if use_tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=description, unit=unit[:-1] if
-                             unit.endswith("s") else unit, dynamic_ncols=True)
+
+            self._bar = tqdm(
+                total=total,
+                desc=description,
+                unit=unit[:-1] if unit.endswith("s") else unit,
+                dynamic_ncols=True,
+            )
         else:
-            self._thread = threading.Thread(target=self._log_periodically,
-                                            name="progress", daemon=True)
+            self._thread = threading.Thread(
+                target=self._log_periodically, name="progress", daemon=True
+            )
             self._thread.start()
 
     def update(self, count: int = 1, nbytes: int = 0) -> None:
@@ -85,13 +98,16 @@ class Progress:
         with self._lock:
             done, nbytes, retries = self.done, self.bytes_done, self.retries
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        parts = [f"{self.description}: {done}"
-                 + (f"/{self.total}" if self.total is not None else "")
-                 + f" {self.unit}"]
+        parts = [
+            f"{self.description}: {done}"
+            + (f"/{self.total}" if self.total is not None else "")
+            + f" {self.unit}"
+        ]
         if nbytes or self.total_bytes:
-            parts.append(format_bytes(nbytes)
-                         + (f"/{format_bytes(self.total_bytes)}"
-                            if self.total_bytes else ""))
+            parts.append(
+                format_bytes(nbytes)
+                + (f"/{format_bytes(self.total_bytes)}" if self.total_bytes else "")
+            )
         rate = done / elapsed
         parts.append(f"{rate:.1f} {self.unit}/s")
         if nbytes:
@@ -123,7 +139,7 @@ class Progress:
         """Seconds since the progress started."""
         return time.monotonic() - self.started
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc_info) -> None:

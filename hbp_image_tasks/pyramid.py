@@ -5,15 +5,17 @@ downscalers, file accessor); this module only schedules the work: chunks
 are encoded, gzipped and written by a thread pool, and each row of chunks
 is downscaled straight into the next scale's buffer, so scale 0 is never re-read.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable
 
 import numpy as np
 from neuroglancer_scripts import chunk_encoding, downscaling, dyadic_pyramid
@@ -28,22 +30,24 @@ def _fastest_gzip() -> tuple:
     """Returns (name, function(data, level) -> gzip member) of the fastest deflate here."""
     try:
         import imagecodecs
+
         if imagecodecs.GZIP.available:
-            return "libdeflate", lambda data, level: imagecodecs.gzip_encode(
-                data, level=level)
+            return "libdeflate", lambda data, level: imagecodecs.gzip_encode(data, level=level)
     except (ImportError, AttributeError):
         pass
     try:
         from zlib_ng import zlib_ng as deflate
+
         name = "zlib-ng"
     except ImportError:
         import zlib as deflate
+
         name = "zlib"
     # wbits=31: a gzip member with no timestamp, so reruns give equal bytes.
     return name, lambda data, level: deflate.compress(data, level, wbits=31)
 
 
-def _run_length_gzip() -> Optional[Callable[[bytes], bytes]]:
+def _run_length_gzip() -> Callable[[bytes], bytes] | None:
     """Returns zlib-ng's run-length deflate (strategy Z_RLE) as gzip, if installed."""
     try:
         from zlib_ng import zlib_ng
@@ -54,6 +58,7 @@ def _run_length_gzip() -> Optional[Callable[[bytes], bytes]]:
         # memLevel 9: larger blocks, 20 % faster than 8 for the same size.
         packer = zlib_ng.compressobj(6, zlib_ng.DEFLATED, 31, 9, zlib_ng.Z_RLE)
         return packer.compress(data) + packer.flush()
+
     return compress
 
 
@@ -101,9 +106,8 @@ class GzipCompressor:
         except ImportError:
             fast = None
         self._fast = fast if level < 9 else None
-        self._runs = (_run_length_gzip() if self._fast is not None and wide_samples
-                      else None)
-        self._zeros: Dict[int, bytes] = {}  # gzip member of n zero bytes, by n
+        self._runs = _run_length_gzip() if self._fast is not None and wide_samples else None
+        self._zeros: dict[int, bytes] = {}  # gzip member of n zero bytes, by n
 
     @property
     def backends(self) -> str:
@@ -117,7 +121,7 @@ class GzipCompressor:
     def _sample(self, view: memoryview) -> bytes:
         """Returns eight strips spread over ``view``, an eighth of it in all."""
         step = len(view) // self.STRIPS
-        return b"".join(view[k * step:k * step + step // 8] for k in range(self.STRIPS))
+        return b"".join(view[k * step : k * step + step // 8] for k in range(self.STRIPS))
 
     def __call__(self, data) -> bytes:
         """Returns the gzip member of ``data`` (bytes or a C-contiguous array)."""
@@ -136,8 +140,11 @@ class GzipCompressor:
         sample = self._sample(view)
         matched = len(self._fast.compress(sample, 1))
         incompressible = matched > self.INCOMPRESSIBLE * len(sample)
-        if (self._runs is not None and matched <= self.NOISE * len(sample)
-                and len(self._runs(sample)) <= matched):
+        if (
+            self._runs is not None
+            and matched <= self.NOISE * len(sample)
+            and len(self._runs(sample)) <= matched
+        ):
             return self._runs(view)
         if incompressible:
             return self._fast.compress(view, 1, wbits=31)
@@ -151,10 +158,10 @@ class AtomicFileAccessor(FileAccessor):
     an uninterrupted one. ``store_chunk`` returns the bytes written.
     """
 
-    def __init__(self, base_dir: Path, gzip: bool = True, compresslevel: int = 5,
-                 wide_samples: bool = False):
-        super().__init__(str(base_dir), flat=True, gzip=gzip,
-                         compresslevel=compresslevel)
+    def __init__(
+        self, base_dir: Path, gzip: bool = True, compresslevel: int = 5, wide_samples: bool = False
+    ):
+        super().__init__(str(base_dir), flat=True, gzip=gzip, compresslevel=compresslevel)
         self.compress = GzipCompressor(compresslevel, wide_samples)
 
     def _encode(self, path: str, buf, mime_type: str) -> tuple:
@@ -162,15 +169,14 @@ class AtomicFileAccessor(FileAccessor):
             return path + ".gz", self.compress(buf)
         return path, buf
 
-    def store_file(self, relative_path, buf, mime_type="application/octet-stream",
-                   overwrite=False):
-        path, data = self._encode(os.path.join(self.base_path, relative_path), buf,
-                                  mime_type)
+    def store_file(self, relative_path, buf, mime_type="application/octet-stream", overwrite=False):
+        path, data = self._encode(os.path.join(self.base_path, relative_path), buf, mime_type)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_bytes_atomically(path, data)
 
-    def store_chunk(self, buf, key, chunk_coords,
-                    mime_type="application/octet-stream", overwrite=True) -> int:
+    def store_chunk(
+        self, buf, key, chunk_coords, mime_type="application/octet-stream", overwrite=True
+    ) -> int:
         # The accessor's own chunk name pattern, formatted without pathlib (GIL).
         name = self.chunk_pattern.format(*chunk_coords, key=key)
         path, data = self._encode(os.path.join(self.base_path, name), buf, mime_type)
@@ -178,25 +184,35 @@ class AtomicFileAccessor(FileAccessor):
         return memoryview(data).nbytes
 
 
-def build_info(data_type: str, num_channels: int, size: Sequence[int],
-               resolution_nm: Sequence[float], voxel_offset: Sequence[int],
-               dataset_type: str, encoding: str, chunk_size: int,
-               max_scales: Optional[int]) -> dict:
+def build_info(
+    data_type: str,
+    num_channels: int,
+    size: Sequence[int],
+    resolution_nm: Sequence[float],
+    voxel_offset: Sequence[int],
+    dataset_type: str,
+    encoding: str,
+    chunk_size: int,
+    max_scales: int | None,
+) -> dict:
     """Returns a full pyramid *info* made by neuroglancer-scripts' helpers."""
     info = {
         "type": dataset_type,
         "data_type": data_type,
         "num_channels": int(num_channels),
-        "scales": [{
-            "encoding": encoding,
-            "size": [int(s) for s in size],
-            "resolution": [float(r) for r in resolution_nm],
-            "voxel_offset": [int(o) for o in voxel_offset],
-        }],
+        "scales": [
+            {
+                "encoding": encoding,
+                "size": [int(s) for s in size],
+                "resolution": [float(r) for r in resolution_nm],
+                "voxel_offset": [int(o) for o in voxel_offset],
+            }
+        ],
     }
     set_info_params(info, dataset_type=dataset_type, encoding=encoding)
     dyadic_pyramid.fill_scales_for_dyadic_pyramid(
-        info, target_chunk_size=chunk_size, max_scales=max_scales)
+        info, target_chunk_size=chunk_size, max_scales=max_scales
+    )
     # Lower scales keep the physical offset: express it in their own voxels.
     full = info["scales"][0]
     for scale in info["scales"][1:]:
@@ -219,17 +235,17 @@ class Level:
     """One scale being built: its z-buffer and where it stands."""
 
     key: str
-    size: List[int]
-    chunk: List[int]
-    offset: List[int]
-    factors: List[int]  # downscaling factors from the previous level (x, y, z)
+    size: list[int]
+    chunk: list[int]
+    offset: list[int]
+    factors: list[int]  # downscaling factors from the previous level (x, y, z)
     encoder: chunk_encoding.ChunkEncoder
     buffer: np.ndarray  # (C, capacity, Y, X)
     filled: int = 0
     z0: int = 0
     # The last filled planes, while they live in the previous scale's buffer
     # (see PyramidBuilder._flush); None otherwise.
-    spill: Optional[np.ndarray] = None
+    spill: np.ndarray | None = None
 
     @property
     def capacity(self) -> int:
@@ -238,10 +254,11 @@ class Level:
     def planes(self, rows: slice, columns: slice) -> np.ndarray:
         """Returns the filled planes of a region, (C, filled, rows, columns)."""
         if self.spill is None:
-            return self.buffer[:, :self.filled, rows, columns]
+            return self.buffer[:, : self.filled, rows, columns]
         kept = self.filled - self.spill.shape[1]
-        return np.concatenate((self.buffer[:, :kept, rows, columns],
-                               self.spill[:, :, rows, columns]), axis=1)
+        return np.concatenate(
+            (self.buffer[:, :kept, rows, columns], self.spill[:, :, rows, columns]), axis=1
+        )
 
 
 def _encoded_chunk(encoder: chunk_encoding.ChunkEncoder, block: np.ndarray):
@@ -270,10 +287,15 @@ class PyramidBuilder:
 
     TILES_PER_TASK = 8
 
-    def __init__(self, info: dict, accessor: AtomicFileAccessor,
-                 downscaler: downscaling.Downscaler, executor: Executor,
-                 encoder_options: dict | None = None,
-                 on_chunk: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        info: dict,
+        accessor: AtomicFileAccessor,
+        downscaler: downscaling.Downscaler,
+        executor: Executor,
+        encoder_options: dict | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ):
         self.info = info
         self.accessor = accessor
         self.downscaler = downscaler
@@ -284,7 +306,7 @@ class PyramidBuilder:
         self._lock = threading.Lock()
         dtype = np.dtype(info["data_type"]).newbyteorder("<")
         channels = info["num_channels"]
-        self.levels: List[Level] = []
+        self.levels: list[Level] = []
         scales = info["scales"]
         inflow = 0  # planes that one full flush of the previous level pushes
         for index, scale in enumerate(scales):
@@ -296,8 +318,9 @@ class PyramidBuilder:
                 previous = scales[index - 1]["size"]
                 factors = [1 if p == s else 2 for p, s in zip(previous, size)]
                 if size != [ceil_div(p, f) for p, f in zip(previous, factors)]:
-                    raise ValueError(f"scale {scale['key']} is not a dyadic "
-                                     "downscaling of the previous one")
+                    raise ValueError(
+                        f"scale {scale['key']} is not a dyadic downscaling of the previous one"
+                    )
                 capacity = max(chunk[2], inflow)
             if index + 1 < len(scales):
                 next_fz = 1 if scales[index + 1]["size"][2] == size[2] else 2
@@ -307,12 +330,17 @@ class PyramidBuilder:
             # A buffer as deep as the whole scale never overflows.
             capacity = min(capacity, size[2])
             shape = (channels, capacity, size[1], size[0])
-            self.levels.append(Level(
-                key=scale["key"], size=size, chunk=chunk,
-                offset=list(scale.get("voxel_offset", [0, 0, 0])),
-                factors=factors,
-                encoder=chunk_encoding.get_encoder(info, scale, encoder_options or {}),
-                buffer=np.empty(shape, dtype=dtype)))
+            self.levels.append(
+                Level(
+                    key=scale["key"],
+                    size=size,
+                    chunk=chunk,
+                    offset=list(scale.get("voxel_offset", [0, 0, 0])),
+                    factors=factors,
+                    encoder=chunk_encoding.get_encoder(info, scale, encoder_options or {}),
+                    buffer=np.empty(shape, dtype=dtype),
+                )
+            )
             (Path(accessor.base_path) / scale["key"]).mkdir(parents=True, exist_ok=True)
 
     @property
@@ -343,21 +371,19 @@ class PyramidBuilder:
             fx, fy, fz = target.factors
             incoming = ceil_div(level.filled, fz)
             assert target.filled + incoming <= target.capacity, "buffer sizes"
-            if level.spill is None and (target.filled + incoming >= target.capacity
-                                        or last):
+            if level.spill is None and (target.filled + incoming >= target.capacity or last):
                 # The target is flushed right after this level, before this
                 # level's buffer is filled again: its new planes can live there.
                 # Plane z, row y, column x of the target goes to plane z, row
                 # y * fy, column x * fx of this buffer, inside the very band it
                 # is computed from, once that band's chunks are written.
                 spill = level.buffer[:, :incoming, ::fy, ::fx]
-        futures: List[Future] = []
+        futures: list[Future] = []
         chunk_x, chunk_y = level.chunk[0], level.chunk[1]
         band_width = chunk_x * self.TILES_PER_TASK
         for y0 in range(0, level.size[1], chunk_y):
             for x0 in range(0, level.size[0], band_width):
-                futures.append(self.executor.submit(
-                    self._write_band, level, target, spill, x0, y0))
+                futures.append(self.executor.submit(self._write_band, level, target, spill, x0, y0))
         for future in futures:
             future.result()
         if target is not None:
@@ -369,8 +395,9 @@ class PyramidBuilder:
         if target is not None:
             self._flush(index + 1, last)
 
-    def _write_band(self, level: Level, target: Optional[Level], spill: Optional[np.ndarray],
-                    x0: int, y0: int) -> None:
+    def _write_band(
+        self, level: Level, target: Level | None, spill: np.ndarray | None, x0: int, y0: int
+    ) -> None:
         """Writes the chunks of up to TILES_PER_TASK columns of tiles from (x0, y0)
         along x, then downscales them together into ``target`` (into ``spill``
         if given)."""
@@ -381,14 +408,21 @@ class PyramidBuilder:
         ox, oy, oz = level.offset
         for tile_x0 in range(x0, x_end, chunk_x):
             tile_x1 = min(tile_x0 + chunk_x, x_end)
-            tile = band[..., tile_x0 - x0:tile_x1 - x0]
+            tile = band[..., tile_x0 - x0 : tile_x1 - x0]
             for z in range(0, level.filled, chunk_z):
                 z1 = min(z + chunk_z, level.filled)
                 data = _encoded_chunk(level.encoder, tile[:, z:z1])
-                coords = (ox + tile_x0, ox + tile_x1, oy + y0, oy + y1,
-                          oz + level.z0 + z, oz + level.z0 + z1)
-                written = self.accessor.store_chunk(data, level.key, coords,
-                                                    mime_type=level.encoder.mime_type)
+                coords = (
+                    ox + tile_x0,
+                    ox + tile_x1,
+                    oy + y0,
+                    oy + y1,
+                    oz + level.z0 + z,
+                    oz + level.z0 + z1,
+                )
+                written = self.accessor.store_chunk(
+                    data, level.key, coords, mime_type=level.encoder.mime_type
+                )
                 with self._lock:
                     self.chunks_written += 1
                     self.bytes_written += written
@@ -399,18 +433,21 @@ class PyramidBuilder:
             # A striding downscaler returns a view of ``band``, which the spill
             # overlaps: numpy copies overlapping operands before assigning.
             small = self.downscaler.downscale(band, (fx, fy, fz))
-            destination, start = ((spill, 0) if spill is not None
-                                  else (target.buffer, target.filled))
-            destination[:, start:start + small.shape[1],
-                        y0 // fy:y0 // fy + small.shape[2],
-                        x0 // fx:x0 // fx + small.shape[3]] = small
+            destination, start = (spill, 0) if spill is not None else (target.buffer, target.filled)
+            destination[
+                :,
+                start : start + small.shape[1],
+                y0 // fy : y0 // fy + small.shape[2],
+                x0 // fx : x0 // fx + small.shape[3],
+            ] = small
 
     def state(self) -> tuple:
         """Returns (per-level positions, per-level pending planes) for a checkpoint."""
         assert all(level.spill is None for level in self.levels)
         positions = [{"z0": lv.z0, "filled": lv.filled} for lv in self.levels]
-        pending = {f"level{i}": lv.buffer[:, :lv.filled]
-                   for i, lv in enumerate(self.levels) if lv.filled}
+        pending = {
+            f"level{i}": lv.buffer[:, : lv.filled] for i, lv in enumerate(self.levels) if lv.filled
+        }
         return positions, pending
 
     def restore(self, positions: list, pending: dict) -> None:
@@ -418,7 +455,7 @@ class PyramidBuilder:
         for i, (level, position) in enumerate(zip(self.levels, positions)):
             level.z0, level.filled = int(position["z0"]), int(position["filled"])
             if level.filled:
-                level.buffer[:, :level.filled] = pending[f"level{i}"]
+                level.buffer[:, : level.filled] = pending[f"level{i}"]
 
 
 class IntegerAveragingDownscaler(downscaling.Downscaler):
@@ -446,9 +483,14 @@ class IntegerAveragingDownscaler(downscaling.Downscaler):
         fx, fy, fz = downscaling_factors
         halved = [(axis, f) for axis, f in ((1, fz), (2, fy), (3, fx)) if f == 2]
         wide = self.WIDER.get(chunk.dtype.itemsize)
-        if (chunk.dtype.kind != "u" or not chunk.dtype.isnative or wide is None
-                or not halved or not self.check_factors(downscaling_factors)
-                or any(chunk.shape[axis] % 2 for axis, _ in halved)):
+        if (
+            chunk.dtype.kind != "u"
+            or not chunk.dtype.isnative
+            or wide is None
+            or not halved
+            or not self.check_factors(downscaling_factors)
+            or any(chunk.shape[axis] % 2 for axis, _ in halved)
+        ):
             return self.fallback.downscale(chunk, downscaling_factors)
         total = chunk
         for axis, _ in halved:

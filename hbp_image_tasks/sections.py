@@ -4,13 +4,13 @@ Sections come from a directory, a fetch manifest or an order file; they are
 ordered by natural sort (``s2`` before ``s10``) and read with Pillow (plain
 8/16-bit PNGs and TIFFs with imagecodecs' libpng and libtiff, which are faster).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 
@@ -36,8 +36,11 @@ _MODES = {
 def natural_key(name: str) -> tuple:
     """Returns a sort key that orders digit runs by value (``s2`` < ``s10``)."""
     parts = re.split(r"(\d+)", name)
-    return tuple((0, int(part), part) if part.isdigit() else (1, part.lower(), part)
-                 for part in parts if part != "") + (name,)
+    return tuple(
+        (0, int(part), part) if part.isdigit() else (1, part.lower(), part)
+        for part in parts
+        if part != ""
+    ) + (name,)
 
 
 def is_section_name(name: str) -> bool:
@@ -45,7 +48,7 @@ def is_section_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def find_manifest(source: Path) -> Optional[Path]:
+def find_manifest(source: Path) -> Path | None:
     """Returns the fetch manifest that ``source`` is or contains, else None."""
     if source.is_file() and source.name == MANIFEST_NAME:
         return source
@@ -54,7 +57,7 @@ def find_manifest(source: Path) -> Optional[Path]:
     return None
 
 
-def sections_from_manifest(manifest: Path) -> List[Path]:
+def sections_from_manifest(manifest: Path) -> list[Path]:
     """Returns the image sections listed by a fetch manifest, naturally sorted."""
     try:
         document = json.loads(manifest.read_text(encoding="utf-8"))
@@ -64,7 +67,7 @@ def sections_from_manifest(manifest: Path) -> List[Path]:
         raise InputError(f"{manifest}: not a valid fetch manifest ({exc})") from None
     base = manifest.parent
     result = []
-    for name, relative in paths:
+    for _name, relative in paths:
         if not is_section_name(Path(relative).name):
             continue
         path = base / relative
@@ -74,7 +77,7 @@ def sections_from_manifest(manifest: Path) -> List[Path]:
     return sorted(result, key=lambda p: natural_key(p.relative_to(base).as_posix()))
 
 
-def sections_from_order_file(order_file: Path, base: Path) -> List[Path]:
+def sections_from_order_file(order_file: Path, base: Path) -> list[Path]:
     """Returns sections in the order an order file gives (one name per line)."""
     try:
         lines = order_file.read_text(encoding="utf-8").splitlines()
@@ -87,15 +90,14 @@ def sections_from_order_file(order_file: Path, base: Path) -> List[Path]:
             continue
         path = Path(line) if Path(line).is_absolute() else base / line
         if not path.is_file():
-            raise InputError(f"{order_file}:{number}: section {line!r} not found "
-                             f"in {base}")
+            raise InputError(f"{order_file}:{number}: section {line!r} not found in {base}")
         result.append(path)
     if len(set(result)) != len(result):
         raise InputError(f"{order_file}: a section is listed twice")
     return result
 
 
-def list_sections(source: Path, order_file: Path | None = None) -> List[Path]:
+def list_sections(source: Path, order_file: Path | None = None) -> list[Path]:
     """Returns the section files of a stack, in z order."""
     manifest = find_manifest(source)
     if order_file is not None:
@@ -104,14 +106,16 @@ def list_sections(source: Path, order_file: Path | None = None) -> List[Path]:
     elif manifest is not None:
         sections = sections_from_manifest(manifest)
     elif source.is_dir():
-        sections = sorted((p for p in source.iterdir()
-                           if p.is_file() and is_section_name(p.name)),
-                          key=lambda p: natural_key(p.name))
+        sections = sorted(
+            (p for p in source.iterdir() if p.is_file() and is_section_name(p.name)),
+            key=lambda p: natural_key(p.name),
+        )
     else:
         raise InputError(f"{source}: not a directory of sections or a manifest")
     if not sections:
-        raise InputError(f"{source}: no image sections found (looked for "
-                         f"{', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(
+            f"{source}: no image sections found (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     return sections
 
 
@@ -133,6 +137,7 @@ class SectionFormat:
 
 def _open(path: Path):
     from PIL import Image
+
     try:
         return Image.open(path)
     except FileNotFoundError:
@@ -149,8 +154,9 @@ def _format_of(path: Path, image) -> SectionFormat:
     else:
         effective = mode
     if effective not in _MODES:
-        raise InputError(f"{path}: unsupported image mode {mode} (supported: "
-                         "8/16-bit grey, 32-bit float, RGB)")
+        raise InputError(
+            f"{path}: unsupported image mode {mode} (supported: 8/16-bit grey, 32-bit float, RGB)"
+        )
     dtype, channels = _MODES[effective]
     width, height = image.size
     return SectionFormat(width, height, dtype, channels, mode)
@@ -179,15 +185,13 @@ def _is_plain(image) -> bool:
         return False
     layouts = {(image.mode, _raw_mode(tile)) for tile in image.tile}
     if image.format == "PNG":
-        return (len(image.tile) == 1 and "transparency" not in image.info
-                and layouts <= _PLAIN_PNG)
+        return len(image.tile) == 1 and "transparency" not in image.info and layouts <= _PLAIN_PNG
     if image.format == "TIFF":
         return image.info.get("compression") in _LOSSLESS_TIFF and layouts <= _PLAIN_TIFF
     return False
 
 
-def _decode_plain(path: Path, image, out: Optional[np.ndarray] = None
-                  ) -> Optional[np.ndarray]:
+def _decode_plain(path: Path, image, out: np.ndarray | None = None) -> np.ndarray | None:
     """Returns the samples of a plain PNG or TIFF decoded by imagecodecs (libpng, libtiff).
 
     Faster than Pillow, with the GIL released while decoding (Pillow holds it
@@ -205,6 +209,7 @@ def _decode_plain(path: Path, image, out: Optional[np.ndarray] = None
         out = None
     try:
         import imagecodecs
+
         decode = imagecodecs.png_decode if image.format == "PNG" else imagecodecs.tiff_decode
         array = decode(path.read_bytes(), out=out)
     except (ImportError, RuntimeError, OSError, ValueError):
@@ -226,8 +231,9 @@ def _decode_with_pillow(image, grey: bool) -> np.ndarray:
     return np.asarray(image)
 
 
-def read_section(path: Path, expected: SectionFormat, grey: bool = False,
-                 out: Optional[np.ndarray] = None) -> np.ndarray:
+def read_section(
+    path: Path, expected: SectionFormat, grey: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Returns a section's pixels, (rows, columns) or (rows, columns, 3).
 
     With ``grey``, RGB sections are converted to luminance by Pillow. ``out``
@@ -240,11 +246,15 @@ def read_section(path: Path, expected: SectionFormat, grey: bool = False,
     with _open(path) as image:
         found = _format_of(path, image)
         if (found.width, found.height) != (expected.width, expected.height):
-            raise InputError(f"{path}: size {found.width}x{found.height} differs from "
-                             f"the first section's {expected.width}x{expected.height}")
+            raise InputError(
+                f"{path}: size {found.width}x{found.height} differs from "
+                f"the first section's {expected.width}x{expected.height}"
+            )
         if (found.dtype, found.channels) != (expected.dtype, expected.channels):
-            raise InputError(f"{path}: mode {found.describe()} differs from the "
-                             f"first section's {expected.describe()}")
+            raise InputError(
+                f"{path}: mode {found.describe()} differs from the "
+                f"first section's {expected.describe()}"
+            )
         array = None if grey else _decode_plain(path, image, out)
         try:
             if array is None:
@@ -253,9 +263,11 @@ def read_section(path: Path, expected: SectionFormat, grey: bool = False,
             raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("="))
-    expected_shape = ((expected.height, expected.width) if expected.channels == 1 or grey
-                      else (expected.height, expected.width, 3))
+    expected_shape = (
+        (expected.height, expected.width)
+        if expected.channels == 1 or grey
+        else (expected.height, expected.width, 3)
+    )
     if array.shape != expected_shape:
-        raise InputError(f"{path}: decoded shape {array.shape} differs from "
-                         f"{expected_shape}")
+        raise InputError(f"{path}: decoded shape {array.shape} differs from {expected_shape}")
     return array

@@ -3,12 +3,13 @@
 Both give (x, y, z) size, channels and sample type up front and then fill
 (C, Z, Y, X) slabs on demand, so memory never holds more than one slab.
 """
+
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class StackSource:
 
     kind = "stack"
 
-    def __init__(self, paths: List[Path], channels: Optional[int] = None):
+    def __init__(self, paths: list[Path], channels: int | None = None):
         self.paths = paths
         self.format = sections.probe_section(paths[0])
         if channels == 3 and self.format.channels == 1:
@@ -35,10 +36,11 @@ class StackSource:
         self.channels = 1 if self.grey else self.format.channels
         self.dtype = np.dtype(self.format.dtype)
         self.size = (self.format.width, self.format.height, len(paths))
-        self.voxel_size_nm: Optional[Tuple[float, float, float]] = None
+        self.voxel_size_nm: tuple[float, float, float] | None = None
         self.input_bytes = sum(p.stat().st_size for p in paths)
-        self.description = (f"{len(paths)} sections of {self.format.describe()} "
-                            f"from {paths[0].parent}")
+        self.description = (
+            f"{len(paths)} sections of {self.format.describe()} from {paths[0].parent}"
+        )
 
     def identity(self) -> list:
         """Returns what identifies the input for resuming (names, sizes, mtimes)."""
@@ -48,13 +50,15 @@ class StackSource:
             result.append([str(path), stat.st_size, stat.st_mtime_ns])
         return result
 
-    def minimum(self) -> Optional[float]:
+    def minimum(self) -> float | None:
         """Returns None: sections are never signed."""
         return None
 
-    def read(self, z0: int, z1: int, out: np.ndarray, transform: Optional[Transform],
-             executor: Executor) -> None:
+    def read(
+        self, z0: int, z1: int, out: np.ndarray, transform: Transform | None, executor: Executor
+    ) -> None:
         """Decodes sections ``z0:z1`` in parallel into ``out`` (C, z1 - z0, Y, X)."""
+
         def load(index: int) -> None:
             path = self.paths[index]
             target = out[0, index - z0] if self.channels == 1 and transform is None else None
@@ -77,14 +81,14 @@ class VolumeSource:
 
     def __init__(self, path: Path):
         import nibabel
+
         self.path = path
         try:
             self.image = nibabel.load(str(path))
             shape = tuple(int(s) for s in self.image.shape)
             first = np.asanyarray(self.image.dataobj[(0,) * len(shape)])
         except Exception as exc:  # nibabel raises many types for bad files
-            raise InputError(f"{path}: cannot read volume "
-                             f"({type(exc).__name__}: {exc})") from None
+            raise InputError(f"{path}: cannot read volume ({type(exc).__name__}: {exc})") from None
         if first.dtype.names is not None:
             raise InputError(f"{path}: structured (RGB) volumes are not supported")
         if len(shape) == 3:
@@ -94,8 +98,7 @@ class VolumeSource:
         elif len(shape) == 5 and shape[3] == 1 and shape[4] in (1, 3):
             channels = shape[4]
         else:
-            raise InputError(f"{path}: volume shape {shape} is not 3D "
-                             "(or 3D with 1 or 3 channels)")
+            raise InputError(f"{path}: volume shape {shape} is not 3D (or 3D with 1 or 3 channels)")
         self.shape = shape
         self.channels = channels
         self.dtype = first.dtype
@@ -105,6 +108,7 @@ class VolumeSource:
         zooms = self.image.header.get_zooms()[:3]
         try:
             import nibabel.affines
+
             zooms = nibabel.affines.voxel_sizes(self.image.affine)[:3]
         except Exception:  # some formats have no affine; keep the header zooms
             pass
@@ -113,11 +117,12 @@ class VolumeSource:
         # Slicing a compressed file decompresses it from the start every time;
         # up to WHOLE_VOLUME_BYTES a compressed volume is read once instead.
         self._whole = None
-        self._read_whole = (path.suffix in (".gz", ".bz2", ".zst") and
-                            int(np.prod(shape)) * first.dtype.itemsize <= WHOLE_VOLUME_BYTES)
+        self._read_whole = (
+            path.suffix in (".gz", ".bz2", ".zst")
+            and int(np.prod(shape)) * first.dtype.itemsize <= WHOLE_VOLUME_BYTES
+        )
         self.paths = [path]
-        self.description = (f"volume {path.name} {'x'.join(map(str, shape))} "
-                            f"{self.dtype}")
+        self.description = f"volume {path.name} {'x'.join(map(str, shape))} {self.dtype}"
 
     def identity(self) -> list:
         """Returns what identifies the input for resuming."""
@@ -136,17 +141,21 @@ class VolumeSource:
             data = data.reshape(data.shape[:3] + (self.channels,))
             return data.transpose(3, 2, 1, 0)
         except Exception as exc:
-            raise InputError(f"{self.path}: cannot read planes {z0}-{z1} "
-                             f"({type(exc).__name__}: {exc})") from None
+            raise InputError(
+                f"{self.path}: cannot read planes {z0}-{z1} ({type(exc).__name__}: {exc})"
+            ) from None
 
-    def minimum(self) -> Optional[float]:
+    def minimum(self) -> float | None:
         """Returns the smallest sample (one pass over the file)."""
         step = 64
-        return min(float(self._planes(z, min(z + step, self.size[2])).min())
-                   for z in range(0, self.size[2], step))
+        return min(
+            float(self._planes(z, min(z + step, self.size[2])).min())
+            for z in range(0, self.size[2], step)
+        )
 
-    def read(self, z0: int, z1: int, out: np.ndarray, transform: Optional[Transform],
-             executor: Executor) -> None:
+    def read(
+        self, z0: int, z1: int, out: np.ndarray, transform: Transform | None, executor: Executor
+    ) -> None:
         """Reads planes ``z0:z1`` into ``out`` (C, z1 - z0, Y, X)."""
         planes = self._planes(z0, z1)
         if transform is not None:
@@ -154,8 +163,7 @@ class VolumeSource:
         out[...] = planes
 
 
-def open_source(source: Path, order_file: Path | None = None,
-                channels: Optional[int] = None):
+def open_source(source: Path, order_file: Path | None = None, channels: int | None = None):
     """Returns a StackSource or VolumeSource for a directory, manifest or volume file."""
     if not source.exists():
         raise InputError(f"{source}: no such file or directory")
@@ -164,10 +172,10 @@ def open_source(source: Path, order_file: Path | None = None,
     if order_file is not None:
         raise InputError(f"{source}: --order-file only applies to section stacks")
     if sections.is_section_name(source.name):
-        raise InputError(f"{source}: a single section; give the directory that "
-                         "holds the stack")
+        raise InputError(f"{source}: a single section; give the directory that holds the stack")
     volume = VolumeSource(source)
     if channels is not None and channels != volume.channels:
-        raise InputError(f"{source}: has {volume.channels} channel(s), "
-                         f"'channels' asks for {channels}")
+        raise InputError(
+            f"{source}: has {volume.channels} channel(s), 'channels' asks for {channels}"
+        )
     return volume

@@ -4,13 +4,15 @@ Authenticated access goes through a keystoneauth1 session handed to
 python-swiftclient, so an expired token is renewed transparently; anonymous
 access to public containers uses a pooled requests session with retries.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import io
 import logging
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
 from urllib.parse import quote, unquote, urlparse
 
 import requests
@@ -43,7 +45,7 @@ class ObjectInfo:
     slo_etag: str = ""  # a static large object's content ETag (MD5 of segment MD5s)
 
     @classmethod
-    def from_listing(cls, entry: Mapping[str, Any]) -> "ObjectInfo":
+    def from_listing(cls, entry: Mapping[str, Any]) -> ObjectInfo:
         """Builds an entry from Swift's JSON listing (SLO/DLO flagged as large)."""
         return cls(
             name=entry["name"],
@@ -84,29 +86,34 @@ def parse_container_url(url: str) -> ContainerUrl:
     # ['', ..., 'v1', 'AUTH_x', 'container', 'prefix'...]; a proxy may add a path
     # before /v1, so look for the API version segment.
     try:
-        version_index = next(i for i, p in enumerate(parts)
-                             if p.startswith("v1") and i + 2 < len(parts))
+        version_index = next(
+            i for i, p in enumerate(parts) if p.startswith("v1") and i + 2 < len(parts)
+        )
     except StopIteration:
         raise SettingsError(
             f"{url!r} is not a Swift container URL "
-            f"(expected https://HOST/v1/AUTH_<project>/<container>)") from None
+            f"(expected https://HOST/v1/AUTH_<project>/<container>)"
+        ) from None
     account, container = parts[version_index + 1], unquote(parts[version_index + 2])
     if not account or not container:
         raise SettingsError(f"{url!r} names no account or container")
-    storage_path = "/".join(parts[:version_index + 2])
-    prefix = unquote("/".join(parts[version_index + 3:]))
-    return ContainerUrl(f"{parsed.scheme}://{parsed.netloc}{storage_path}",
-                        container, prefix)
+    storage_path = "/".join(parts[: version_index + 2])
+    prefix = unquote("/".join(parts[version_index + 3 :]))
+    return ContainerUrl(f"{parsed.scheme}://{parsed.netloc}{storage_path}", container, prefix)
 
 
 def retry_policy(total: int = 8, backoff_factor: float = 0.5) -> Retry:
     """Returns the urllib3 retry policy: connection errors, timeouts, 408/429/5xx."""
     options = dict(
-        total=total, connect=total, read=total, status=total,
+        total=total,
+        connect=total,
+        read=total,
+        status=total,
         backoff_factor=backoff_factor,
         status_forcelist=RETRY_STATUSES,
         allowed_methods=frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"}),
-        respect_retry_after_header=True, raise_on_status=False,
+        respect_retry_after_header=True,
+        raise_on_status=False,
     )
     try:
         return Retry(backoff_max=60, **options)
@@ -114,20 +121,23 @@ def retry_policy(total: int = 8, backoff_factor: float = 0.5) -> Retry:
         return Retry(**options)
 
 
-def http_session(pool_size: int = 16, retries: int = 8,
-                 backoff_factor: float = 0.5) -> requests.Session:
+def http_session(
+    pool_size: int = 16, retries: int = 8, backoff_factor: float = 0.5
+) -> requests.Session:
     """Returns a keep-alive requests session with ``pool_size`` pooled connections."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size,
-                          max_retries=retry_policy(retries, backoff_factor))
+    adapter = HTTPAdapter(
+        pool_connections=4,
+        pool_maxsize=pool_size,
+        max_retries=retry_policy(retries, backoff_factor),
+    )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = "hbp-image-tasks"
     return session
 
 
-def iter_pages(get_page: Callable[[str], list[Mapping[str, Any]]]
-               ) -> Iterator[ObjectInfo]:
+def iter_pages(get_page: Callable[[str], list[Mapping[str, Any]]]) -> Iterator[ObjectInfo]:
     """Yields every object of a listing, following ``marker`` until an empty page.
 
     The server may return fewer names than asked (``container_listing_limit``),
@@ -153,8 +163,13 @@ def describe_status(response: requests.Response) -> str:
 class ObjectStream:
     """A streamed object body with its (lower-case) headers."""
 
-    def __init__(self, status: int, headers: Mapping[str, str],
-                 chunks: Iterator[bytes], close: Callable[[], None]):
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        chunks: Iterator[bytes],
+        close: Callable[[], None],
+    ):
         self.status = status
         self.headers = {k.lower(): v for k, v in headers.items()}
         self._chunks = chunks
@@ -167,7 +182,7 @@ class ObjectStream:
         """Releases the connection."""
         self._close()
 
-    def __enter__(self) -> "ObjectStream":
+    def __enter__(self) -> ObjectStream:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -177,18 +192,24 @@ class ObjectStream:
 class PublicContainer:
     """Anonymous reads of a public container (``X-Container-Read: .r:*,.rlistings``)."""
 
-    def __init__(self, url: str | ContainerUrl, pool_size: int = 16,
-                 session: requests.Session | None = None,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-                 error_type: type[RemoteError] = RemoteError):
+    def __init__(
+        self,
+        url: str | ContainerUrl,
+        pool_size: int = 16,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        error_type: type[RemoteError] = RemoteError,
+    ):
         self.location = url if isinstance(url, ContainerUrl) else parse_container_url(url)
         self.session = session or http_session(pool_size)
         self.timeout = timeout
         self.error_type = error_type
 
-    def iter_objects(self, prefix: str = "", page_size: int | None = LISTING_PAGE_SIZE
-                     ) -> Iterator[ObjectInfo]:
+    def iter_objects(
+        self, prefix: str = "", page_size: int | None = LISTING_PAGE_SIZE
+    ) -> Iterator[ObjectInfo]:
         """Yields every object whose name starts with ``prefix``, page by page."""
+
         def get_page(marker: str) -> list[Mapping[str, Any]]:
             params = {"format": "json", "marker": marker}
             if page_size:  # None: the server's maximum (a larger limit gets 412)
@@ -196,63 +217,73 @@ class PublicContainer:
             if prefix:
                 params["prefix"] = prefix
             try:
-                response = self.session.get(self.location.url, params=params,
-                                            timeout=self.timeout)
+                response = self.session.get(self.location.url, params=params, timeout=self.timeout)
             except requests.RequestException as exc:
-                raise self.error_type(
-                    f"listing {self.location.url} failed: {exc}") from None
+                raise self.error_type(f"listing {self.location.url} failed: {exc}") from None
             if response.status_code == 204:
                 return []
             if response.status_code in (401, 403):
                 raise self.error_type(
                     f"listing {self.location.url}: {describe_status(response)} "
                     f"(is the container public with .rlistings? for a private "
-                    f"container pass --settings)")
+                    f"container pass --settings)"
+                )
             if response.status_code >= 400:
-                raise self.error_type(
-                    f"listing {self.location.url}: {describe_status(response)}")
+                raise self.error_type(f"listing {self.location.url}: {describe_status(response)}")
             try:
                 return response.json()
             except ValueError:
                 raise self.error_type(
                     f"listing {self.location.url}: the answer is not a JSON "
-                    f"listing (is this a Swift container URL?)") from None
+                    f"listing (is this a Swift container URL?)"
+                ) from None
+
         return iter_pages(get_page)
 
     def open_object(self, name: str, start: int = 0) -> ObjectStream:
         """Opens ``name`` for streaming, from byte ``start`` (a Range request)."""
-        return open_url(self.session, self.location.object_url(name), start,
-                        self.timeout, self.error_type)
+        return open_url(
+            self.session, self.location.object_url(name), start, self.timeout, self.error_type
+        )
 
 
-def open_url(session: requests.Session, url: str, start: int = 0,
-             timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-             error_type: type[RemoteError] = RemoteError,
-             headers: Mapping[str, str] | None = None,
-             chunk_size: int = 1 << 20) -> ObjectStream:
+def open_url(
+    session: requests.Session,
+    url: str,
+    start: int = 0,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    error_type: type[RemoteError] = RemoteError,
+    headers: Mapping[str, str] | None = None,
+    chunk_size: int = 1 << 20,
+) -> ObjectStream:
     """GETs ``url`` as a stream; 4xx/5xx left after retries raise ``error_type``."""
     request_headers = dict(headers or {})
     if start:
         request_headers["Range"] = f"bytes={start}-"
     try:
-        response = session.get(url, headers=request_headers, stream=True,
-                               timeout=timeout)
+        response = session.get(url, headers=request_headers, stream=True, timeout=timeout)
     except requests.RequestException as exc:
         raise error_type(f"GET {url} failed: {exc}") from None
     if response.status_code >= 400:
         response.close()
         raise error_type(f"GET {url}: {describe_status(response)}")
-    return ObjectStream(response.status_code, response.headers,
-                        response.iter_content(chunk_size), response.close)
+    return ObjectStream(
+        response.status_code, response.headers, response.iter_content(chunk_size), response.close
+    )
 
 
 def _keystone_session(settings: SwiftSettings, timeout: float):
     from keystoneauth1 import session as ks_session
     from keystoneauth1.identity import v3
 
-    project = ({"project_id": settings.os_project_id} if settings.os_project_id
-               else {"project_name": settings.os_project_name,
-                     "project_domain_name": settings.os_project_domain_name})
+    project = (
+        {"project_id": settings.os_project_id}
+        if settings.os_project_id
+        else {
+            "project_name": settings.os_project_name,
+            "project_domain_name": settings.os_project_domain_name,
+        }
+    )
     auth = v3.Password(
         auth_url=settings.os_auth_url,
         username=settings.os_username,
@@ -289,18 +320,24 @@ class SwiftConnection:
     share one keystoneauth session, which renews the token after a 401.
     """
 
-    def __init__(self, settings: SwiftSettings, retries: int = 8,
-                 starting_backoff: float = 0.5, max_backoff: float = 32,
-                 timeout: float = 300.0,
-                 error_type: type[RemoteError] = RemoteError):
+    def __init__(
+        self,
+        settings: SwiftSettings,
+        retries: int = 8,
+        starting_backoff: float = 0.5,
+        max_backoff: float = 32,
+        timeout: float = 300.0,
+        error_type: type[RemoteError] = RemoteError,
+    ):
         self.settings = settings
         self.retries = retries
         self.starting_backoff = starting_backoff
         self.max_backoff = max_backoff
         self.timeout = timeout
         self.error_type = error_type
-        self._keystone = (_keystone_session(settings, timeout)
-                          if settings.auth_version == "3" else None)
+        self._keystone = (
+            _keystone_session(settings, timeout) if settings.auth_version == "3" else None
+        )
         self._local = threading.local()
         self._storage_url: str | None = None
 
@@ -326,17 +363,25 @@ class SwiftConnection:
                     self.url = url = override
                 return url, token
 
-        common = dict(retries=self.retries, starting_backoff=self.starting_backoff,
-                      max_backoff=self.max_backoff, timeout=self.timeout,
-                      retry_on_ratelimit=True,
-                      os_options={"region_name": self.settings.os_region_name}
-                      if self.settings.os_region_name else None)
+        common = dict(
+            retries=self.retries,
+            starting_backoff=self.starting_backoff,
+            max_backoff=self.max_backoff,
+            timeout=self.timeout,
+            retry_on_ratelimit=True,
+            os_options={"region_name": self.settings.os_region_name}
+            if self.settings.os_region_name
+            else None,
+        )
         if self._keystone is not None:
             return Connection(session=_RenewingSession(self._keystone), **common)
-        return Connection(authurl=self.settings.os_auth_url,
-                          user=self.settings.os_username,
-                          key=self.settings.os_password.reveal(),
-                          auth_version="1", **common)
+        return Connection(
+            authurl=self.settings.os_auth_url,
+            user=self.settings.os_username,
+            key=self.settings.os_password.reveal(),
+            auth_version="1",
+            **common,
+        )
 
     def call(self, description: str, method: str, *args, **kwargs):
         """Calls a swiftclient method, turning its failures into one-line errors."""
@@ -349,19 +394,19 @@ class SwiftConnection:
             if status is None:
                 raise self.error_type(f"{description}: {exc.msg}") from None
             error = self.error_type(
-                f"{description}: {status} {exc.http_reason or ''}".strip()
-                + self._hint(status))
+                f"{description}: {status} {exc.http_reason or ''}".strip() + self._hint(status)
+            )
             error.http_status = status  # lets callers retry e.g. a 422 (bad ETag)
             raise error from None
         except requests.RequestException as exc:
-            raise self.error_type(f"{description}: {type(exc).__name__}: {exc}"
-                                  ) from None
+            raise self.error_type(f"{description}: {type(exc).__name__}: {exc}") from None
         except Exception as exc:
             if type(exc).__module__.startswith("keystoneauth1"):
                 raise self.error_type(
                     f"{description}: authentication with {self.settings.os_auth_url} "
                     f"as {self.settings.os_username!r} failed: "
-                    f"{type(exc).__name__}: {exc}") from None
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
             raise
 
     @staticmethod
@@ -390,69 +435,105 @@ class SwiftConnection:
         """Returns the public address of ``container`` (and ``prefix``)."""
         return ContainerUrl(self.storage_url.rstrip("/"), container, prefix)
 
-    def iter_objects(self, container: str, prefix: str = "",
-                     page_size: int | None = LISTING_PAGE_SIZE) -> Iterator[ObjectInfo]:
+    def iter_objects(
+        self, container: str, prefix: str = "", page_size: int | None = LISTING_PAGE_SIZE
+    ) -> Iterator[ObjectInfo]:
         """Yields every object of ``container`` under ``prefix``, page by page."""
+
         def get_page(marker: str) -> list[Mapping[str, Any]]:
-            _, page = self.call(f"listing container {container!r}", "get_container",
-                                container, marker=marker, limit=page_size,
-                                prefix=prefix or None)
+            _, page = self.call(
+                f"listing container {container!r}",
+                "get_container",
+                container,
+                marker=marker,
+                limit=page_size,
+                prefix=prefix or None,
+            )
             return page
+
         return iter_pages(get_page)
 
     def head_container(self, container: str) -> dict[str, str] | None:
         """Returns the container's headers, or None if it does not exist."""
         try:
-            return self.call(f"HEAD container {container!r}", "head_container",
-                             container)
+            return self.call(f"HEAD container {container!r}", "head_container", container)
         except RemoteError as exc:
             if getattr(exc, "http_status", None) == 404:
                 return None
             raise
 
-    def ensure_container(self, container: str,
-                         headers: Mapping[str, str] | None = None) -> bool:
+    def ensure_container(self, container: str, headers: Mapping[str, str] | None = None) -> bool:
         """Creates ``container`` if missing and sets ``headers``; True if created."""
         existing = self.head_container(container)
         if existing is None:
-            self.call(f"creating container {container!r}", "put_container",
-                      container, headers=dict(headers or {}))
+            self.call(
+                f"creating container {container!r}",
+                "put_container",
+                container,
+                headers=dict(headers or {}),
+            )
             return True
         if headers:
-            self.call(f"setting headers of container {container!r}",
-                      "post_container", container, dict(headers))
+            self.call(
+                f"setting headers of container {container!r}",
+                "post_container",
+                container,
+                dict(headers),
+            )
         return False
 
-    def put_object(self, container: str, name: str, contents, *,
-                   content_length: int | None = None, etag: str | None = None,
-                   content_type: str | None = None,
-                   headers: Mapping[str, str] | None = None,
-                   query_string: str | None = None) -> str:
+    def put_object(
+        self,
+        container: str,
+        name: str,
+        contents,
+        *,
+        content_length: int | None = None,
+        etag: str | None = None,
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        query_string: str | None = None,
+    ) -> str:
         """PUTs one object (Swift checks ``etag``); returns the ETag it stored."""
         if isinstance(contents, (bytes, bytearray)):
             # swiftclient can rewind a file for a retry, but not a bytes body.
             if content_length is None:
                 content_length = len(contents)
             contents = io.BytesIO(contents)
-        return self.call(f"PUT {container}/{name}", "put_object", container, name,
-                         contents, content_length=content_length, etag=etag,
-                         content_type=content_type, headers=dict(headers or {}),
-                         query_string=query_string)
+        return self.call(
+            f"PUT {container}/{name}",
+            "put_object",
+            container,
+            name,
+            contents,
+            content_length=content_length,
+            etag=etag,
+            content_type=content_type,
+            headers=dict(headers or {}),
+            query_string=query_string,
+        )
 
     def delete_object(self, container: str, name: str) -> None:
         """Deletes one object."""
         self.call(f"DELETE {container}/{name}", "delete_object", container, name)
 
-    def open_object(self, container: str, name: str, start: int = 0,
-                    chunk_size: int = 1 << 20) -> ObjectStream:
+    def open_object(
+        self, container: str, name: str, start: int = 0, chunk_size: int = 1 << 20
+    ) -> ObjectStream:
         """Opens ``container/name`` for streaming, from byte ``start``."""
         headers = {"Range": f"bytes={start}-"} if start else None
         response_headers, body = self.call(
-            f"GET {container}/{name}", "get_object", container, name,
-            resp_chunk_size=chunk_size, headers=headers)
+            f"GET {container}/{name}",
+            "get_object",
+            container,
+            name,
+            resp_chunk_size=chunk_size,
+            headers=headers,
+        )
         status = 206 if start else 200
-        return ObjectStream(status, response_headers, iter(body),
-                            getattr(body, "close", lambda: None))
+        return ObjectStream(
+            status, response_headers, iter(body), getattr(body, "close", lambda: None)
+        )
 
     def close(self) -> None:
         """Closes this thread's connection."""

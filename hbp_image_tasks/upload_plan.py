@@ -3,6 +3,7 @@
 Dotfiles, symlinks and anything outside RESULTS_DIR are left out; gzipped chunks
 lose their ``.gz`` and gain ``Content-Encoding: gzip``; nested chunk paths are flattened.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,9 @@ import mimetypes
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from .errors import InputError, UsageError
 
@@ -58,19 +60,24 @@ class Digest(NamedTuple):
         """Returns the ETag Swift gives the static large object built from the segments."""
         if not self.segments:
             return ""
-        return hashlib.md5("".join(s[2] for s in self.segments).encode(),
-                           usedforsecurity=False).hexdigest()
+        return hashlib.md5(
+            "".join(s[2] for s in self.segments).encode(), usedforsecurity=False
+        ).hexdigest()
 
 
 def validate_container_name(name: str) -> str:
     """Returns ``name`` if Swift accepts it as a container name, else raises UsageError."""
     size = len(name.encode("utf-8"))
     if not name or size > MAX_CONTAINER_NAME_BYTES:
-        raise UsageError(f"container name {name!r} must be 1 to "
-                         f"{MAX_CONTAINER_NAME_BYTES} bytes of UTF-8 (it has {size})")
+        raise UsageError(
+            f"container name {name!r} must be 1 to "
+            f"{MAX_CONTAINER_NAME_BYTES} bytes of UTF-8 (it has {size})"
+        )
     if "/" in name:
-        raise UsageError(f"container name {name!r} must not contain '/' "
-                         f"(use --prefix for a path inside the container)")
+        raise UsageError(
+            f"container name {name!r} must not contain '/' "
+            f"(use --prefix for a path inside the container)"
+        )
     return name
 
 
@@ -81,8 +88,10 @@ def normalize_prefix(prefix: str | None) -> str:
         return ""
     parts = prefix.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise UsageError(f"prefix {prefix!r} must not contain empty, '.' or '..' "
-                         f"components (browsers would rewrite such URLs)")
+        raise UsageError(
+            f"prefix {prefix!r} must not contain empty, '.' or '..' "
+            f"components (browsers would rewrite such URLs)"
+        )
     return prefix
 
 
@@ -125,13 +134,16 @@ def check_conversion_complete(results_dir: Path) -> None:
     try:
         state = json.loads(text)
     except ValueError:
-        raise InputError(f"{state_path} is not valid JSON: cannot tell whether the "
-                         f"conversion finished; rerun the conversion") from None
+        raise InputError(
+            f"{state_path} is not valid JSON: cannot tell whether the "
+            f"conversion finished; rerun the conversion"
+        ) from None
     if isinstance(state, dict) and state.get("complete") is False:
         raise InputError(
             f"{results_dir}: the conversion is not complete (according to "
             f"{CONVERSION_STATE_FILE}); finish it by running the same ingest_ngs "
-            f"command again before uploading")
+            f"command again before uploading"
+        )
 
 
 def scan(results_dir: Path) -> tuple[list[LocalObject], list[str]]:
@@ -157,22 +169,33 @@ def scan(results_dir: Path) -> tuple[list[LocalObject], list[str]]:
                     continue
                 name, encoding = object_name_for(parts)
                 info = entry.stat(follow_symlinks=False)
-                local = LocalObject(entry.path, name, info.st_size,
-                                    content_type_for(name), encoding, info.st_mtime_ns)
+                local = LocalObject(
+                    entry.path,
+                    name,
+                    info.st_size,
+                    content_type_for(name),
+                    encoding,
+                    info.st_mtime_ns,
+                )
                 other = objects.get(name)
                 if other is not None:
-                    raise InputError(f"{other.path} and {entry.path} would both be "
-                                     f"uploaded as {name!r}: remove one of them")
+                    raise InputError(
+                        f"{other.path} and {entry.path} would both be "
+                        f"uploaded as {name!r}: remove one of them"
+                    )
                 objects[name] = local
 
     try:
         walk(root, [])
     except OSError as exc:
-        raise InputError(f"{exc.filename or root}: cannot be read: "
-                         f"{exc.strerror}") from None
+        raise InputError(f"{exc.filename or root}: cannot be read: {exc.strerror}") from None
     if links:
-        logger.warning("%d symbolic link(s) in %s left out (links are never "
-                       "followed), e.g. %s", len(links), root, links[0])
+        logger.warning(
+            "%d symbolic link(s) in %s left out (links are never followed), e.g. %s",
+            len(links),
+            root,
+            links[0],
+        )
     return [objects[name] for name in sorted(objects)], links
 
 
@@ -181,8 +204,9 @@ def check_object_names(objects: Iterable[LocalObject], prefix: str) -> None:
     for local in objects:
         full = f"{prefix}/{local.name}" if prefix else local.name
         if len(full.encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
-            raise InputError(f"{local.path}: object name {full!r} is longer than "
-                             f"{MAX_OBJECT_NAME_BYTES} bytes")
+            raise InputError(
+                f"{local.path}: object name {full!r} is longer than {MAX_OBJECT_NAME_BYTES} bytes"
+            )
 
 
 def open_regular(path: str):
@@ -203,8 +227,10 @@ def read_exactly(path: str, size: int) -> bytes:
     with open_regular(path) as stream:
         data = stream.read()
     if len(data) != size:
-        raise InputError(f"{path} changed while uploading ({size} bytes when "
-                         f"listed, {len(data)} now): is a conversion still running?")
+        raise InputError(
+            f"{path} changed while uploading ({size} bytes when "
+            f"listed, {len(data)} now): is a conversion still running?"
+        )
     return data
 
 
@@ -227,16 +253,14 @@ def file_digest(path: str, size: int, segment_size: int) -> Digest:
                 part.update(block)
                 remaining -= len(block)
             if remaining:
-                raise InputError(f"{path} shrank while being read: is a "
-                                 f"conversion still running?")
+                raise InputError(f"{path} shrank while being read: is a conversion still running?")
             if large:
                 segments.append((offset, length, part.hexdigest()))
             offset += length
             if offset >= size:
                 break
         if stream.read(1):
-            raise InputError(f"{path} grew while being read: is a conversion "
-                             f"still running?")
+            raise InputError(f"{path} grew while being read: is a conversion still running?")
     return Digest(whole.hexdigest(), tuple(segments))
 
 
@@ -271,7 +295,7 @@ class SegmentReader:
     def close(self) -> None:
         self._stream.close()
 
-    def __enter__(self) -> "SegmentReader":
+    def __enter__(self) -> SegmentReader:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -285,9 +309,10 @@ def read_manifest_digests(path: Path) -> dict[str, tuple[int, int, str]]:
     """
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        return {entry["name"]: (int(entry["bytes"]), int(entry["mtime_ns"]),
-                                str(entry["md5"]))
-                for entry in manifest["objects"]
-                if "mtime_ns" in entry and "slo_etag" not in entry}
+        return {
+            entry["name"]: (int(entry["bytes"]), int(entry["mtime_ns"]), str(entry["md5"]))
+            for entry in manifest["objects"]
+            if "mtime_ns" in entry and "slo_etag" not in entry
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return {}

@@ -9,6 +9,7 @@ examples:
   upload_results results/bigbrain --container bigbrain --dry-run
   SWIFT_SETTINGS=~/.os_settings upload_results results/ --container test -j 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,11 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
 from . import cli, errors
@@ -33,14 +35,30 @@ from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
 from .progress import Progress, format_bytes, format_duration
 from .settings import add_settings_option, load_settings_from
 from .swift import PUBLIC_READ_ACL, ObjectInfo, SwiftConnection, http_session
-from .upload_plan import (MANIFEST_FILE, Digest, LocalObject, SegmentReader,
-                          check_conversion_complete, check_object_names,
-                          file_digest, normalize_prefix, read_exactly,
-                          read_manifest_digests, scan,
-                          validate_container_name)
+from .upload_plan import (
+    MANIFEST_FILE,
+    Digest,
+    LocalObject,
+    SegmentReader,
+    check_conversion_complete,
+    check_object_names,
+    file_digest,
+    normalize_prefix,
+    read_exactly,
+    read_manifest_digests,
+    scan,
+    validate_container_name,
+)
 
-__all__ = ["UploadResult", "add_upload_options", "upload", "upload_options",
-           "validate_container_name", "main", "DEFAULT_VIEWER_BASE"]
+__all__ = [
+    "UploadResult",
+    "add_upload_options",
+    "upload",
+    "upload_options",
+    "validate_container_name",
+    "main",
+    "DEFAULT_VIEWER_BASE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +113,8 @@ def parse_size(text: str) -> int:
         size = int(float(number) * SIZE_SUFFIXES[suffix])
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (examples: 1073741824, 512M, 1G)") from None
+            f"{text!r} is not a size (examples: 1073741824, 512M, 1G)"
+        ) from None
     if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
     return size
@@ -108,8 +127,7 @@ def _container_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_upload_options(parser: argparse.ArgumentParser,
-                       include_settings: bool = True) -> None:
+def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool = True) -> None:
     """Adds the upload option group shared by `upload_results` and `ingest`.
 
     ``include_settings=False`` leaves out ``--settings``, for a parser that
@@ -117,58 +135,94 @@ def add_upload_options(parser: argparse.ArgumentParser,
     """
     group = parser.add_argument_group("upload to Swift")
     group.add_argument(
-        "--container", required=True, type=_container_name, metavar="NAME",
+        "--container",
+        required=True,
+        type=_container_name,
+        metavar="NAME",
         default=argparse.SUPPRESS,
-        help="Swift container to upload to, created if missing (e.g. bigbrain)")
+        help="Swift container to upload to, created if missing (e.g. bigbrain)",
+    )
     group.add_argument(
-        "--prefix", default="", metavar="PATH",
+        "--prefix",
+        default="",
+        metavar="PATH",
         help="path of the dataset inside the container (e.g. 2015/8um); the "
-             "dataset's public URL is <storage URL>/<container>/<prefix>")
+        "dataset's public URL is <storage URL>/<container>/<prefix>",
+    )
     if include_settings:
         add_settings_option(group)
     group.add_argument(
-        "--private", action="store_true",
+        "--private",
+        action="store_true",
         help="do not make the container publicly readable nor set CORS; a viewer "
-             "will then need credentials to read the dataset")
+        "will then need credentials to read the dataset",
+    )
     group.add_argument(
-        "--cors-origin", default="*", metavar="ORIGIN",
+        "--cors-origin",
+        default="*",
+        metavar="ORIGIN",
         help="origin allowed to read the dataset from a browser "
-             "(e.g. https://neuroglancer.example.org)")
+        "(e.g. https://neuroglancer.example.org)",
+    )
     group.add_argument(
-        "--force", dest="skip_identical", action="store_false",
+        "--force",
+        dest="skip_identical",
+        action="store_false",
         default=argparse.SUPPRESS,
         help="upload every object, even those already in Swift with the same MD5 "
-             "(by default they are skipped, so a rerun sends only what is missing)")
+        "(by default they are skipped, so a rerun sends only what is missing)",
+    )
     group.add_argument(
-        "--no-skip-identical", dest="skip_identical", action="store_false",
-        default=argparse.SUPPRESS, help="same as --force")
+        "--no-skip-identical",
+        dest="skip_identical",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="same as --force",
+    )
     parser.set_defaults(skip_identical=True)
     group.add_argument(
-        "--segment-size", type=parse_size, default=DEFAULT_SEGMENT_SIZE,
+        "--segment-size",
+        type=parse_size,
+        default=DEFAULT_SEGMENT_SIZE,
         metavar="BYTES",
         help="files larger than this are uploaded as static large objects in "
-             "segments of this size (e.g. 512M, 1G)")
+        "segments of this size (e.g. 512M, 1G)",
+    )
     group.add_argument(
-        "--dry-run", action="store_true",
-        help="only list what would be uploaded and skipped (counts and bytes); "
-             "writes nothing")
+        "--dry-run",
+        action="store_true",
+        help="only list what would be uploaded and skipped (counts and bytes); writes nothing",
+    )
     group.add_argument(
-        "--viewer-base", default=DEFAULT_VIEWER_BASE, metavar="URL",
+        "--viewer-base",
+        default=DEFAULT_VIEWER_BASE,
+        metavar="URL",
         help="Neuroglancer viewer used for the printed link "
-             "(e.g. https://neuroglancer.example.org/)")
+        "(e.g. https://neuroglancer.example.org/)",
+    )
 
 
 def upload_options(args: argparse.Namespace) -> dict[str, Any]:
     """Returns the keyword arguments of :func:`upload` given by the shared options."""
-    return dict(prefix=args.prefix, public=not args.private,
-                cors_origin=args.cors_origin, skip_identical=args.skip_identical,
-                segment_size=args.segment_size, dry_run=args.dry_run,
-                viewer_base=args.viewer_base)
+    return dict(
+        prefix=args.prefix,
+        public=not args.private,
+        cors_origin=args.cors_origin,
+        skip_identical=args.skip_identical,
+        segment_size=args.segment_size,
+        dry_run=args.dry_run,
+        viewer_base=args.viewer_base,
+    )
 
 
-def run_bounded(items: Iterable[T], work: Callable[[T], Any],
-                done: Callable[[T, Any], None], jobs: int,
-                should_stop: Callable[[], bool] | None, what: str) -> None:
+def run_bounded(
+    items: Iterable[T],
+    work: Callable[[T], Any],
+    done: Callable[[T, Any], None],
+    jobs: int,
+    should_stop: Callable[[], bool] | None,
+    what: str,
+) -> None:
     """Runs ``work`` on each item with ``jobs`` threads, keeping few items queued.
 
     ``should_stop`` is polled before each item starts: in-flight items finish,
@@ -216,19 +270,28 @@ def run_bounded(items: Iterable[T], work: Callable[[T], Any],
     if failures:
         first = failures[0]
         if len(failures) > 1 and isinstance(first, errors.HbpError):
-            raise type(first)(f"{first} (and {len(failures) - 1} more failure(s) "
-                              f"while {what})") from first
+            raise type(first)(
+                f"{first} (and {len(failures) - 1} more failure(s) while {what})"
+            ) from first
         raise first
     if stopped:
-        raise Interrupted(f"stopped while {what}; run the same command again "
-                          f"to resume (identical objects are skipped)")
+        raise Interrupted(
+            f"stopped while {what}; run the same command again "
+            f"to resume (identical objects are skipped)"
+        )
 
 
 class _Uploader:
     """PUTs objects of one dataset; safe to call from several threads."""
 
-    def __init__(self, connection: SwiftConnection, container: str, prefix: str,
-                 segment_size: int, container_headers: Mapping[str, str]):
+    def __init__(
+        self,
+        connection: SwiftConnection,
+        container: str,
+        prefix: str,
+        segment_size: int,
+        container_headers: Mapping[str, str],
+    ):
         self.connection = connection
         self.container = container
         self.prefix = prefix
@@ -254,8 +317,9 @@ class _Uploader:
     def _headers(self, local: LocalObject) -> dict[str, str]:
         return {"Content-Encoding": local.content_encoding} if local.content_encoding else {}
 
-    def _put(self, container: str, name: str,
-             body: Callable[[], tuple[Any, str]], **options) -> tuple[str, int]:
+    def _put(
+        self, container: str, name: str, body: Callable[[], tuple[Any, str]], **options
+    ) -> tuple[str, int]:
         """PUTs the ``(body, md5)`` that ``body()`` returns; returns the MD5 and retries.
 
         swiftclient already retries 5xx, 408, 429, timeouts and dropped
@@ -267,8 +331,7 @@ class _Uploader:
         for attempt in range(1, PUT_ATTEMPTS + 1):
             contents, md5 = body()
             try:
-                etag = self.connection.put_object(container, name, contents,
-                                                  etag=md5, **options)
+                etag = self.connection.put_object(container, name, contents, etag=md5, **options)
             except RemoteError as exc:
                 retries += self._retries_of_last_call()
                 status = getattr(exc, "http_status", None)
@@ -282,8 +345,10 @@ class _Uploader:
                     contents.close()
             retries += self._retries_of_last_call()
             if (etag or "").strip('"') != md5:
-                raise UploadError(f"PUT {container}/{name}: Swift answered ETag "
-                                  f"{etag!r}, expected the MD5 {md5} that was sent")
+                raise UploadError(
+                    f"PUT {container}/{name}: Swift answered ETag "
+                    f"{etag!r}, expected the MD5 {md5} that was sent"
+                )
             return md5, retries
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -292,17 +357,21 @@ class _Uploader:
             # Read once and hash what is sent, so the ETag matches the body.
             data = read_exactly(local.path, local.size)
             return io.BytesIO(data), _md5(data)
-        md5, retries = self._put(self.container, self.full_name(local.name), body,
-                                 content_length=local.size,
-                                 content_type=local.content_type,
-                                 headers=self._headers(local))
+
+        md5, retries = self._put(
+            self.container,
+            self.full_name(local.name),
+            body,
+            content_length=local.size,
+            content_type=local.content_type,
+            headers=self._headers(local),
+        )
         return Digest(md5), retries
 
     def _ensure_segment_container(self) -> None:
         with self._lock:
             if not self._segments_ready:
-                self.connection.ensure_container(self.segment_container,
-                                                 self.container_headers)
+                self.connection.ensure_container(self.segment_container, self.container_headers)
                 self._segments_ready = True
 
     def _upload_large(self, local: LocalObject) -> tuple[Digest, int]:
@@ -311,29 +380,47 @@ class _Uploader:
         digest = file_digest(local.path, local.size, self.segment_size)
         self._ensure_segment_container()
         # Segment names carry the content's ETag, so a rerun reuses them.
-        segment_prefix = (f"{name}/slo/{local.size}/{self.segment_size}/"
-                          f"{digest.slo_etag}/")
-        existing = {o.name: o for o in self.connection.iter_objects(
-            self.segment_container, prefix=segment_prefix, page_size=LISTING_PAGE)}
+        segment_prefix = f"{name}/slo/{local.size}/{self.segment_size}/{digest.slo_etag}/"
+        existing = {
+            o.name: o
+            for o in self.connection.iter_objects(
+                self.segment_container, prefix=segment_prefix, page_size=LISTING_PAGE
+            )
+        }
         retries = 0
         manifest = []
         for index, (offset, length, md5) in enumerate(digest.segments):
             segment_name = f"{segment_prefix}{index:08d}"
             present = existing.get(segment_name)
             if present is None or present.bytes != length or present.hash != md5:
+
                 def segment(offset=offset, length=length, md5=md5):
                     return SegmentReader(local.path, offset, length), md5
+
                 _, segment_retries = self._put(
-                    self.segment_container, segment_name, segment,
-                    content_length=length, content_type="application/octet-stream")
+                    self.segment_container,
+                    segment_name,
+                    segment,
+                    content_length=length,
+                    content_type="application/octet-stream",
+                )
                 retries += segment_retries
-            manifest.append({"path": f"/{self.segment_container}/{segment_name}",
-                             "etag": md5, "size_bytes": length})
+            manifest.append(
+                {
+                    "path": f"/{self.segment_container}/{segment_name}",
+                    "etag": md5,
+                    "size_bytes": length,
+                }
+            )
         # Swift checks the ETag sent with a manifest against its segments' MD5s.
         _, manifest_retries = self._put(
-            self.container, name, lambda: (json.dumps(manifest), digest.slo_etag),
-            content_type=local.content_type, headers=self._headers(local),
-            query_string="multipart-manifest=put")
+            self.container,
+            name,
+            lambda: (json.dumps(manifest), digest.slo_etag),
+            content_type=local.content_type,
+            headers=self._headers(local),
+            query_string="multipart-manifest=put",
+        )
         return digest, retries + manifest_retries
 
 
@@ -357,8 +444,9 @@ def _is_identical(remote: ObjectInfo, local: LocalObject, digest: Digest) -> boo
     return remote.hash == digest.md5
 
 
-def _describe_difference(remote: ObjectInfo | None, local: LocalObject,
-                         digest: Digest, full_name: str) -> str | None:
+def _describe_difference(
+    remote: ObjectInfo | None, local: LocalObject, digest: Digest, full_name: str
+) -> str | None:
     """Returns why the listed object differs from the local file, or None."""
     if remote is None:
         return f"{full_name}: missing"
@@ -366,8 +454,10 @@ def _describe_difference(remote: ObjectInfo | None, local: LocalObject,
         return f"{full_name}: {remote.bytes} bytes in Swift, {local.size} in {local.path}"
     if remote.is_large:
         if remote.slo_etag and digest.segments and remote.slo_etag != digest.slo_etag:
-            return (f"{full_name}: large object ETag {remote.slo_etag} in Swift, "
-                    f"{digest.slo_etag} expected")
+            return (
+                f"{full_name}: large object ETag {remote.slo_etag} in Swift, "
+                f"{digest.slo_etag} expected"
+            )
         return None
     if remote.hash != digest.md5:
         return f"{full_name}: MD5 {remote.hash} in Swift, {digest.md5} in {local.path}"
@@ -392,9 +482,12 @@ def _read_local_info(results_dir: Path) -> Mapping[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-def _check_served_headers(connection: SwiftConnection, container: str,
-                          objects: list[LocalObject], full_name: Callable[[str], str]
-                          ) -> None:
+def _check_served_headers(
+    connection: SwiftConnection,
+    container: str,
+    objects: list[LocalObject],
+    full_name: Callable[[str], str],
+) -> None:
     """HEADs a sample of objects (info, one chunk per directory) and checks their headers.
 
     Skipped objects may come from an older upload with other headers, and
@@ -402,28 +495,33 @@ def _check_served_headers(connection: SwiftConnection, container: str,
     """
     sample: dict[tuple[str, str, str], LocalObject] = {}
     for local in objects:
-        key = (local.name.rsplit("/", 1)[0] if "/" in local.name else "",
-               local.content_type, local.content_encoding)
+        key = (
+            local.name.rsplit("/", 1)[0] if "/" in local.name else "",
+            local.content_type,
+            local.content_encoding,
+        )
         sample.setdefault(key, local)
     problems = []
     for local in list(sample.values())[:HEADER_SAMPLE]:
         name = full_name(local.name)
-        headers = connection.call(f"HEAD {container}/{name}", "head_object",
-                                  container, name)
+        headers = connection.call(f"HEAD {container}/{name}", "head_object", container, name)
         headers = {k.lower(): v for k, v in headers.items()}
         encoding = headers.get("content-encoding", "")
         content_type = headers.get("content-type", "").split(";")[0].strip()
         if encoding != local.content_encoding:
-            problems.append(f"{name}: Content-Encoding {encoding!r}, expected "
-                            f"{local.content_encoding!r}")
+            problems.append(
+                f"{name}: Content-Encoding {encoding!r}, expected {local.content_encoding!r}"
+            )
         elif content_type != local.content_type:
-            problems.append(f"{name}: Content-Type {content_type!r}, expected "
-                            f"{local.content_type!r}")
+            problems.append(
+                f"{name}: Content-Type {content_type!r}, expected {local.content_type!r}"
+            )
     if problems:
         raise UploadError(
             f"{len(problems)} object(s) in {container} are served with the wrong "
             f"headers (left by an older upload?): {_examples(problems)}; upload "
-            f"again with --force")
+            f"again with --force"
+        )
 
 
 def _check_public_access(public_url: str, cors_origin: str) -> None:
@@ -443,21 +541,33 @@ def _check_public_access(public_url: str, cors_origin: str) -> None:
         raise UploadError(
             f"anonymous GET {url}: {response.status_code} {response.reason}: the "
             f"dataset is not publicly readable (X-Container-Read {PUBLIC_READ_ACL!r} "
-            f"refused by the cluster?)")
+            f"refused by the cluster?)"
+        )
     allowed = response.headers.get("Access-Control-Allow-Origin", "")
     if allowed not in ("*", origin):
         raise UploadError(
             f"anonymous GET {url} with Origin {origin}: no matching "
             f"Access-Control-Allow-Origin header (got {allowed!r}); a browser "
-            f"viewer would be refused (does the cluster enable CORS?)")
+            f"viewer would be refused (does the cluster enable CORS?)"
+        )
 
 
-def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
-           prefix: str = "", jobs: int | None = None, public: bool = True,
-           cors_origin: str = "*", skip_identical: bool = True,
-           segment_size: int = DEFAULT_SEGMENT_SIZE, dry_run: bool = False,
-           viewer_base: str = DEFAULT_VIEWER_BASE, show_progress: bool = True,
-           should_stop: Callable[[], bool] | None = None) -> UploadResult:
+def upload(
+    results_dir: Path,
+    container: str,
+    connection: SwiftConnection,
+    *,
+    prefix: str = "",
+    jobs: int | None = None,
+    public: bool = True,
+    cors_origin: str = "*",
+    skip_identical: bool = True,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    dry_run: bool = False,
+    viewer_base: str = DEFAULT_VIEWER_BASE,
+    show_progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> UploadResult:
     """Uploads RESULTS_DIR to ``container``/``prefix``, verifies it; returns what was done."""
     started = time.monotonic()
     results_dir = Path(results_dir)
@@ -471,8 +581,10 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     objects, _ = scan(results_dir)
     names = {local.name for local in objects}
     if "info" not in names:
-        raise InputError(f"{results_dir} has no 'info' file: it is not a Neuroglancer "
-                         f"precomputed dataset (the output directory of ingest_ngs)")
+        raise InputError(
+            f"{results_dir} has no 'info' file: it is not a Neuroglancer "
+            f"precomputed dataset (the output directory of ingest_ngs)"
+        )
     check_object_names(objects, prefix)
     jobs = jobs or default_upload_jobs()
     total_bytes = sum(local.size for local in objects)
@@ -482,61 +594,95 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
         return f"{prefix}/{name}" if prefix else name
 
     listing_prefix = f"{prefix}/" if prefix else ""
-    container_headers = ({"X-Container-Read": PUBLIC_READ_ACL,
-                          "X-Container-Meta-Access-Control-Allow-Origin": cors_origin}
-                         if public else {})
+    container_headers = (
+        {
+            "X-Container-Read": PUBLIC_READ_ACL,
+            "X-Container-Meta-Access-Control-Allow-Origin": cors_origin,
+        }
+        if public
+        else {}
+    )
     existing = connection.head_container(container)
     exists = existing is not None
     if not dry_run:
         if existing is None:
-            connection.call(f"creating container {container!r}", "put_container",
-                            container, headers=container_headers)
+            connection.call(
+                f"creating container {container!r}",
+                "put_container",
+                container,
+                headers=container_headers,
+            )
         elif _needs_update(existing, container_headers):
-            connection.call(f"setting the headers of container {container!r}",
-                            "post_container", container, container_headers)
+            connection.call(
+                f"setting the headers of container {container!r}",
+                "post_container",
+                container,
+                container_headers,
+            )
         exists = True
-        logger.info("container %s %s%s", container,
-                    "exists" if existing is not None else "created",
-                    ", publicly readable with CORS origin " + cors_origin
-                    if public else "")
+        logger.info(
+            "container %s %s%s",
+            container,
+            "exists" if existing is not None else "created",
+            ", publicly readable with CORS origin " + cors_origin if public else "",
+        )
     if not public:
-        logger.warning("--private: the container is not made public; a viewer will "
-                       "need credentials to read the dataset")
+        logger.warning(
+            "--private: the container is not made public; a viewer will "
+            "need credentials to read the dataset"
+        )
 
     remote: dict[str, ObjectInfo] = {}
     if exists:
-        remote = {o.name: o for o in connection.iter_objects(
-            container, listing_prefix, page_size=LISTING_PAGE)}
-        logger.info("%d objects already under %s/%s", len(remote), container,
-                    listing_prefix)
+        remote = {
+            o.name: o
+            for o in connection.iter_objects(container, listing_prefix, page_size=LISTING_PAGE)
+        }
+        logger.info("%d objects already under %s/%s", len(remote), container, listing_prefix)
 
     # Compare only what may be identical: present with the same size.
     digests: dict[str, Digest] = {}
-    candidates = [local for local in objects
-                  if skip_identical and full_name(local.name) in remote
-                  and remote[full_name(local.name)].bytes == local.size]
+    candidates = [
+        local
+        for local in objects
+        if skip_identical
+        and full_name(local.name) in remote
+        and remote[full_name(local.name)].bytes == local.size
+    ]
     # A file unchanged (size, mtime) since the last verified upload keeps its
     # MD5: an unchanged rerun then reads no file at all.
     known = read_manifest_digests(results_dir / MANIFEST_FILE) if candidates else {}
     for local in candidates:
         cached = known.get(full_name(local.name))
-        if (cached and local.size <= segment_size
-                and cached[:2] == (local.size, local.mtime_ns)):
+        if cached and local.size <= segment_size and cached[:2] == (local.size, local.mtime_ns):
             digests[local.name] = Digest(cached[2])
     to_hash = [local for local in candidates if local.name not in digests]
     if to_hash:
-        with Progress("comparing", total=len(to_hash),
-                      total_bytes=sum(local.size for local in to_hash), unit="files",
-                      enabled=show_progress) as progress:
+        with Progress(
+            "comparing",
+            total=len(to_hash),
+            total_bytes=sum(local.size for local in to_hash),
+            unit="files",
+            enabled=show_progress,
+        ) as progress:
+
             def record_digest(local: LocalObject, digest: Digest) -> None:
                 digests[local.name] = digest
                 progress.update(1, local.size)
-            run_bounded(to_hash,
-                        lambda local: file_digest(local.path, local.size, segment_size),
-                        record_digest, jobs, should_stop, "comparing local files")
-    skipped = [local for local in candidates
-               if _is_identical(remote[full_name(local.name)], local,
-                                digests[local.name])]
+
+            run_bounded(
+                to_hash,
+                lambda local: file_digest(local.path, local.size, segment_size),
+                record_digest,
+                jobs,
+                should_stop,
+                "comparing local files",
+            )
+    skipped = [
+        local
+        for local in candidates
+        if _is_identical(remote[full_name(local.name)], local, digests[local.name])
+    ]
     skipped_names = {local.name for local in skipped}
     to_upload = [local for local in objects if local.name not in skipped_names]
     upload_bytes = sum(local.size for local in to_upload)
@@ -547,18 +693,37 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     if dry_run:
         for local in to_upload:
             logger.debug("would upload %s -> %s", local.path, full_name(local.name))
-        logger.info("dry run: would upload %d objects (%s), skip %d identical (%s)",
-                    len(to_upload), format_bytes(upload_bytes), len(skipped),
-                    format_bytes(skipped_bytes))
-        return UploadResult(len(to_upload), len(skipped), upload_bytes, len(objects),
-                            total_bytes, 0, public_url, link, None,
-                            time.monotonic() - started, dry_run=True)
+        logger.info(
+            "dry run: would upload %d objects (%s), skip %d identical (%s)",
+            len(to_upload),
+            format_bytes(upload_bytes),
+            len(skipped),
+            format_bytes(skipped_bytes),
+        )
+        return UploadResult(
+            len(to_upload),
+            len(skipped),
+            upload_bytes,
+            len(objects),
+            total_bytes,
+            0,
+            public_url,
+            link,
+            None,
+            time.monotonic() - started,
+            dry_run=True,
+        )
 
-    uploader = _Uploader(connection, container, prefix, segment_size,
-                         container_headers)
+    uploader = _Uploader(connection, container, prefix, segment_size, container_headers)
     retries = 0
-    with Progress("uploading", total=len(to_upload), total_bytes=upload_bytes,
-                  unit="objects", enabled=show_progress) as progress:
+    with Progress(
+        "uploading",
+        total=len(to_upload),
+        total_bytes=upload_bytes,
+        unit="objects",
+        enabled=show_progress,
+    ) as progress:
+
         def record_upload(local: LocalObject, outcome: tuple[Digest, int]) -> None:
             nonlocal retries
             digests[local.name], object_retries = outcome
@@ -566,12 +731,14 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
             progress.update(1, local.size)
             if object_retries:
                 progress.add_retry(object_retries)
+
         # Chunks first, then info and other JSON: a dataset whose info is
         # visible never points at chunks that are not there yet.
-        for batch in ([o for o in to_upload if not o.is_metadata],
-                      [o for o in to_upload if o.is_metadata]):
-            run_bounded(batch, uploader.upload, record_upload, jobs, should_stop,
-                        "uploading")
+        for batch in (
+            [o for o in to_upload if not o.is_metadata],
+            [o for o in to_upload if o.is_metadata],
+        ):
+            run_bounded(batch, uploader.upload, record_upload, jobs, should_stop, "uploading")
 
     _verify(connection, container, prefix, objects, digests)
     if public:
@@ -579,77 +746,136 @@ def upload(results_dir: Path, container: str, connection: SwiftConnection, *,
     manifest_path = results_dir / MANIFEST_FILE
     _write_manifest(manifest_path, container, prefix, public_url, objects, digests)
     elapsed = time.monotonic() - started
-    logger.info("uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
-                "verified %d objects in %s", len(to_upload), format_bytes(upload_bytes),
-                len(skipped), format_bytes(skipped_bytes), retries, len(objects),
-                format_duration(elapsed))
-    return UploadResult(len(to_upload), len(skipped), upload_bytes, len(objects),
-                        total_bytes, retries, public_url, link, str(manifest_path),
-                        elapsed)
+    logger.info(
+        "uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
+        "verified %d objects in %s",
+        len(to_upload),
+        format_bytes(upload_bytes),
+        len(skipped),
+        format_bytes(skipped_bytes),
+        retries,
+        len(objects),
+        format_duration(elapsed),
+    )
+    return UploadResult(
+        len(to_upload),
+        len(skipped),
+        upload_bytes,
+        len(objects),
+        total_bytes,
+        retries,
+        public_url,
+        link,
+        str(manifest_path),
+        elapsed,
+    )
 
 
-def _verify(connection: SwiftConnection, container: str, prefix: str,
-            objects: list[LocalObject], digests: Mapping[str, Digest]) -> None:
+def _verify(
+    connection: SwiftConnection,
+    container: str,
+    prefix: str,
+    objects: list[LocalObject],
+    digests: Mapping[str, Digest],
+) -> None:
     """Checks a fresh listing (names, sizes, MD5s) and a sample of served headers.
 
     The listing, not what the PUTs answered, is the truth a viewer will see.
     """
+
     def full_name(name: str) -> str:
         return f"{prefix}/{name}" if prefix else name
 
     listing_prefix = f"{prefix}/" if prefix else ""
-    listed = {o.name: o for o in connection.iter_objects(
-        container, listing_prefix, page_size=LISTING_PAGE)}
-    problems = [problem for problem in (
-        _describe_difference(listed.get(full_name(local.name)), local,
-                             digests[local.name], full_name(local.name))
-        for local in objects) if problem]
+    listed = {
+        o.name: o
+        for o in connection.iter_objects(container, listing_prefix, page_size=LISTING_PAGE)
+    }
+    problems = [
+        problem
+        for problem in (
+            _describe_difference(
+                listed.get(full_name(local.name)), local, digests[local.name], full_name(local.name)
+            )
+            for local in objects
+        )
+        if problem
+    ]
     if problems:
         raise UploadError(
             f"verification failed: {len(problems)} of {len(objects)} objects missing "
-            f"or different in container {container}: {_examples(problems)}")
+            f"or different in container {container}: {_examples(problems)}"
+        )
     extra = sorted(set(listed) - {full_name(local.name) for local in objects})
     if extra:
-        logger.warning("%d object(s) under %s/%s are not in the results directory "
-                       "(left in place), e.g. %s", len(extra), container,
-                       listing_prefix, extra[0])
+        logger.warning(
+            "%d object(s) under %s/%s are not in the results directory (left in place), e.g. %s",
+            len(extra),
+            container,
+            listing_prefix,
+            extra[0],
+        )
     _check_served_headers(connection, container, objects, full_name)
 
 
-def _write_manifest(path: Path, container: str, prefix: str, public_url: str,
-                    objects: list[LocalObject], digests: Mapping[str, Digest]) -> None:
+def _write_manifest(
+    path: Path,
+    container: str,
+    prefix: str,
+    public_url: str,
+    objects: list[LocalObject],
+    digests: Mapping[str, Digest],
+) -> None:
     """Writes the verified manifest (name, bytes, MD5 per object) atomically."""
     entries = []
     for local in objects:
         digest = digests[local.name]
-        entry = {"name": f"{prefix}/{local.name}" if prefix else local.name,
-                 "bytes": local.size, "md5": digest.md5,
-                 # with the size, lets a rerun trust this MD5 without reading the file
-                 "mtime_ns": local.mtime_ns}
+        entry = {
+            "name": f"{prefix}/{local.name}" if prefix else local.name,
+            "bytes": local.size,
+            "md5": digest.md5,
+            # with the size, lets a rerun trust this MD5 without reading the file
+            "mtime_ns": local.mtime_ns,
+        }
         if digest.segments:
             entry["slo_etag"] = digest.slo_etag
         entries.append(entry)
-    write_json_atomically(path, {
-        "container": container, "prefix": prefix, "public_url": public_url,
-        "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "objects": entries})
+    write_json_atomically(
+        path,
+        {
+            "container": container,
+            "prefix": prefix,
+            "public_url": public_url,
+            "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "objects": entries,
+        },
+    )
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `upload_results`."""
     parser = argparse.ArgumentParser(
-        prog="upload_results", description=__doc__.split("\n\n")[0],
+        prog="upload_results",
+        description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2] + "\n" + errors.EXIT_CODES_HELP,
-        formatter_class=cli.HelpFormatter)
+        formatter_class=cli.HelpFormatter,
+    )
     parser.add_argument(
-        "results_dir", metavar="RESULTS_DIR", type=Path,
+        "results_dir",
+        metavar="RESULTS_DIR",
+        type=Path,
         help="directory with the dataset's info file and chunks (the output of "
-             "ingest_ngs); dotfiles and symlinks in it are never uploaded")
+        "ingest_ngs); dotfiles and symlinks in it are never uploaded",
+    )
     add_upload_options(parser)
     parser.add_argument(
-        "-j", "--jobs", type=cli.positive_int, metavar="N",
+        "-j",
+        "--jobs",
+        type=cli.positive_int,
+        metavar="N",
         help=f"parallel uploads (default: 4 per CPU, between 8 and 32; here "
-             f"{default_upload_jobs()})")
+        f"{default_upload_jobs()})",
+    )
     parser.set_defaults(jobs=None)
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
@@ -665,15 +891,23 @@ def main(argv: list[str] | None = None) -> int:
         connection = SwiftConnection(settings, error_type=UploadError)
         with cli.stop_on_signals() as should_stop:
             try:
-                result = upload(args.results_dir, args.container, connection,
-                                jobs=args.jobs, show_progress=cli.verbosity(args) >= 0,
-                                should_stop=should_stop, **upload_options(args))
+                result = upload(
+                    args.results_dir,
+                    args.container,
+                    connection,
+                    jobs=args.jobs,
+                    show_progress=cli.verbosity(args) >= 0,
+                    should_stop=should_stop,
+                    **upload_options(args),
+                )
             finally:
                 connection.close()
         if result.dry_run:
-            print(f"dry run: would upload {result.uploaded} objects "
-                  f"({format_bytes(result.bytes_uploaded)}), skip {result.skipped} "
-                  f"identical ({format_bytes(result.total_bytes - result.bytes_uploaded)})")
+            print(
+                f"dry run: would upload {result.uploaded} objects "
+                f"({format_bytes(result.bytes_uploaded)}), skip {result.skipped} "
+                f"identical ({format_bytes(result.total_bytes - result.bytes_uploaded)})"
+            )
         if args.private:
             print("the dataset is private: a viewer needs credentials to read it")
         print(f"{'URL' if args.private else 'public URL'}: {result.public_url}")

@@ -1,6 +1,7 @@
 """The sidecar that remembers which downloaded files were verified, so that a
 rerun over terabytes does not read every complete file again.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,7 @@ class VerifiedFiles:
 
     @staticmethod
     def _stat_key(info: os.stat_result) -> dict[str, int]:
-        return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns,
-                "inode": info.st_ino}
+        return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
 
     def known_md5(self, name: str, info: os.stat_result) -> str | None:
         """Returns the recorded MD5 of ``name`` if its file is unchanged since."""
@@ -80,7 +80,7 @@ class VerifiedFiles:
         """Closes the sidecar."""
         self._stream.close()
 
-    def __enter__(self) -> "VerifiedFiles":
+    def __enter__(self) -> VerifiedFiles:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -3,6 +3,7 @@
 The client is served from one port and the dataset, through a proxy that records
 every request, from another, so the browser enforces CORS as it would on a real site.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,15 +23,29 @@ CLIENT_TOKEN = "check"
 GZIP_MAGIC = b"\x1f\x8b"
 # Headers of the dataset server that the browser must see unchanged.
 FORWARDED_RESPONSE_HEADERS = (
-    "Content-Type", "Content-Encoding", "Content-Range", "Accept-Ranges", "ETag",
-    "Last-Modified", "Cache-Control", "Vary", "Access-Control-Allow-Origin",
-    "Access-Control-Allow-Methods", "Access-Control-Allow-Headers",
-    "Access-Control-Expose-Headers", "Access-Control-Allow-Credentials",
+    "Content-Type",
+    "Content-Encoding",
+    "Content-Range",
+    "Accept-Ranges",
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "Vary",
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Expose-Headers",
+    "Access-Control-Allow-Credentials",
     "Access-Control-Max-Age",
 )
 FORWARDED_REQUEST_HEADERS = (
-    "Origin", "Accept", "Accept-Encoding", "Range", "If-None-Match",
-    "If-Modified-Since", "Access-Control-Request-Method",
+    "Origin",
+    "Accept",
+    "Accept-Encoding",
+    "Range",
+    "If-None-Match",
+    "If-Modified-Since",
+    "Access-Control-Request-Method",
     "Access-Control-Request-Headers",
 )
 # Unsharded chunks are "<scale key>/<x0>-<x1>_<y0>-<y1>_<z0>-<z1>"; sharded ones live in
@@ -128,8 +143,9 @@ class DatasetProxy:
         with self._lock:
             self._requests.append(entry)
 
-    def forward(self, method: str, path: str, headers: dict[str, str]
-                ) -> tuple[int, dict[str, str], bytes]:
+    def forward(
+        self, method: str, path: str, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
         """Sends one request to the dataset server; returns its status, headers and raw body."""
         url = f"{self.upstream}/{path.lstrip('/')}"
         page_origin = headers.get("Origin")
@@ -137,8 +153,14 @@ class DatasetProxy:
             headers = {**headers, "Origin": self.origin}
         relative = path.lstrip("/").split("?", 1)[0]
         try:
-            response = self._session.request(method, url, headers=headers, stream=True,
-                                              timeout=self.timeout, allow_redirects=True)
+            response = self._session.request(
+                method,
+                url,
+                headers=headers,
+                stream=True,
+                timeout=self.timeout,
+                allow_redirects=True,
+            )
             try:
                 # decode_content=False keeps the stored bytes: the browser must decode them.
                 body = response.raw.read(decode_content=False)
@@ -148,20 +170,31 @@ class DatasetProxy:
             reason = f"{type(exc).__name__}: {exc}"
             self._record(ProxiedRequest(method, relative, 502, "", 0, "", False, reason))
             return 502, {"Content-Type": "text/plain"}, reason.encode()
-        kept = {name: response.headers[name] for name in FORWARDED_RESPONSE_HEADERS
-                if name in response.headers}
+        kept = {
+            name: response.headers[name]
+            for name in FORWARDED_RESPONSE_HEADERS
+            if name in response.headers
+        }
         allowed = response.headers.get("Access-Control-Allow-Origin", "")
         if self.origin and page_origin and allowed == self.origin:
             kept["Access-Control-Allow-Origin"] = page_origin  # allowed for the real site
         encoding = response.headers.get("Content-Encoding", "")
-        self._record(ProxiedRequest(
-            method=method, path=relative, status=response.status_code,
-            content_encoding=encoding, nbytes=len(body),
-            allow_origin=allowed,
-            cors_allowed=not page_origin or allowed in ("*", self.origin or page_origin),
-            gzip_body_without_header=(response.status_code in (200, 206) and not encoding
-                                      and body.startswith(GZIP_MAGIC)),
-        ))
+        self._record(
+            ProxiedRequest(
+                method=method,
+                path=relative,
+                status=response.status_code,
+                content_encoding=encoding,
+                nbytes=len(body),
+                allow_origin=allowed,
+                cors_allowed=not page_origin or allowed in ("*", self.origin or page_origin),
+                gzip_body_without_header=(
+                    response.status_code in (200, 206)
+                    and not encoding
+                    and body.startswith(GZIP_MAGIC)
+                ),
+            )
+        )
         return response.status_code, kept, body
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -171,8 +204,11 @@ class DatasetProxy:
             protocol_version = "HTTP/1.1"
 
             def _proxy(self) -> None:
-                headers = {name: self.headers[name] for name in FORWARDED_REQUEST_HEADERS
-                           if self.headers.get(name)}
+                headers = {
+                    name: self.headers[name]
+                    for name in FORWARDED_REQUEST_HEADERS
+                    if self.headers.get(name)
+                }
                 status, kept, body = proxy.forward(self.command, self.path, headers)
                 self.send_response(status)
                 for name, value in kept.items():
@@ -184,12 +220,12 @@ class DatasetProxy:
 
             do_GET = do_HEAD = do_OPTIONS = _proxy
 
-            def log_message(self, format: str, *args) -> None:  # noqa: A002
+            def log_message(self, format: str, *args) -> None:
                 pass  # requests are logged by DatasetProxy._record
 
         return Handler
 
-    def start(self) -> "DatasetProxy":
+    def start(self) -> DatasetProxy:
         """Starts serving in a daemon thread; returns self."""
         self._thread = _start(self._server, "dataset-proxy")
         return self
@@ -200,7 +236,7 @@ class DatasetProxy:
         self._server.server_close()
         self._session.close()
 
-    def __enter__(self) -> "DatasetProxy":
+    def __enter__(self) -> DatasetProxy:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -250,7 +286,7 @@ class ClientServer:
                 if not path.startswith(prefix):
                     self._send(204)  # other Python-integration endpoints: nothing to say
                     return
-                name = path[len(prefix):] or "index.html"
+                name = path[len(prefix) :] or "index.html"
                 target = (client_dir / name).resolve()
                 if client_dir not in target.parents or not target.is_file():
                     self._send(404, b"not found", "text/plain")
@@ -283,12 +319,12 @@ class ClientServer:
                 self.rfile.read(length)
                 self._send(204)
 
-            def log_message(self, format: str, *args) -> None:  # noqa: A002
+            def log_message(self, format: str, *args) -> None:
                 logger.debug("client server: " + format, *args)
 
         return Handler
 
-    def start(self) -> "ClientServer":
+    def start(self) -> ClientServer:
         """Starts serving in a daemon thread; returns self."""
         _start(self._server, "viewer-client")
         return self
@@ -299,7 +335,7 @@ class ClientServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "ClientServer":
+    def __enter__(self) -> ClientServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -5,6 +5,7 @@
 object and proxy servers and Keystone (gunicorn, sqlite, fernet tokens), and
 writes a ready settings file; ``stop`` ends only the processes it started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_PACKAGES = ["swift", "keystone", "keystonemiddleware", "gunicorn",
-                   "python-memcached"]
+SERVER_PACKAGES = ["swift", "keystone", "keystonemiddleware", "gunicorn", "python-memcached"]
 SWIFT_SERVERS = ("account", "container", "object", "proxy")
 TEST_PROJECT = "hbp-test"
 TEST_USER = "hbp-tester"
@@ -60,6 +60,7 @@ class StartError(Exception):
 
 # --------------------------------------------------------------------------
 # small helpers
+
 
 def state_dir(option: str | None) -> Path:
     """Returns the state directory: the option, else $LOCAL_SWIFT_DIR, else the repo's."""
@@ -123,8 +124,9 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def http(method: str, url: str, headers: dict | None = None,
-         body: Any = None, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+def http(
+    method: str, url: str, headers: dict | None = None, body: Any = None, timeout: float = 10.0
+) -> tuple[int, dict, bytes]:
     """Returns (status, headers, body) of one request; HTTP errors are not raised."""
     data = None
     headers = dict(headers or {})
@@ -139,29 +141,47 @@ def http(method: str, url: str, headers: dict | None = None,
         return exc.code, dict(exc.headers), exc.read()
 
 
-def keystone_token(auth_url: str, user: str, password: str, project_id: str | None = None,
-                   project_name: str | None = None) -> tuple[str, dict]:
+def keystone_token(
+    auth_url: str,
+    user: str,
+    password: str,
+    project_id: str | None = None,
+    project_name: str | None = None,
+) -> tuple[str, dict]:
     """Returns a project-scoped token and the token body, or raises StartError."""
-    project: dict = {"id": project_id} if project_id else {
-        "name": project_name, "domain": {"id": "default"}}
-    body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": user, "domain": {"id": "default"}, "password": password}}},
-        "scope": {"project": project}}}
+    project: dict = (
+        {"id": project_id} if project_id else {"name": project_name, "domain": {"id": "default"}}
+    )
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {"name": user, "domain": {"id": "default"}, "password": password}
+                },
+            },
+            "scope": {"project": project},
+        }
+    }
     status, headers, data = http("POST", auth_url + "/auth/tokens", body=body)
     if status != 201:
-        raise StartError(f"Keystone refused a token for {user}: HTTP {status} "
-                         f"{data[:200]!r}")
+        raise StartError(f"Keystone refused a token for {user}: HTTP {status} {data[:200]!r}")
     return headers["X-Subject-Token"], json.loads(data)["token"]
 
 
 # --------------------------------------------------------------------------
 # servers' virtualenv
 
+
 def python_ok(python: str) -> bool:
     """Returns True when ``python`` runs and is at least 3.11 (Keystone's minimum)."""
     try:
-        out = subprocess.run([python, "-c", "import sys; print(sys.version_info >= (3, 11))"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and out.stdout.strip() == "True"
@@ -175,14 +195,15 @@ def find_python() -> str:
         if found:
             candidates.append(found)
     pyenv_root = Path(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")))
-    candidates += sorted(map(str, pyenv_root.glob("versions/3.1[1-3]*/bin/python3")),
-                         reverse=True)
+    candidates += sorted(map(str, pyenv_root.glob("versions/3.1[1-3]*/bin/python3")), reverse=True)
     for candidate in candidates:
         if python_ok(candidate):
             return candidate
-    raise StartError("no Python >= 3.11 found (Keystone needs it): install one "
-                     "(e.g. apt-get install python3.11 or pyenv install 3.11) "
-                     "or set LOCAL_SWIFT_VENV to a virtualenv with the servers")
+    raise StartError(
+        "no Python >= 3.11 found (Keystone needs it): install one "
+        "(e.g. apt-get install python3.11 or pyenv install 3.11) "
+        "or set LOCAL_SWIFT_VENV to a virtualenv with the servers"
+    )
 
 
 def ensure_venv() -> Path:
@@ -190,15 +211,16 @@ def ensure_venv() -> Path:
     venv = venv_dir()
     python = venv / "bin" / "python"
     check = "import swift, keystone, keystonemiddleware, gunicorn, memcache"
-    if python.exists() and subprocess.run([str(python), "-c", check],
-                                          capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+    ):
         return python
     if not python.exists():
         base = find_python()
         print(f"local-swift: creating {venv} with {base}", file=sys.stderr)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    print(f"local-swift: pip install {' '.join(SERVER_PACKAGES)} into {venv}",
-          file=sys.stderr)
+    print(f"local-swift: pip install {' '.join(SERVER_PACKAGES)} into {venv}", file=sys.stderr)
     result = subprocess.run([str(python), "-m", "pip", "install", "-q"] + SERVER_PACKAGES)
     if result.returncode != 0:
         raise StartError(f"pip install of the servers into {venv} failed")
@@ -207,6 +229,7 @@ def ensure_venv() -> Path:
 
 # --------------------------------------------------------------------------
 # configuration
+
 
 def load_json(path: Path) -> dict:
     """Returns the JSON object in ``path``, or {} when it is missing or broken."""
@@ -233,10 +256,12 @@ def pick_ports(previous: dict) -> dict:
 
 def swift_conf_text(hash_prefix: str, hash_suffix: str, listing_limit: int | None) -> str:
     """Returns swift.conf: the hash path secrets and the constraints."""
-    text = (f"[swift-hash]\nswift_hash_path_prefix = {hash_prefix}\n"
-            f"swift_hash_path_suffix = {hash_suffix}\n\n"
-            "[storage-policy:0]\nname = Policy-0\ndefault = yes\n\n"
-            "[swift-constraints]\n")
+    text = (
+        f"[swift-hash]\nswift_hash_path_prefix = {hash_prefix}\n"
+        f"swift_hash_path_suffix = {hash_suffix}\n\n"
+        "[storage-policy:0]\nname = Policy-0\ndefault = yes\n\n"
+        "[swift-constraints]\n"
+    )
     if listing_limit:
         text += f"container_listing_limit = {listing_limit}\n"
     return text
@@ -249,7 +274,7 @@ bind_ip = 127.0.0.1
 bind_port = {ports[kind]}
 workers = 0
 mount_check = false
-devices = {state / 'storage'}
+devices = {state / "storage"}
 swift_dir = {conf_dir}
 log_name = {kind}-server
 log_level = INFO
@@ -267,12 +292,19 @@ use = egg:swift#{kind}
 """
 
 
-ACCESS_LOG_TEMPLATE = ("{start_time} {method} {path} {status_int} {bytes_recvd} "
-                       "{bytes_sent} {source} {transaction_id}")
+ACCESS_LOG_TEMPLATE = (
+    "{start_time} {method} {path} {status_int} {bytes_recvd} {bytes_sent} {source} {transaction_id}"
+)
 
 
-def proxy_conf_text(state: Path, ports: dict, conf_dir: Path, credentials: dict,
-                    use_memcached: bool, token_cache_time: int) -> str:
+def proxy_conf_text(
+    state: Path,
+    ports: dict,
+    conf_dir: Path,
+    credentials: dict,
+    use_memcached: bool,
+    token_cache_time: int,
+) -> str:
     """Returns the proxy server's configuration (Keystone auth, CORS, static web)."""
     keystone = f"http://127.0.0.1:{ports['keystone']}/v3"
     cache = "cache " if use_memcached else ""
@@ -280,12 +312,15 @@ def proxy_conf_text(state: Path, ports: dict, conf_dir: Path, credentials: dict,
     memcache_line = f"memcached_servers = {memcache}\n" if use_memcached else ""
     # staticweb, slo and dlo come after the auth filters, as Swift's
     # documentation asks, so their subrequests are authorised like the client's.
-    pipeline = ("catch_errors gatekeeper healthcheck proxy-logging " + cache +
-                "listing_formats bulk tempurl authtoken keystoneauth staticweb "
-                "copy slo dlo versioned_writes symlink proxy-logging proxy-server")
+    pipeline = (
+        "catch_errors gatekeeper healthcheck proxy-logging "
+        + cache
+        + "listing_formats bulk tempurl authtoken keystoneauth staticweb "
+        "copy slo dlo versioned_writes symlink proxy-logging proxy-server"
+    )
     return f"""[DEFAULT]
 bind_ip = 127.0.0.1
-bind_port = {ports['proxy']}
+bind_port = {ports["proxy"]}
 workers = 0
 swift_dir = {conf_dir}
 log_name = proxy-server
@@ -337,8 +372,8 @@ paste.filter_factory = keystonemiddleware.auth_token:filter_factory
 www_authenticate_uri = {keystone}
 auth_url = {keystone}
 auth_type = password
-username = {credentials['admin_username']}
-password = {credentials['admin_password']}
+username = {credentials["admin_username"]}
+password = {credentials["admin_password"]}
 project_name = admin
 user_domain_id = default
 project_domain_id = default
@@ -379,20 +414,20 @@ def keystone_conf_text(state: Path, token_expiration: int) -> str:
 debug = false
 
 [database]
-connection = sqlite:///{keystone / 'keystone.db'}
+connection = sqlite:///{keystone / "keystone.db"}
 
 [token]
 provider = fernet
 expiration = {token_expiration}
 
 [fernet_tokens]
-key_repository = {keystone / 'fernet-keys'}
+key_repository = {keystone / "fernet-keys"}
 
 [fernet_receipts]
-key_repository = {keystone / 'fernet-keys'}
+key_repository = {keystone / "fernet-keys"}
 
 [credential]
-key_repository = {keystone / 'credential-keys'}
+key_repository = {keystone / "credential-keys"}
 
 [cache]
 enabled = false
@@ -411,8 +446,7 @@ from keystone.wsgi.api import application  # noqa: E402,F401
 '''
 
 
-def log_handler_hook(conf, name, log_to_console, log_route, fmt, logger,
-                     adapted_logger) -> None:
+def log_handler_hook(conf, name, log_to_console, log_route, fmt, logger, adapted_logger) -> None:
     """Swift ``log_custom_handlers`` hook: access lines to the access log, others to stderr."""
     import logging
 
@@ -422,8 +456,7 @@ def log_handler_hook(conf, name, log_to_console, log_route, fmt, logger,
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.__stderr__)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s " + fmt))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + fmt))
     for old in list(logger.handlers):
         if getattr(old, "_local_swift", False):
             logger.removeHandler(old)
@@ -437,8 +470,17 @@ def build_rings(conf_dir: Path, ports: dict, part_power: int = 8) -> None:
 
     for kind in ("account", "container", "object"):
         builder = RingBuilder(part_power, 1, 1)
-        builder.add_dev({"id": 0, "region": 1, "zone": 1, "ip": "127.0.0.1",
-                         "port": ports[kind], "device": "d1", "weight": 100.0})
+        builder.add_dev(
+            {
+                "id": 0,
+                "region": 1,
+                "zone": 1,
+                "ip": "127.0.0.1",
+                "port": ports[kind],
+                "device": "d1",
+                "weight": 100.0,
+            }
+        )
         builder.rebalance()
         ring = builder.get_ring()
         tmp = conf_dir / f"{kind}.ring.gz.tmp"
@@ -449,12 +491,19 @@ def build_rings(conf_dir: Path, ports: dict, part_power: int = 8) -> None:
 # --------------------------------------------------------------------------
 # processes
 
+
 def spawn(state: Path, name: str, argv: list, env: dict | None = None) -> int:
     """Starts one server in its own session with its output in logs/NAME.log; returns its pid."""
     log = open(state / "logs" / f"{name}.log", "ab")
     process = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})}, start_new_session=True, cwd=str(state))
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        cwd=str(state),
+    )
     log.close()
     return process.pid
 
@@ -495,19 +544,23 @@ def wait_for(what: str, check, logs: list, timeout: float = START_TIMEOUT) -> An
         except (OSError, StartError, ValueError) as exc:
             last_error = f" ({exc})"
         time.sleep(0.2)
-    raise StartError(f"{what} did not come up within {timeout:.0f} s{last_error}; "
-                     f"see {', '.join(map(str, logs))}")
+    raise StartError(
+        f"{what} did not come up within {timeout:.0f} s{last_error}; "
+        f"see {', '.join(map(str, logs))}"
+    )
 
 
 def healthy(env: dict) -> bool:
     """Returns True when the proxy answers /healthcheck and Keystone issues a token."""
     try:
-        status, _, body = http("GET", f"http://127.0.0.1:{env['proxy_port']}/healthcheck",
-                               timeout=3)
+        status, _, body = http(
+            "GET", f"http://127.0.0.1:{env['proxy_port']}/healthcheck", timeout=3
+        )
         if status != 200 or body != b"OK":
             return False
-        token, _ = keystone_token(env["auth_url"], env["username"], env["password"],
-                                  project_id=env["project_id"])
+        token, _ = keystone_token(
+            env["auth_url"], env["username"], env["password"], project_id=env["project_id"]
+        )
         status, _, _ = http("HEAD", env["storage_url"], {"X-Auth-Token": token}, timeout=5)
         return status in (200, 204)
     except (OSError, StartError, KeyError, ValueError):
@@ -517,11 +570,16 @@ def healthy(env: dict) -> bool:
 # --------------------------------------------------------------------------
 # Keystone
 
+
 def keystone_manage(python: Path, state: Path, conf: Path, *args: str) -> None:
     """Runs one keystone-manage command, or raises StartError with its output."""
     manage = python.parent / "keystone-manage"
-    result = subprocess.run([str(manage), "--config-file", str(conf)] + list(args),
-                            capture_output=True, text=True, cwd=str(state))
+    result = subprocess.run(
+        [str(manage), "--config-file", str(conf)] + list(args),
+        capture_output=True,
+        text=True,
+        cwd=str(state),
+    )
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
         raise StartError(f"keystone-manage {args[0]} failed: {' '.join(tail)}")
@@ -531,7 +589,9 @@ def keystone_version(python: Path) -> str:
     """Returns the installed Keystone version (the seed cache is per version)."""
     result = subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('keystone'))"],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     # The suffix changes whenever the seeded database's content changes.
     return (result.stdout.strip() or "unknown") + "-seed2"
 
@@ -574,20 +634,34 @@ def prepare_keystone(python: Path, state: Path, conf: Path) -> dict:
     }
     import grp
     import pwd
+
     user = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     keystone_manage(python, state, conf, "db_sync")
-    keystone_manage(python, state, conf, "fernet_setup", "--keystone-user", user,
-                    "--keystone-group", group)
-    keystone_manage(python, state, conf, "credential_setup", "--keystone-user", user,
-                    "--keystone-group", group)
-    keystone_manage(python, state, conf, "bootstrap",
-                    "--bootstrap-password", credentials["admin_password"],
-                    "--bootstrap-username", "admin",
-                    "--bootstrap-project-name", "admin",
-                    "--bootstrap-role-name", "admin",
-                    "--bootstrap-region-id", REGION,
-                    "--bootstrap-public-url", "http://127.0.0.1:5000/v3")
+    keystone_manage(
+        python, state, conf, "fernet_setup", "--keystone-user", user, "--keystone-group", group
+    )
+    keystone_manage(
+        python, state, conf, "credential_setup", "--keystone-user", user, "--keystone-group", group
+    )
+    keystone_manage(
+        python,
+        state,
+        conf,
+        "bootstrap",
+        "--bootstrap-password",
+        credentials["admin_password"],
+        "--bootstrap-username",
+        "admin",
+        "--bootstrap-project-name",
+        "admin",
+        "--bootstrap-role-name",
+        "admin",
+        "--bootstrap-region-id",
+        REGION,
+        "--bootstrap-public-url",
+        "http://127.0.0.1:5000/v3",
+    )
     write_private(credentials_file, json.dumps(credentials, indent=2))
     return credentials
 
@@ -599,8 +673,7 @@ def find_or_create(admin: dict, kind: str, query: str, body: dict) -> str:
     if items:
         return items[0]["id"]
     singular = kind[:-1]
-    status, _, data = http("POST", f"{admin['url']}/{kind}", admin["headers"],
-                           {singular: body})
+    status, _, data = http("POST", f"{admin['url']}/{kind}", admin["headers"], {singular: body})
     if status != 201:
         raise StartError(f"Keystone: creating {singular} failed: HTTP {status} {data[:200]!r}")
     return json.loads(data)[singular]["id"]
@@ -608,48 +681,85 @@ def find_or_create(admin: dict, kind: str, query: str, body: dict) -> str:
 
 def setup_keystone(auth_url: str, credentials: dict, proxy_port: int) -> dict:
     """Creates the test project and user once, points the catalog at today's ports."""
-    token, _ = keystone_token(auth_url, credentials["admin_username"],
-                              credentials["admin_password"], project_name="admin")
+    token, _ = keystone_token(
+        auth_url, credentials["admin_username"], credentials["admin_password"], project_name="admin"
+    )
     admin = {"url": auth_url, "headers": {"X-Auth-Token": token}}
     if credentials.get("needs_setup"):
-        project_id = find_or_create(admin, "projects", f"name={TEST_PROJECT}", {
-            "name": TEST_PROJECT, "domain_id": "default",
-            "description": "hbp-image-tasks tests"})
-        user_id = find_or_create(admin, "users", f"name={TEST_USER}", {
-            "name": TEST_USER, "domain_id": "default", "password": credentials["password"],
-            "default_project_id": project_id})
+        project_id = find_or_create(
+            admin,
+            "projects",
+            f"name={TEST_PROJECT}",
+            {"name": TEST_PROJECT, "domain_id": "default", "description": "hbp-image-tasks tests"},
+        )
+        user_id = find_or_create(
+            admin,
+            "users",
+            f"name={TEST_USER}",
+            {
+                "name": TEST_USER,
+                "domain_id": "default",
+                "password": credentials["password"],
+                "default_project_id": project_id,
+            },
+        )
         for role in ("member", "swiftoperator"):
             role_id = find_or_create(admin, "roles", f"name={role}", {"name": role})
-            status, _, _ = http("PUT", f"{auth_url}/projects/{project_id}/users/"
-                                f"{user_id}/roles/{role_id}", admin["headers"])
+            status, _, _ = http(
+                "PUT",
+                f"{auth_url}/projects/{project_id}/users/{user_id}/roles/{role_id}",
+                admin["headers"],
+            )
             if status not in (200, 204):
                 raise StartError(f"Keystone: assigning role {role} failed: HTTP {status}")
         credentials = {k: v for k, v in credentials.items() if k != "needs_setup"}
         credentials["project_id"] = project_id
     # The catalog holds ports, which may change between starts.
-    urls = {"identity": auth_url,
-            "object-store": f"http://127.0.0.1:{proxy_port}/v1/AUTH_%(project_id)s"}
+    urls = {
+        "identity": auth_url,
+        "object-store": f"http://127.0.0.1:{proxy_port}/v1/AUTH_%(project_id)s",
+    }
     for service_type, url in urls.items():
-        service_id = find_or_create(admin, "services", f"type={service_type}", {
-            "type": service_type, "name": {"identity": "keystone"}.get(service_type, "swift")})
-        status, _, data = http("GET", f"{auth_url}/endpoints?service_id={service_id}",
-                               admin["headers"])
+        service_id = find_or_create(
+            admin,
+            "services",
+            f"type={service_type}",
+            {"type": service_type, "name": {"identity": "keystone"}.get(service_type, "swift")},
+        )
+        status, _, data = http(
+            "GET", f"{auth_url}/endpoints?service_id={service_id}", admin["headers"]
+        )
         endpoints = json.loads(data)["endpoints"]
         if not any(e["interface"] == "public" for e in endpoints):
-            http("POST", f"{auth_url}/endpoints", admin["headers"], {"endpoint": {
-                "service_id": service_id, "interface": "public", "url": url,
-                "region_id": REGION}})
+            http(
+                "POST",
+                f"{auth_url}/endpoints",
+                admin["headers"],
+                {
+                    "endpoint": {
+                        "service_id": service_id,
+                        "interface": "public",
+                        "url": url,
+                        "region_id": REGION,
+                    }
+                },
+            )
         for endpoint in endpoints:
             if endpoint["interface"] != "public":
                 http("DELETE", f"{auth_url}/endpoints/{endpoint['id']}", admin["headers"])
             elif endpoint["url"] != url:
-                http("PATCH", f"{auth_url}/endpoints/{endpoint['id']}", admin["headers"],
-                     {"endpoint": {"url": url}})
+                http(
+                    "PATCH",
+                    f"{auth_url}/endpoints/{endpoint['id']}",
+                    admin["headers"],
+                    {"endpoint": {"url": url}},
+                )
     return credentials
 
 
 # --------------------------------------------------------------------------
 # commands
+
 
 def current_env(state: Path) -> dict:
     """Returns the recorded env of a started instance ({} when none)."""
@@ -665,8 +775,11 @@ def all_alive(env: dict) -> bool:
 def start(state: Path, args: argparse.Namespace) -> dict:
     """Starts everything (or finds it running and healthy); returns the env."""
     env = current_env(state)
-    wanted = {"listing_limit": args.listing_limit, "token_expiration": args.token_expiration,
-              "token_cache_time": args.token_cache_time}
+    wanted = {
+        "listing_limit": args.listing_limit,
+        "token_expiration": args.token_expiration,
+        "token_cache_time": args.token_cache_time,
+    }
     if env and all_alive(env) and healthy(env):
         if all(env.get(k) == v for k, v in wanted.items()):
             return env
@@ -675,8 +788,10 @@ def start(state: Path, args: argparse.Namespace) -> dict:
         stop(state)
 
     python = ensure_venv()
-    if Path(sys.executable).resolve() != python.resolve() or \
-            os.environ.get("_LOCAL_SWIFT_IN_VENV") != "1":
+    if (
+        Path(sys.executable).resolve() != python.resolve()
+        or os.environ.get("_LOCAL_SWIFT_IN_VENV") != "1"
+    ):
         # The rest imports swift: continue in the servers' interpreter.
         argv = [str(python), str(Path(__file__).resolve())] + sys.argv[1:]
         os.environ["_LOCAL_SWIFT_IN_VENV"] = "1"
@@ -693,10 +808,14 @@ def start(state: Path, args: argparse.Namespace) -> dict:
     write_private(state / "ports.json", json.dumps(ports))
 
     secrets = load_json(conf_dir / "hash.json") or {
-        "prefix": os.urandom(8).hex(), "suffix": os.urandom(8).hex()}
+        "prefix": os.urandom(8).hex(),
+        "suffix": os.urandom(8).hex(),
+    }
     write_private(conf_dir / "hash.json", json.dumps(secrets))
-    write_private(conf_dir / "swift.conf", swift_conf_text(
-        secrets["prefix"], secrets["suffix"], args.listing_limit))
+    write_private(
+        conf_dir / "swift.conf",
+        swift_conf_text(secrets["prefix"], secrets["suffix"], args.listing_limit),
+    )
     build_rings(conf_dir, ports)
 
     keystone_conf = conf_dir / "keystone.conf"
@@ -708,40 +827,78 @@ def start(state: Path, args: argparse.Namespace) -> dict:
     try:
         memcached = shutil.which("memcached")
         if memcached:
-            argv = [memcached, "-l", "127.0.0.1", "-p", str(ports["memcached"]), "-U", "0",
-                    "-m", "64"]
+            argv = [
+                memcached,
+                "-l",
+                "127.0.0.1",
+                "-p",
+                str(ports["memcached"]),
+                "-U",
+                "0",
+                "-m",
+                "64",
+            ]
             if os.geteuid() == 0:
                 argv += ["-u", "root"]
             pids["memcached"] = spawn(state, "memcached", argv)
         else:
-            print("local-swift: memcached not found: running without the cache "
-                  "middleware (apt-get install memcached for a closer match to "
-                  "production)", file=sys.stderr)
+            print(
+                "local-swift: memcached not found: running without the cache "
+                "middleware (apt-get install memcached for a closer match to "
+                "production)",
+                file=sys.stderr,
+            )
         write_private(state / "env.json", json.dumps(record))
 
         credentials = prepare_keystone(python, state, keystone_conf)
         auth_url = f"http://127.0.0.1:{ports['keystone']}/v3"
-        pids["keystone"] = spawn(state, "keystone", [
-            str(python.parent / "gunicorn"), "--bind", f"127.0.0.1:{ports['keystone']}",
-            "--workers", "2", "--timeout", "60", "--chdir", str(conf_dir),
-            "--pythonpath", str(conf_dir), "keystone_wsgi:application"],
-            {"OS_KEYSTONE_CONFIG_FILES": str(keystone_conf)})
+        pids["keystone"] = spawn(
+            state,
+            "keystone",
+            [
+                str(python.parent / "gunicorn"),
+                "--bind",
+                f"127.0.0.1:{ports['keystone']}",
+                "--workers",
+                "2",
+                "--timeout",
+                "60",
+                "--chdir",
+                str(conf_dir),
+                "--pythonpath",
+                str(conf_dir),
+                "keystone_wsgi:application",
+            ],
+            {"OS_KEYSTONE_CONFIG_FILES": str(keystone_conf)},
+        )
         write_private(state / "env.json", json.dumps(record))
 
         for kind in ("account", "container", "object"):
             conf = conf_dir / f"{kind}-server.conf"
             conf.write_text(server_conf_text(kind, state, ports, conf_dir))
-            pids[kind] = spawn(state, kind, [str(python), str(Path(__file__).resolve()),
-                                             "_serve", str(conf), f"{kind}-server"],
-                               {"PYTHONPATH": str(Path(__file__).resolve().parent)})
+            pids[kind] = spawn(
+                state,
+                kind,
+                [str(python), str(Path(__file__).resolve()), "_serve", str(conf), f"{kind}-server"],
+                {"PYTHONPATH": str(Path(__file__).resolve().parent)},
+            )
         proxy_log = state / "logs" / "proxy-access.log"
         proxy_conf = conf_dir / "proxy-server.conf"
-        write_private(proxy_conf, proxy_conf_text(
-            state, ports, conf_dir, credentials, bool(memcached), args.token_cache_time))
-        pids["proxy"] = spawn(state, "proxy", [str(python), str(Path(__file__).resolve()),
-                                               "_serve", str(proxy_conf), "proxy-server"],
-                              {"PYTHONPATH": str(Path(__file__).resolve().parent),
-                               "LOCAL_SWIFT_ACCESS_LOG": str(proxy_log)})
+        write_private(
+            proxy_conf,
+            proxy_conf_text(
+                state, ports, conf_dir, credentials, bool(memcached), args.token_cache_time
+            ),
+        )
+        pids["proxy"] = spawn(
+            state,
+            "proxy",
+            [str(python), str(Path(__file__).resolve()), "_serve", str(proxy_conf), "proxy-server"],
+            {
+                "PYTHONPATH": str(Path(__file__).resolve().parent),
+                "LOCAL_SWIFT_ACCESS_LOG": str(proxy_log),
+            },
+        )
         write_private(state / "env.json", json.dumps(record))
 
         logs = [state / "logs" / "keystone.log"]
@@ -760,8 +917,10 @@ def start(state: Path, args: argparse.Namespace) -> dict:
                 copy_sqlite(state / "keystone" / "keystone.db", seed / "keystone.db")
                 write_private(seed / "credentials.json", json.dumps(credentials))
             except OSError as exc:  # only a cache: the next cold start is slower
-                print(f"local-swift: cannot cache Keystone's database in {seed}: {exc}",
-                      file=sys.stderr)
+                print(
+                    f"local-swift: cannot cache Keystone's database in {seed}: {exc}",
+                    file=sys.stderr,
+                )
 
         project_id = credentials["project_id"]
         env = {
@@ -789,19 +948,28 @@ def start(state: Path, args: argparse.Namespace) -> dict:
             "state_dir": str(state),
             "pids": pids,
         }
-        write_private(state / "os_settings.json", json.dumps({
-            "auth_version": "3",
-            "os_username": env["username"],
-            "os_password": env["password"],
-            "os_project_id": project_id,
-            "os_auth_url": auth_url,
-            "os_storage_url": env["storage_url"],
-            "os_user_domain_name": "Default",
-            "os_project_domain_name": "Default",
-        }, indent=4) + "\n")
+        write_private(
+            state / "os_settings.json",
+            json.dumps(
+                {
+                    "auth_version": "3",
+                    "os_username": env["username"],
+                    "os_password": env["password"],
+                    "os_project_id": project_id,
+                    "os_auth_url": auth_url,
+                    "os_storage_url": env["storage_url"],
+                    "os_user_domain_name": "Default",
+                    "os_project_domain_name": "Default",
+                },
+                indent=4,
+            )
+            + "\n",
+        )
         write_private(state / "env.json", json.dumps(env, indent=2))
-        logs = [state / "logs" / f"{n}.log" for n in ("proxy", "account", "container",
-                                                       "object", "keystone")]
+        logs = [
+            state / "logs" / f"{n}.log"
+            for n in ("proxy", "account", "container", "object", "keystone")
+        ]
         wait_for("Swift proxy", lambda: healthy(env), logs)
         for name, pid in pids.items():
             if not pid_alive(pid):
@@ -853,24 +1021,47 @@ def serve(conf: str, server: str) -> int:
 def parse_command_line(argv: list | None) -> argparse.Namespace:
     """Returns the parsed command line."""
     parser = argparse.ArgumentParser(
-        prog="local-swift", description=__doc__, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["start", "stop", "status", "env", "_serve"],
-                        help="start: start (idempotent) and print the env JSON; stop: "
-                             "stop what start started; status: exit 0 when running and "
-                             "healthy; env: print the env JSON")
+        prog="local-swift",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        choices=["start", "stop", "status", "env", "_serve"],
+        help="start: start (idempotent) and print the env JSON; stop: "
+        "stop what start started; status: exit 0 when running and "
+        "healthy; env: print the env JSON",
+    )
     parser.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--dir", default=None,
-                        help="state directory (default: $LOCAL_SWIFT_DIR or "
-                             "<repo>/.local-swift)")
-    parser.add_argument("--listing-limit", type=int, default=None, metavar="N",
-                        help="container listings return at most N names per request "
-                             "(Swift's default: 10000), e.g. 100 to test pagination")
-    parser.add_argument("--token-expiration", type=int, default=3600, metavar="SECONDS",
-                        help="lifetime of Keystone tokens, e.g. 60 to see them expire")
-    parser.add_argument("--token-cache-time", type=int, default=300, metavar="SECONDS",
-                        help="how long the proxy trusts a validated token before asking "
-                             "Keystone again (a revoked token works until then)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="state directory (default: $LOCAL_SWIFT_DIR or <repo>/.local-swift)",
+    )
+    parser.add_argument(
+        "--listing-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="container listings return at most N names per request "
+        "(Swift's default: 10000), e.g. 100 to test pagination",
+    )
+    parser.add_argument(
+        "--token-expiration",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="lifetime of Keystone tokens, e.g. 60 to see them expire",
+    )
+    parser.add_argument(
+        "--token-cache-time",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="how long the proxy trusts a validated token before asking "
+        "Keystone again (a revoked token works until then)",
+    )
     return parser.parse_args(argv)
 
 
@@ -895,20 +1086,23 @@ def main(argv: list | None = None) -> int:
             return 0
         if args.command == "stop":
             if not stop(state):
-                print(f"local-swift: nothing recorded as running in {state}",
-                      file=sys.stderr)
+                print(f"local-swift: nothing recorded as running in {state}", file=sys.stderr)
             return 0
         env = current_env(state)
         if args.command == "status":
             if env and all_alive(env) and healthy(env):
-                print(f"local-swift: running (proxy {env['proxy_port']}, keystone "
-                      f"{env['keystone_port']}, state {state})")
+                print(
+                    f"local-swift: running (proxy {env['proxy_port']}, keystone "
+                    f"{env['keystone_port']}, state {state})"
+                )
                 return 0
             print(f"local-swift: not running (state {state})")
             return 1
         if not env.get("storage_url"):
-            print(f"local-swift: not running (state {state}); run: scripts/local-swift "
-                  f"start", file=sys.stderr)
+            print(
+                f"local-swift: not running (state {state}); run: scripts/local-swift start",
+                file=sys.stderr,
+            )
             return 1
         print(json.dumps(env, indent=2))
         return 0

@@ -3,6 +3,7 @@
 The fixtures talk to Swift with python-swiftclient directly, never through
 ``hbp_image_tasks.swift``, so the tests of that module stay independent of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,9 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable
 from urllib.parse import quote, unquote
 
 import pytest
@@ -53,7 +55,7 @@ class LocalSwift:
     env: dict
 
     @classmethod
-    def from_env(cls, env: dict) -> "LocalSwift":
+    def from_env(cls, env: dict) -> LocalSwift:
         """Builds it from the env JSON."""
         names = {f.name for f in dataclasses.fields(cls)} - {"env"}
         values = {name: env.get(name) for name in names}
@@ -66,26 +68,42 @@ class LocalSwift:
         from keystoneauth1 import session
         from keystoneauth1.identity import v3
 
-        auth = v3.Password(auth_url=self.auth_url, username=self.username,
-                           password=password or self.password,
-                           project_id=self.project_id, user_domain_name="Default")
+        auth = v3.Password(
+            auth_url=self.auth_url,
+            username=self.username,
+            password=password or self.password,
+            project_id=self.project_id,
+            user_domain_name="Default",
+        )
         return session.Session(auth=auth)
 
     def connection(self):
         """Returns a python-swiftclient connection of the test user."""
         import swiftclient
 
-        return swiftclient.Connection(session=self.keystone_session(), retries=2,
-                                      starting_backoff=0.1)
+        return swiftclient.Connection(
+            session=self.keystone_session(), retries=2, starting_backoff=0.1
+        )
 
     def admin_token(self) -> str:
         """Returns a token of Keystone's admin."""
         import requests
 
-        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": self.admin_username, "domain": {"id": "default"},
-            "password": self.admin_password}}},
-            "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}}
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": self.admin_username,
+                            "domain": {"id": "default"},
+                            "password": self.admin_password,
+                        }
+                    },
+                },
+                "scope": {"project": {"name": "admin", "domain": {"id": "default"}}},
+            }
+        }
         response = requests.post(self.auth_url + "/auth/tokens", json=body, timeout=30)
         response.raise_for_status()
         return response.headers["X-Subject-Token"]
@@ -94,12 +112,20 @@ class LocalSwift:
         """Revokes ``token`` in Keystone (the proxy notices after ``token_cache_time``)."""
         import requests
 
-        response = requests.delete(self.auth_url + "/auth/tokens", timeout=30, headers={
-            "X-Auth-Token": self.admin_token(), "X-Subject-Token": token})
+        response = requests.delete(
+            self.auth_url + "/auth/tokens",
+            timeout=30,
+            headers={"X-Auth-Token": self.admin_token(), "X-Subject-Token": token},
+        )
         assert response.status_code == 204, response.text
 
-    def create_container(self, name: str, objects: Mapping[str, bytes] | None = None,
-                         public: bool = True, cors_origin: str | None = "*") -> str:
+    def create_container(
+        self,
+        name: str,
+        objects: Mapping[str, bytes] | None = None,
+        public: bool = True,
+        cors_origin: str | None = "*",
+    ) -> str:
         """Creates container ``name`` (public, with CORS) holding ``objects``; returns its URL.
 
         For containers shared by several tests (module-scoped fixtures); the
@@ -132,8 +158,9 @@ class LocalSwift:
                 assert sock.recv(64).startswith(b"OK")
         deadline = time.time() + timeout
         while time.time() < deadline:
-            status = requests.head(self.storage_url, headers={"X-Auth-Token": token},
-                                   timeout=30).status_code
+            status = requests.head(
+                self.storage_url, headers={"X-Auth-Token": token}, timeout=30
+            ).status_code
             if status == 401:
                 return
             time.sleep(0.25)
@@ -142,8 +169,9 @@ class LocalSwift:
 
 def run_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """Runs scripts/local_swift.py with this interpreter; returns the finished process."""
-    return subprocess.run([sys.executable, str(SCRIPT)] + list(args), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT)] + list(args), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _last_line(text: str) -> str:
@@ -160,16 +188,25 @@ def local_swift() -> Iterator[LocalSwift]:
     Skips when they cannot start, but fails when CI=true.
     """
     state = os.environ.get("LOCAL_SWIFT_TEST_DIR") or str(REPO / ".local-swift" / "tests")
-    options = ["--dir", state, "--listing-limit", str(TEST_LISTING_LIMIT),
-               "--token-cache-time", str(TEST_TOKEN_CACHE_TIME)]
+    options = [
+        "--dir",
+        state,
+        "--listing-limit",
+        str(TEST_LISTING_LIMIT),
+        "--token-cache-time",
+        str(TEST_TOKEN_CACHE_TIME),
+    ]
     was_running = run_script("status", "--dir", state, timeout=60).returncode == 0
     try:
         started = run_script("start", *options)
     except subprocess.TimeoutExpired:
         started = None
     if started is None or started.returncode != 0:
-        reason = ("scripts/local-swift start timed out" if started is None else
-                  f"scripts/local-swift start failed: {_last_line(started.stderr)}")
+        reason = (
+            "scripts/local-swift start timed out"
+            if started is None
+            else f"scripts/local-swift start failed: {_last_line(started.stderr)}"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -206,10 +243,11 @@ def bulk_delete(connection, container: str) -> None:
     names = [f"/{quote(container)}/{quote(o['name'])}" for o in objects]
     names.append(f"/{quote(container)}")
     for start in range(0, len(names), 1000):
-        connection.post_account(headers={"Content-Type": "text/plain",
-                                         "Accept": "application/json"},
-                                data="\n".join(names[start:start + 1000]),
-                                query_string="bulk-delete")
+        connection.post_account(
+            headers={"Content-Type": "text/plain", "Accept": "application/json"},
+            data="\n".join(names[start : start + 1000]),
+            query_string="bulk-delete",
+        )
 
 
 @pytest.fixture
@@ -246,9 +284,12 @@ def put_objects(connection, container: str, objects: Mapping[str, bytes]) -> Non
     import requests
 
     url, token = connection.get_auth()
-    response = requests.put(f"{url}/{quote(container)}?extract-archive=tar",
-                            data=buffer.getvalue(), timeout=120, headers={
-                                "X-Auth-Token": token, "Accept": "application/json"})
+    response = requests.put(
+        f"{url}/{quote(container)}?extract-archive=tar",
+        data=buffer.getvalue(),
+        timeout=120,
+        headers={"X-Auth-Token": token, "Accept": "application/json"},
+    )
     result = response.json()
     assert response.status_code == 200 and not result.get("Errors"), result
     assert result["Number Files Created"] == len(objects), result
@@ -263,18 +304,21 @@ class Container:
 
 
 @pytest.fixture
-def make_container(local_swift: LocalSwift, unique_container
-                   ) -> Callable[..., Container]:
+def make_container(local_swift: LocalSwift, unique_container) -> Callable[..., Container]:
     """Returns a factory: ``make_container(objects=None, public=True, cors_origin="*")``.
 
     The container gets ``X-Container-Read: .r:*,.rlistings`` when public and
     ``X-Container-Meta-Access-Control-Allow-Origin`` when ``cors_origin`` is set.
     """
-    def make(objects: Mapping[str, bytes] | None = None, public: bool = True,
-             cors_origin: str | None = "*", suffix: str = "") -> Container:
+
+    def make(
+        objects: Mapping[str, bytes] | None = None,
+        public: bool = True,
+        cors_origin: str | None = "*",
+        suffix: str = "",
+    ) -> Container:
         name = unique_container(suffix)
-        return Container(name, local_swift.create_container(name, objects, public,
-                                                            cors_origin))
+        return Container(name, local_swift.create_container(name, objects, public, cors_origin))
 
     return make
 
@@ -294,7 +338,7 @@ class LogEntry:
     transaction_id: str
 
     @classmethod
-    def parse(cls, line: str) -> "LogEntry":
+    def parse(cls, line: str) -> LogEntry:
         """Parses one line written with the template in ``local-swift env``."""
         fields = line.split()
         # The log quotes the request's wire path once more: undo that, then
@@ -305,8 +349,17 @@ class LogEntry:
         def number(text: str) -> int:
             return 0 if text == "-" else int(text)
 
-        return cls(float(fields[0]), fields[1], path, query, int(fields[3]),
-                   number(fields[4]), number(fields[5]), fields[6], fields[7])
+        return cls(
+            float(fields[0]),
+            fields[1],
+            path,
+            query,
+            int(fields[3]),
+            number(fields[4]),
+            number(fields[5]),
+            fields[6],
+            fields[7],
+        )
 
 
 class ProxyLog:
@@ -335,18 +388,22 @@ class ProxyLog:
             size = self._size()
             time.sleep(0.1)
 
-    def entries(self, method: str | None = None, path_prefix: str = "",
-                clients_only: bool = True) -> list[LogEntry]:
+    def entries(
+        self, method: str | None = None, path_prefix: str = "", clients_only: bool = True
+    ) -> list[LogEntry]:
         """Returns the requests since the mark, filtered by method and path prefix."""
         self._settle()
         with open(self.path, "rb") as handle:
             handle.seek(self.start)
             lines = handle.read().decode("utf-8", "replace").splitlines()
         entries = [LogEntry.parse(line) for line in lines if line.strip()]
-        return [e for e in entries
-                if (method is None or e.method == method)
-                and e.path.startswith(path_prefix)
-                and (not clients_only or e.source == "-")]
+        return [
+            e
+            for e in entries
+            if (method is None or e.method == method)
+            and e.path.startswith(path_prefix)
+            and (not clients_only or e.source == "-")
+        ]
 
     def count(self, method: str | None = None, path_prefix: str = "") -> int:
         """Returns how many client requests match since the mark."""

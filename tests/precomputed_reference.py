@@ -3,6 +3,7 @@
 Datasets are read with neuroglancer-scripts (a local path or an http URL) and
 lower scales are recomputed with plain numpy.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,18 @@ from neuroglancer_scripts import precomputed_io
 def read_scale(destination: Path | str, index: int) -> np.ndarray:
     """Returns one scale of a dataset decoded into a (C, Z, Y, X) array."""
     io = precomputed_io.get_IO_for_existing_dataset(
-        ngs_accessor.get_accessor_for_url(str(destination)))
+        ngs_accessor.get_accessor_for_url(str(destination))
+    )
     scale = io.info["scales"][index]
     (sx, sy, sz), (cx, cy, cz) = scale["size"], scale["chunk_sizes"][0]
-    out = np.zeros((io.info["num_channels"], sz, sy, sx),
-                   dtype=np.dtype(io.info["data_type"]))
+    out = np.zeros((io.info["num_channels"], sz, sy, sx), dtype=np.dtype(io.info["data_type"]))
     for z in range(0, sz, cz):
         for y in range(0, sy, cy):
             for x in range(0, sx, cx):
                 coords = (x, min(x + cx, sx), y, min(y + cy, sy), z, min(z + cz, sz))
-                out[:, coords[4]:coords[5], coords[2]:coords[3], coords[0]:coords[1]] = \
+                out[:, coords[4] : coords[5], coords[2] : coords[3], coords[0] : coords[1]] = (
                     io.read_chunk(scale["key"], coords)
+                )
     return out
 
 
@@ -51,7 +53,7 @@ def reference_downscale(volume: np.ndarray, factors: tuple, method: str) -> np.n
     out = np.empty((c, -(-z // fz), -(-y // fy), -(-x // fx)), volume.dtype)
     for index in np.ndindex(*out.shape):
         t, k, j, i = index
-        block = volume[t, k * fz:(k + 1) * fz, j * fy:(j + 1) * fy, i * fx:(i + 1) * fx]
+        block = volume[t, k * fz : (k + 1) * fz, j * fy : (j + 1) * fy, i * fx : (i + 1) * fx]
         values, counts = np.unique(block, return_counts=True)
         out[index] = values[np.argmax(counts)]  # ties: the smallest label
     return out
@@ -69,6 +71,7 @@ def assert_pyramid(location: Path | str, expected0: np.ndarray, method: str) -> 
     for index in range(len(info["scales"])):
         if index:
             expected = reference_downscale(expected, factors_between(info, index), method)
-        np.testing.assert_array_equal(read_scale(location, index), expected,
-                                      err_msg=f"scale {index}")
+        np.testing.assert_array_equal(
+            read_scale(location, index), expected, err_msg=f"scale {index}"
+        )
     return info

@@ -1,4 +1,5 @@
 """The conversion benchmark runs end to end on a tiny stack and checks its own voxels."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,36 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_conve
 
 def test_convert_benchmark_compares_both_tools_at_each_job_count(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--size", "128", "--sections", "8",
-         "--kinds", "brain", "--formats", "png8", "tiff16", "--jobs", "1", "2",
-         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(BENCHMARK),
+            "--size",
+            "128",
+            "--sections",
+            "8",
+            "--kinds",
+            "brain",
+            "--formats",
+            "png8",
+            "tiff16",
+            "--jobs",
+            "1",
+            "2",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("(identical voxels)") == 4  # 2 inputs x 2 job counts
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [row["input"] for row in rows] == ["brain-png8-128x8", "brain-tiff16-128x8"]
     for row in rows:
         assert {tool: row[tool]["jobs"] for tool in ("ours/j1", "ours/j2")} == {
-            "ours/j1": 1, "ours/j2": 2}
+            "ours/j1": 1,
+            "ours/j2": 2,
+        }
         assert row["plain"]["bytes"] > 0 and row["ours/j2"]["bytes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

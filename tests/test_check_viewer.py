@@ -4,6 +4,7 @@ The browser tests (marker ``browser``) skip when Chromium, Playwright or the
 Neuroglancer client is missing, except under CI=true where they must run.
 Screenshots of every rendered dataset land in test-artifacts/viewer/.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,7 @@ from PIL import Image
 from hbp_image_tasks import check_viewer as cv
 from hbp_image_tasks import errors
 from hbp_image_tasks.viewer_server import CHUNK_NAME as CHUNK_PATH
-from hbp_image_tasks.viewer_server import (CLIENT_TOKEN, ClientServer, DatasetProxy,
-                                           ProxiedRequest)
+from hbp_image_tasks.viewer_server import CLIENT_TOKEN, ClientServer, DatasetProxy, ProxiedRequest
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
 ANATOMICAL = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
@@ -55,8 +55,11 @@ def make_volumes() -> dict[str, tuple[np.ndarray, float, list[str]]]:
     return {
         "image": (mri, 0.5, []),
         "rgb": (rgb, 0.25, []),
-        "segmentation": (labels, 0.25, ["--type", "segmentation",
-                                        "--encoding", "compressed_segmentation"]),
+        "segmentation": (
+            labels,
+            0.25,
+            ["--type", "segmentation", "--encoding", "compressed_segmentation"],
+        ),
     }
 
 
@@ -67,7 +70,8 @@ def convert(volume: np.ndarray, voxel_mm: float, options: list[str], dest: Path)
     nifti = dest.with_suffix(".nii")
     nibabel.save(nibabel.Nifti1Image(volume, np.diag([voxel_mm] * 3 + [1])), str(nifti))
     code = volume_to_precomputed_pyramid.main(
-        ["volume-to-precomputed-pyramid", "--flat", *options, str(nifti), str(dest)])
+        ["volume-to-precomputed-pyramid", "--flat", *options, str(nifti), str(dest)]
+    )
     assert code in (0, None)
     nifti.unlink()
 
@@ -157,10 +161,12 @@ def saturated_share(png_path: Path) -> float:
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("name, layer_type", [
-    ("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")])
-def test_converted_dataset_renders_in_neuroglancer(browser, dataset_server, datasets,
-                                                   name, layer_type):
+@pytest.mark.parametrize(
+    "name, layer_type", [("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")]
+)
+def test_converted_dataset_renders_in_neuroglancer(
+    browser, dataset_server, datasets, name, layer_type
+):
     screenshot = ARTIFACTS / f"http-{name}.png"
     report = browser.check(f"{dataset_server}/good/{name}", screenshot=screenshot)
 
@@ -185,8 +191,11 @@ def test_converted_dataset_renders_in_neuroglancer(browser, dataset_server, data
 
 @pytest.mark.browser
 def test_missing_chunks_are_a_failure_though_the_viewer_shows_no_error(browser, dataset_server):
-    report = browser.check(f"{dataset_server}/good/missing-chunks", timeout=30,
-                           screenshot=ARTIFACTS / "http-missing-chunks.png")
+    report = browser.check(
+        f"{dataset_server}/good/missing-chunks",
+        timeout=30,
+        screenshot=ARTIFACTS / "http-missing-chunks.png",
+    )
 
     assert not report.ok
     assert report.chunk_requests and all(r.status == 404 for r in report.chunk_requests)
@@ -196,8 +205,11 @@ def test_missing_chunks_are_a_failure_though_the_viewer_shows_no_error(browser, 
 
 @pytest.mark.browser
 def test_gzip_chunks_without_content_encoding_are_a_failure(browser, dataset_server):
-    report = browser.check(f"{dataset_server}/no-encoding/image", timeout=30,
-                           screenshot=ARTIFACTS / "http-no-content-encoding.png")
+    report = browser.check(
+        f"{dataset_server}/no-encoding/image",
+        timeout=30,
+        screenshot=ARTIFACTS / "http-no-content-encoding.png",
+    )
 
     assert not report.ok
     assert any(r.gzip_body_without_header for r in report.chunk_requests)
@@ -211,8 +223,7 @@ def test_info_that_does_not_match_the_chunks_is_a_failure(browser, dataset_serve
 
     assert not report.ok
     assert all(r.status == 200 for r in report.requests)  # the server is not to blame
-    assert any("failed to load" in problem and "bytes" in problem
-               for problem in report.problems)
+    assert any("failed to load" in problem and "bytes" in problem for problem in report.problems)
 
 
 @pytest.mark.browser
@@ -263,9 +274,19 @@ def test_command_exit_codes_and_screenshot(dataset_server, tmp_path, capsys, res
     require_browser()
     screenshot = tmp_path / "shot.png"
 
-    good = in_own_thread(cv.main, [f"precomputed://{dataset_server}/good/segmentation",
-                                   "--segments", "1", "2", "3",
-                                   "--screenshot", str(screenshot), "-q"])
+    good = in_own_thread(
+        cv.main,
+        [
+            f"precomputed://{dataset_server}/good/segmentation",
+            "--segments",
+            "1",
+            "2",
+            "3",
+            "--screenshot",
+            str(screenshot),
+            "-q",
+        ],
+    )
     output = capsys.readouterr()
     bad = in_own_thread(cv.main, [f"{dataset_server}/good/missing-chunks", "--timeout", "20"])
     failure = capsys.readouterr().err.strip().splitlines()
@@ -300,16 +321,22 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ingested")
     volumes = make_volumes()
     labels, _, _ = volumes["segmentation"]
-    nibabel.save(nibabel.Nifti1Image(labels, np.diag([0.25, 0.25, 0.25, 1])),
-                 str(root / "labels.nii"))
+    nibabel.save(
+        nibabel.Nifti1Image(labels, np.diag([0.25, 0.25, 0.25, 1])), str(root / "labels.nii")
+    )
     sources = {
-        "image": (EXAMPLE_STACK, ConversionParameters(
-            voxel_size=(333, 333, 2000), voxel_unit="um", chunk_size=64)),
-        "rgb": (write_rgb_stack(root / "rgb-stack", volumes["rgb"][0]),
-                ConversionParameters(voxel_size=(250, 250, 250), voxel_unit="um",
-                                     chunk_size=64)),
-        "segmentation": (root / "labels.nii",
-                         ConversionParameters(type="segmentation", chunk_size=64)),
+        "image": (
+            EXAMPLE_STACK,
+            ConversionParameters(voxel_size=(333, 333, 2000), voxel_unit="um", chunk_size=64),
+        ),
+        "rgb": (
+            write_rgb_stack(root / "rgb-stack", volumes["rgb"][0]),
+            ConversionParameters(voxel_size=(250, 250, 250), voxel_unit="um", chunk_size=64),
+        ),
+        "segmentation": (
+            root / "labels.nii",
+            ConversionParameters(type="segmentation", chunk_size=64),
+        ),
     }
     results = {}
     for name, (source, parameters) in sources.items():
@@ -320,19 +347,21 @@ def converted(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.swift
 @pytest.mark.browser
-@pytest.mark.parametrize("name, layer_type", [
-    ("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")])
+@pytest.mark.parametrize(
+    "name, layer_type", [("image", "image"), ("rgb", "image"), ("segmentation", "segmentation")]
+)
 def test_dataset_uploaded_to_swift_renders_from_its_public_url(
-        browser, converted, swift_settings_file, unique_container, proxy_log,
-        name, layer_type):
+    browser, converted, swift_settings_file, unique_container, proxy_log, name, layer_type
+):
     from hbp_image_tasks.settings import load_settings
     from hbp_image_tasks.swift import SwiftConnection
     from hbp_image_tasks.upload_results import upload
 
     connection = SwiftConnection(load_settings(swift_settings_file))
     try:
-        uploaded = upload(converted[name], unique_container(name), connection,
-                          jobs=2, show_progress=False)
+        uploaded = upload(
+            converted[name], unique_container(name), connection, jobs=2, show_progress=False
+        )
     finally:
         connection.close()
     proxy_log.mark()
@@ -353,7 +382,8 @@ def test_dataset_uploaded_to_swift_renders_from_its_public_url(
 @pytest.mark.swift
 @pytest.mark.browser
 def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
-        browser, converted, swift_settings_file, unique_container):
+    browser, converted, swift_settings_file, unique_container
+):
     from hbp_image_tasks.settings import load_settings
     from hbp_image_tasks.swift import SwiftConnection
     from hbp_image_tasks.upload_results import upload
@@ -361,8 +391,14 @@ def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
     site = "https://viewer.example.org"
     connection = SwiftConnection(load_settings(swift_settings_file))
     try:
-        uploaded = upload(converted["segmentation"], unique_container(), connection,
-                          jobs=2, cors_origin=site, show_progress=False)
+        uploaded = upload(
+            converted["segmentation"],
+            unique_container(),
+            connection,
+            jobs=2,
+            cors_origin=site,
+            show_progress=False,
+        )
     finally:
         connection.close()
 
@@ -377,8 +413,9 @@ def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
 # ------------------------------------------------------- tests without browser
 
 
-def test_missing_chromium_is_a_usage_error_naming_what_to_install(tmp_path, capsys,
-                                                                  restored_logging):
+def test_missing_chromium_is_a_usage_error_naming_what_to_install(
+    tmp_path, capsys, restored_logging
+):
     code = cv.main(["http://127.0.0.1:9/x", "--chromium", str(tmp_path / "chromium")])
 
     message = capsys.readouterr().err.strip().splitlines()
@@ -401,22 +438,36 @@ def test_non_http_url_is_a_usage_error(capsys, restored_logging):
     assert "not an http(s) URL" in capsys.readouterr().err
 
 
-GOOD_INFO = {"type": "image", "data_type": "uint8", "num_channels": 1, "scales": [
-    {"key": "1mm", "size": [64, 32, 16], "resolution": [1e6, 1e6, 2e6],
-     "chunk_sizes": [[64, 64, 64]], "encoding": "raw", "voxel_offset": [0, 0, 0]}]}
+GOOD_INFO = {
+    "type": "image",
+    "data_type": "uint8",
+    "num_channels": 1,
+    "scales": [
+        {
+            "key": "1mm",
+            "size": [64, 32, 16],
+            "resolution": [1e6, 1e6, 2e6],
+            "chunk_sizes": [[64, 64, 64]],
+            "encoding": "raw",
+            "voxel_offset": [0, 0, 0],
+        }
+    ],
+}
 
 
 @responses.activate
-@pytest.mark.parametrize("status, body, message", [
-    (404, "no such object", "HTTP 404"),
-    (200, "<html>", "not valid JSON"),
-    (200, json.dumps({"type": "image"}), "no 'scales'"),
-    (200, json.dumps({**GOOD_INFO, "type": "mesh"}), "'type' is 'mesh'"),
-    (200, json.dumps({**GOOD_INFO, "scales": [{"key": "1mm"}]}), "scale 0 lacks size"),
-])
+@pytest.mark.parametrize(
+    "status, body, message",
+    [
+        (404, "no such object", "HTTP 404"),
+        (200, "<html>", "not valid JSON"),
+        (200, json.dumps({"type": "image"}), "no 'scales'"),
+        (200, json.dumps({**GOOD_INFO, "type": "mesh"}), "'type' is 'mesh'"),
+        (200, json.dumps({**GOOD_INFO, "scales": [{"key": "1mm"}]}), "scale 0 lacks size"),
+    ],
+)
 def test_unusable_info_is_reported_before_opening_the_viewer(status, body, message):
-    responses.add(responses.GET, "https://store.example/v1/AUTH_x/c/info",
-                  status=status, body=body)
+    responses.add(responses.GET, "https://store.example/v1/AUTH_x/c/info", status=status, body=body)
 
     with pytest.raises(cv.ViewerCheckError, match=message) as raised:
         cv.read_info("https://store.example/v1/AUTH_x/c/")
@@ -543,35 +594,62 @@ def test_client_server_serves_the_neuroglancer_client_under_its_token():
 
 
 def request(path: str = "1mm/0-64_0-64_0-64", status: int = 200, **fields) -> ProxiedRequest:
-    values = dict(method="GET", path=path, status=status, content_encoding="gzip",
-                  nbytes=100, allow_origin="*", gzip_body_without_header=False)
+    values = dict(
+        method="GET",
+        path=path,
+        status=status,
+        content_encoding="gzip",
+        nbytes=100,
+        allow_origin="*",
+        gzip_body_without_header=False,
+    )
     values.update(fields)
     return ProxiedRequest(**values)
 
 
-def report_of(requests_: list, ready: bool = True, fraction: float = 0.3,
-              console: tuple = (), page: tuple = ()) -> cv.RenderReport:
-    report = cv.RenderReport(url="http://h/d", layer_type="image", problems=[], ready=ready,
-                             requests=[request("info", content_encoding="")] + requests_,
-                             console_errors=list(console), page_errors=list(page),
-                             signal_fraction=fraction, screenshot=None, seconds=1.0)
+def report_of(
+    requests_: list,
+    ready: bool = True,
+    fraction: float = 0.3,
+    console: tuple = (),
+    page: tuple = (),
+) -> cv.RenderReport:
+    report = cv.RenderReport(
+        url="http://h/d",
+        layer_type="image",
+        problems=[],
+        ready=ready,
+        requests=[request("info", content_encoding="")] + requests_,
+        console_errors=list(console),
+        page_errors=list(page),
+        signal_fraction=fraction,
+        screenshot=None,
+        seconds=1.0,
+    )
     report.problems = cv.judge(report, timeout=60, min_fraction=0.02)
     return report
 
 
-@pytest.mark.parametrize("report, expected", [
-    (report_of([request(), request("1mm/0-64_0-64_64-128", 206)]), None),
-    (report_of([request(), request("1mm/0-64_0-64_64-128", 404)]), "1 of 3 requests failed"),
-    (report_of([request(allow_origin="", cors_allowed=False)]), "Access-Control-Allow-Origin"),
-    (report_of([request(content_encoding="", gzip_body_without_header=True)]),
-     "1 response with gzip data but no 'Content-Encoding: gzip'"),
-    (report_of([request()], console=["Error retrieving chunk 0,0,0: Error: bad"]),
-     "1 chunk failed to load"),
-    (report_of([request()], page=["TypeError: x"]), "uncaught error in the page"),
-    (report_of([], ready=False), "requested no chunk within 60 s"),
-    (report_of([request()], ready=False), "not ready after 60 s"),
-    (report_of([request()], fraction=0.001), "looks empty: 0.10% bright pixels"),
-])
+@pytest.mark.parametrize(
+    "report, expected",
+    [
+        (report_of([request(), request("1mm/0-64_0-64_64-128", 206)]), None),
+        (report_of([request(), request("1mm/0-64_0-64_64-128", 404)]), "1 of 3 requests failed"),
+        (report_of([request(allow_origin="", cors_allowed=False)]), "Access-Control-Allow-Origin"),
+        (
+            report_of([request(content_encoding="", gzip_body_without_header=True)]),
+            "1 response with gzip data but no 'Content-Encoding: gzip'",
+        ),
+        (
+            report_of([request()], console=["Error retrieving chunk 0,0,0: Error: bad"]),
+            "1 chunk failed to load",
+        ),
+        (report_of([request()], page=["TypeError: x"]), "uncaught error in the page"),
+        (report_of([], ready=False), "requested no chunk within 60 s"),
+        (report_of([request()], ready=False), "not ready after 60 s"),
+        (report_of([request()], fraction=0.001), "looks empty: 0.10% bright pixels"),
+    ],
+)
 def test_judge_names_the_first_reason_of_a_bad_render(report, expected):
     if expected is None:
         assert report.ok and "2 chunk requests, all served" in report.summary()

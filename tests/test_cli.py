@@ -1,4 +1,5 @@
 """Shared command-line plumbing: exit codes, job counts, progress lines, redaction."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,18 @@ def namespace(verbose: int = 0, quiet: int = 0) -> argparse.Namespace:
     return argparse.Namespace(verbose=verbose, quiet=quiet)
 
 
-@pytest.mark.parametrize("error, code", [
-    (errors.UsageError("bad option"), 2),
-    (errors.SettingsError("bad settings"), 2),
-    (errors.FetchError("404"), 3),
-    (errors.ConversionError("corrupt"), 4),
-    (errors.UploadError("403"), 5),
-    (errors.Interrupted("stop", signal_number=15), 143),
-    (errors.Interrupted("stop", signal_number=2), 130),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (errors.UsageError("bad option"), 2),
+        (errors.SettingsError("bad settings"), 2),
+        (errors.FetchError("404"), 3),
+        (errors.ConversionError("corrupt"), 4),
+        (errors.UploadError("403"), 5),
+        (errors.Interrupted("stop", signal_number=15), 143),
+        (errors.Interrupted("stop", signal_number=2), 130),
+    ],
+)
 def test_run_command_maps_each_error_to_its_exit_code_and_one_line(error, code):
     stream = io.StringIO()
 
@@ -67,13 +71,13 @@ def test_default_jobs_honours_slurm_allocation(monkeypatch):
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     monkeypatch.delenv("HBP_JOBS", raising=False)
     import os
+
     assert cli.default_jobs() == len(os.sched_getaffinity(0))
 
 
 def test_progress_without_tty_logs_counts_bytes_and_rate(caplog):
     caplog.set_level(logging.INFO)
-    with Progress("fetch", total=4, total_bytes=4096, interval=0.05,
-                  use_tty=False) as progress:
+    with Progress("fetch", total=4, total_bytes=4096, interval=0.05, use_tty=False) as progress:
         for _ in range(3):
             progress.update(1, 1024)
         progress.add_retry()
@@ -85,7 +89,7 @@ def test_progress_without_tty_logs_counts_bytes_and_rate(caplog):
 
 def test_human_formats():
     assert format_bytes(512) == "512 B"
-    assert format_bytes(3 * 1024 ** 3) == "3.0 GiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
     assert format_duration(3723) == "1h02m03s"
     assert format_duration(65) == "1m05s"
 

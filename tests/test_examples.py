@@ -1,4 +1,5 @@
 """The UNICORE job description and the Slurm script run ``ingest`` with valid arguments."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,19 @@ from hbp_image_tasks import ingest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEED_FILTER = r"data/raw/original/pm31\d{2}o.png"
-SEED_SOURCE = ("https://object.cscs.ch/v1/AUTH_61499a61052f419abad475045aaf88f9/"
-               "img-svc-bigbrain-input")
+SEED_SOURCE = (
+    "https://object.cscs.ch/v1/AUTH_61499a61052f419abad475045aaf88f9/img-svc-bigbrain-input"
+)
 
 
 def shell_words(command_line: str, environment: dict[str, str]) -> list[str]:
     """Returns the argv that bash makes of ``command_line`` (as a batch script would)."""
     result = subprocess.run(
-        ["bash", "-c", f'printf "%s\\0" {command_line}'], capture_output=True,
-        env={"PATH": os.environ["PATH"], **environment}, check=True)
+        ["bash", "-c", f'printf "%s\\0" {command_line}'],
+        capture_output=True,
+        env={"PATH": os.environ["PATH"], **environment},
+        check=True,
+    )
     return result.stdout.decode().split("\0")[:-1]
 
 
@@ -47,14 +52,21 @@ def test_unicore_job_is_valid_json_whose_arguments_parse_with_ingest():
 def test_sbatch_script_runs_ingest_with_the_allocated_cpus(tmp_path):
     recorder = tmp_path / "bin" / "ingest"
     recorder.parent.mkdir()
-    recorder.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n'
-                        'printf "%s" "$SWIFT_SETTINGS" > "$ARGV_FILE.settings"\n')
+    recorder.write_text(
+        '#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n'
+        'printf "%s" "$SWIFT_SETTINGS" > "$ARGV_FILE.settings"\n'
+    )
     recorder.chmod(recorder.stat().st_mode | stat.S_IXUSR)
     argv_file = tmp_path / "argv"
-    subprocess.run(["bash", str(EXAMPLES / "ingest.sbatch")], check=True, env={
-        "PATH": f"{recorder.parent}:{os.environ['PATH']}",
-        "SLURM_CPUS_PER_TASK": "16", "ARGV_FILE": str(argv_file)})
+    subprocess.run(
+        ["bash", str(EXAMPLES / "ingest.sbatch")],
+        check=True,
+        env={
+            "PATH": f"{recorder.parent}:{os.environ['PATH']}",
+            "SLURM_CPUS_PER_TASK": "16",
+            "ARGV_FILE": str(argv_file),
+        },
+    )
     argv = argv_file.read_bytes().decode().split("\0")[:-1]
     check_seed_arguments(ingest.parse_command_line(argv))
     assert Path(f"{argv_file}.settings").read_text() == "../.os_settings"
-

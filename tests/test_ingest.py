@@ -3,6 +3,7 @@
 Datasets are read back anonymously over HTTP from the output container's
 public URL, as a viewer would, and compared voxel by voxel with the input.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,13 @@ DECOYS = {
 def smooth_stack(depth: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """Returns a (Z, Y, X) uint8 stack with smooth structure and a dark background."""
     rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(np.linspace(-1, 1, depth), np.linspace(-1, 1, height),
-                          np.linspace(-1, 1, width), indexing="ij")
-    brain = np.clip(1.2 - (x ** 2 + y ** 2 + 0.5 * z ** 2), 0, 1)
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, depth),
+        np.linspace(-1, 1, height),
+        np.linspace(-1, 1, width),
+        indexing="ij",
+    )
+    brain = np.clip(1.2 - (x**2 + y**2 + 0.5 * z**2), 0, 1)
     texture = rng.integers(0, 40, size=brain.shape)
     return np.where(brain > 0, 60 + 150 * brain + texture, 0).astype(np.uint8)
 
@@ -52,20 +57,36 @@ def png_bytes(plane: np.ndarray) -> bytes:
 
 def stack_objects(volume: np.ndarray, with_decoys: bool = True) -> dict[str, bytes]:
     """Names s1..sN (natural order = z order) under data/raw/original/, plus decoys."""
-    objects = {f"data/raw/original/s{z + 1}.png": png_bytes(plane)
-               for z, plane in enumerate(volume)}
+    objects = {
+        f"data/raw/original/s{z + 1}.png": png_bytes(plane) for z, plane in enumerate(volume)
+    }
     if with_decoys:
         objects.update(DECOYS)
     return objects
 
 
-def ingest_argv(source: str, work: Path, container: str | None, *extra: str,
-                stacks: bool = True, parameters: dict | None = None) -> list[str]:
-    argv = ["--source", source, "--download-dir", str(work / "source"),
-            "--results-dir", str(work / "results"), "--jobs", "2",
-            "--parameters", json.dumps(parameters or {"chunk_size": 16,
-                                                      "voxel_size": [20, 20, 40],
-                                                      "voxel_unit": "um"})]
+def ingest_argv(
+    source: str,
+    work: Path,
+    container: str | None,
+    *extra: str,
+    stacks: bool = True,
+    parameters: dict | None = None,
+) -> list[str]:
+    argv = [
+        "--source",
+        source,
+        "--download-dir",
+        str(work / "source"),
+        "--results-dir",
+        str(work / "results"),
+        "--jobs",
+        "2",
+        "--parameters",
+        json.dumps(
+            parameters or {"chunk_size": 16, "voxel_size": [20, 20, 40], "voxel_unit": "um"}
+        ),
+    ]
     if stacks:
         argv += ["--stacks", "--filter", FILTER]
     argv += ["--container", container] if container else ["--no-upload"]
@@ -84,20 +105,25 @@ def public_url(local_swift, container: str) -> str:
 
 # ------------------------------------------------------------- end to end
 
+
 def test_stack_ingested_from_a_public_container_matches_the_input_at_every_scale(
-        make_container, unique_container, local_swift, settings_env, tmp_path,
-        capsys, proxy_log):
+    make_container, unique_container, local_swift, settings_env, tmp_path, capsys, proxy_log
+):
     volume = smooth_stack(12, 40, 56)
     source = make_container(stack_objects(volume))
     output = unique_container("out")
     proxy_log.mark()
-    code = ingest.main(ingest_argv(source.url, tmp_path, output, "--cleanup",
-                                   "--report", str(tmp_path / "report.json")))
+    code = ingest.main(
+        ingest_argv(
+            source.url, tmp_path, output, "--cleanup", "--report", str(tmp_path / "report.json")
+        )
+    )
     assert code == 0
     # Only the 12 sections were read, never the decoys.
-    fetched = {e.path.split(f"/{source.name}/", 1)[1]
-               for e in proxy_log.entries("GET", f"/v1/AUTH_{local_swift.project_id}/"
-                                          f"{source.name}/")}
+    fetched = {
+        e.path.split(f"/{source.name}/", 1)[1]
+        for e in proxy_log.entries("GET", f"/v1/AUTH_{local_swift.project_id}/{source.name}/")
+    }
     assert fetched == {f"data/raw/original/s{z}.png" for z in range(1, 13)}
     assert_pyramid(public_url(local_swift, output), volume[None], "average")
     # --cleanup after a verified upload removes both directories.
@@ -114,7 +140,8 @@ def test_stack_ingested_from_a_public_container_matches_the_input_at_every_scale
 
 
 def test_nifti_volume_from_a_single_url_becomes_a_segmentation(
-        make_container, unique_container, local_swift, settings_env, tmp_path):
+    make_container, unique_container, local_swift, settings_env, tmp_path
+):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, size=(8, 10, 6)).repeat(6, 0).repeat(5, 1).repeat(9, 2)
     labels = labels.astype(np.uint16)  # (x, y, z) as nibabel stores it
@@ -122,19 +149,26 @@ def test_nifti_volume_from_a_single_url_becomes_a_segmentation(
     nibabel.save(nibabel.Nifti1Image(labels, np.diag([0.5, 0.5, 0.5, 1])), str(path))
     source = make_container({"volumes/labels.nii.gz": path.read_bytes()})
     output = unique_container("seg")
-    code = ingest.main(ingest_argv(
-        f"{source.url}/volumes/labels.nii.gz", tmp_path / "work", output,
-        stacks=False, parameters={"type": "segmentation", "chunk_size": 16,
-                                  "downscaling_method": "majority"}))
+    code = ingest.main(
+        ingest_argv(
+            f"{source.url}/volumes/labels.nii.gz",
+            tmp_path / "work",
+            output,
+            stacks=False,
+            parameters={"type": "segmentation", "chunk_size": 16, "downscaling_method": "majority"},
+        )
+    )
     assert code == 0
-    info = assert_pyramid(public_url(local_swift, output),
-                                  labels.transpose(2, 1, 0)[None], "majority")
+    info = assert_pyramid(
+        public_url(local_swift, output), labels.transpose(2, 1, 0)[None], "majority"
+    )
     assert info["type"] == "segmentation"
     assert info["scales"][0]["resolution"] == [500000, 500000, 500000]
 
 
 def test_cleanup_keeps_everything_after_a_failure(
-        make_container, unique_container, settings_env, tmp_path, capsys):
+    make_container, unique_container, settings_env, tmp_path, capsys
+):
     volume = smooth_stack(6, 24, 24)
     objects = stack_objects(volume, with_decoys=False)
     objects["data/raw/original/s4.png"] = objects["data/raw/original/s4.png"][:60]
@@ -150,12 +184,17 @@ def test_cleanup_keeps_everything_after_a_failure(
 
 # ------------------------------------------------------- resuming
 
+
 def run_ingest(argv: list[str], env_settings: Path) -> subprocess.Popen:
     """Starts ingest in its own process (so that it can be killed)."""
     env = dict(os.environ, SWIFT_SETTINGS=str(env_settings), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "hbp_image_tasks.ingest"] + argv,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hbp_image_tasks.ingest"] + argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -163,8 +202,10 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"ingest ended (code {process.returncode}) before "
-                                 f"the moment to kill it:\n{process.stdout.read()}")
+            raise AssertionError(
+                f"ingest ended (code {process.returncode}) before "
+                f"the moment to kill it:\n{process.stdout.read()}"
+            )
         assert time.monotonic() < deadline, "timed out waiting to kill ingest"
         time.sleep(0.01)
 
@@ -201,15 +242,14 @@ def section_paths(local_swift, container: str) -> str:
 
 
 def test_killed_during_download_resumes_without_fetching_a_file_twice(
-        big_stack, local_swift, swift_settings_file, unique_container, tmp_path,
-        proxy_log):
+    big_stack, local_swift, swift_settings_file, unique_container, tmp_path, proxy_log
+):
     container, volume = big_stack
     argv = ingest_argv(public_url(local_swift, container), tmp_path, unique_container())
     argv[argv.index("--jobs") + 1] = "1"
     downloaded = tmp_path / "source" / "data" / "raw" / "original"
     process = run_ingest(argv, swift_settings_file)
-    wait_for(lambda: downloaded.is_dir()
-             and len(list(downloaded.glob("s*.png"))) >= 20, process)
+    wait_for(lambda: downloaded.is_dir() and len(list(downloaded.glob("s*.png"))) >= 20, process)
     kill(process)
     complete = len(list(downloaded.glob("s*.png")))
     assert complete < len(volume), "the download finished before the kill"
@@ -217,17 +257,22 @@ def test_killed_during_download_resumes_without_fetching_a_file_twice(
     finish(argv, swift_settings_file)
     gets = proxy_log.count("GET", section_paths(local_swift, container))
     assert gets == len(volume) - complete
-    assert_pyramid(public_url(local_swift, argv[argv.index("--container") + 1]),
-                           volume[None], "average")
+    assert_pyramid(
+        public_url(local_swift, argv[argv.index("--container") + 1]), volume[None], "average"
+    )
 
 
 def chunk_files(results: Path) -> dict[str, int]:
-    return {str(p.relative_to(results)): p.stat().st_mtime_ns
-            for p in results.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(results)): p.stat().st_mtime_ns
+        for p in results.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def test_killed_during_conversion_resumes_at_the_last_saved_slab_with_the_same_output(
-        big_stack, local_swift, swift_settings_file, tmp_path):
+    big_stack, local_swift, swift_settings_file, tmp_path
+):
     container, volume = big_stack
     source = public_url(local_swift, container)
     argv = ingest_argv(source, tmp_path / "killed", None)
@@ -254,8 +299,12 @@ def test_killed_during_conversion_resumes_at_the_last_saved_slab_with_the_same_o
     # is at least one chunk deep).
     scale0 = json.loads((results / "info").read_text())["scales"][0]
     done_z = saved["slabs_done"] * scale0["chunk_sizes"][0][2]
-    kept = [name for name in before if name.split("/")[0] == scale0["key"]
-            and int(name.rsplit("_", 1)[1].split("-")[1].split(".")[0]) <= done_z]
+    kept = [
+        name
+        for name in before
+        if name.split("/")[0] == scale0["key"]
+        and int(name.rsplit("_", 1)[1].split("-")[1].split(".")[0]) <= done_z
+    ]
     assert kept and all(after[name] == before[name] for name in kept)
     # Same dataset as a run that was never interrupted.
     reference = tmp_path / "reference"
@@ -263,8 +312,7 @@ def test_killed_during_conversion_resumes_at_the_last_saved_slab_with_the_same_o
     reference_files = chunk_files(reference / "results")
     assert set(after) == set(reference_files)
     for name in after:
-        assert (results / name).read_bytes() == \
-            (reference / "results" / name).read_bytes(), name
+        assert (results / name).read_bytes() == (reference / "results" / name).read_bytes(), name
 
 
 def puts_so_far(proxy_log, prefix: str) -> int:
@@ -276,8 +324,8 @@ def puts_so_far(proxy_log, prefix: str) -> int:
 
 
 def test_killed_during_upload_resumes_sending_only_the_missing_objects(
-        big_stack, local_swift, swift_settings_file, swift_client, unique_container,
-        tmp_path, proxy_log):
+    big_stack, local_swift, swift_settings_file, swift_client, unique_container, tmp_path, proxy_log
+):
     container, volume = big_stack
     output = unique_container("out")
     argv = ingest_argv(public_url(local_swift, container), tmp_path, output)
@@ -300,14 +348,14 @@ def test_killed_during_upload_resumes_sending_only_the_missing_objects(
 
 
 def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
-        big_stack, local_swift, swift_settings_file, tmp_path):
+    big_stack, local_swift, swift_settings_file, tmp_path
+):
     container, volume = big_stack
     argv = ingest_argv(public_url(local_swift, container), tmp_path, None)
     argv[argv.index("--jobs") + 1] = "1"
     downloaded = tmp_path / "source" / "data" / "raw" / "original"
     process = run_ingest(argv, swift_settings_file)
-    wait_for(lambda: downloaded.is_dir()
-             and len(list(downloaded.glob("s*.png"))) >= 10, process)
+    wait_for(lambda: downloaded.is_dir() and len(list(downloaded.glob("s*.png"))) >= 10, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == errors.EXIT_INTERRUPTED, output
@@ -320,8 +368,10 @@ def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
 
 # ------------------------------------------------------- pre-flight
 
+
 def test_other_inputs_in_the_same_results_dir_are_refused_until_restart(
-        make_container, settings_env, tmp_path, capsys):
+    make_container, settings_env, tmp_path, capsys
+):
     volume = smooth_stack(4, 16, 16)
     source = make_container(stack_objects(volume, with_decoys=False))
     assert ingest.main(ingest_argv(source.url, tmp_path, None)) == 0
@@ -336,8 +386,8 @@ def test_other_inputs_in_the_same_results_dir_are_refused_until_restart(
 
 
 def test_rerun_to_another_container_uploads_again_without_converting_again(
-        make_container, unique_container, swift_client, settings_env, tmp_path,
-        caplog):
+    make_container, unique_container, swift_client, settings_env, tmp_path, caplog
+):
     volume = smooth_stack(4, 16, 16)
     source = make_container(stack_objects(volume, with_decoys=False))
     first, second = unique_container("first"), unique_container("second")
@@ -348,8 +398,9 @@ def test_rerun_to_another_container_uploads_again_without_converting_again(
     assert "upload: already done" not in caplog.text
 
     def names(container: str) -> list[str]:
-        return sorted(o["name"] for o in
-                      swift_client.get_container(container, full_listing=True)[1])
+        return sorted(
+            o["name"] for o in swift_client.get_container(container, full_listing=True)[1]
+        )
 
     assert names(second) == names(first) and "info" in names(second)
 
@@ -370,21 +421,22 @@ def nothing_downloaded(work: Path) -> bool:
 
 
 def test_unprotected_settings_file_fails_before_any_download(
-        small_source, swift_settings_file, unique_container, tmp_path, capsys,
-        monkeypatch):
+    small_source, swift_settings_file, unique_container, tmp_path, capsys, monkeypatch
+):
     settings = tmp_path / "settings.json"
     settings.write_text(swift_settings_file.read_text())
     settings.chmod(0o644)
     monkeypatch.setenv("SWIFT_SETTINGS", str(settings))
     code, message = preflight_failure(
-        ingest_argv(small_source.url, tmp_path, unique_container()), capsys)
+        ingest_argv(small_source.url, tmp_path, unique_container()), capsys
+    )
     assert code == errors.EXIT_USAGE and f"chmod 600 {settings}" in message
     assert nothing_downloaded(tmp_path)
 
 
 def test_refused_credentials_fail_before_any_download(
-        small_source, swift_settings_file, unique_container, tmp_path, capsys,
-        monkeypatch):
+    small_source, swift_settings_file, unique_container, tmp_path, capsys, monkeypatch
+):
     data = json.loads(swift_settings_file.read_text())
     data["os_password"] = "wrong-password"
     settings = tmp_path / "settings.json"
@@ -392,21 +444,26 @@ def test_refused_credentials_fail_before_any_download(
     settings.chmod(0o600)
     monkeypatch.setenv("SWIFT_SETTINGS", str(settings))
     code, message = preflight_failure(
-        ingest_argv(small_source.url, tmp_path, unique_container()), capsys)
+        ingest_argv(small_source.url, tmp_path, unique_container()), capsys
+    )
     assert code == errors.EXIT_UPLOAD and "authentication" in message
     assert "wrong-password" not in message
     assert nothing_downloaded(tmp_path)
 
 
-@pytest.mark.parametrize("parameters, key", [
-    ({"encodingg": "raw"}, "encodingg"),
-    ({"type": "image", "encoding": "compressed_segmentation"}, "encoding"),
-])
+@pytest.mark.parametrize(
+    "parameters, key",
+    [
+        ({"encodingg": "raw"}, "encodingg"),
+        ({"type": "image", "encoding": "compressed_segmentation"}, "encoding"),
+    ],
+)
 def test_bad_parameters_fail_before_any_download(
-        small_source, settings_env, unique_container, tmp_path, capsys, parameters, key):
+    small_source, settings_env, unique_container, tmp_path, capsys, parameters, key
+):
     code, message = preflight_failure(
-        ingest_argv(small_source.url, tmp_path, unique_container(),
-                    parameters=parameters), capsys)
+        ingest_argv(small_source.url, tmp_path, unique_container(), parameters=parameters), capsys
+    )
     assert code == errors.EXIT_USAGE and key in message
     assert nothing_downloaded(tmp_path)
 
@@ -418,7 +475,8 @@ def test_bad_container_name_is_a_usage_error(small_source, settings_env, tmp_pat
 
 
 def test_unwritable_download_dir_fails_fast(
-        small_source, settings_env, unique_container, tmp_path, capsys):
+    small_source, settings_env, unique_container, tmp_path, capsys
+):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     argv = ingest_argv(small_source.url, tmp_path, unique_container())
@@ -428,18 +486,20 @@ def test_unwritable_download_dir_fails_fast(
 
 
 def test_too_little_free_disk_fails_before_any_download(
-        small_source, settings_env, unique_container, tmp_path, capsys, monkeypatch):
+    small_source, settings_env, unique_container, tmp_path, capsys, monkeypatch
+):
     real = ingest.shutil.disk_usage
-    monkeypatch.setattr(ingest.shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=100))
+    monkeypatch.setattr(ingest.shutil, "disk_usage", lambda path: real(path)._replace(free=100))
     code, message = preflight_failure(
-        ingest_argv(small_source.url, tmp_path, unique_container()), capsys)
+        ingest_argv(small_source.url, tmp_path, unique_container()), capsys
+    )
     assert code == errors.EXIT_USAGE and "not enough free disk" in message
     assert nothing_downloaded(tmp_path)
 
 
 def test_filter_matching_nothing_says_what_was_listed(
-        small_source, settings_env, unique_container, tmp_path, capsys):
+    small_source, settings_env, unique_container, tmp_path, capsys
+):
     argv = ingest_argv(small_source.url, tmp_path, unique_container())
     argv[argv.index("--filter") + 1] = r"data/raw/original/pm\d+\.png"
     code, message = preflight_failure(argv, capsys)
@@ -449,8 +509,9 @@ def test_filter_matching_nothing_says_what_was_listed(
     assert "prefix 'data/raw/original/pm'" in message and r"pm\\d+" in message
 
 
-def test_dry_run_writes_nothing(small_source, settings_env, unique_container, tmp_path,
-                                capsys, swift_client):
+def test_dry_run_writes_nothing(
+    small_source, settings_env, unique_container, tmp_path, capsys, swift_client
+):
     output = unique_container()
     code = ingest.main(ingest_argv(small_source.url, tmp_path, output, "--dry-run"))
     assert code == 0

@@ -1,4 +1,5 @@
 """The package installs from a source distribution and gives its console scripts."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,12 @@ def setup_py_version() -> str:
     """Returns the version as the operators' deployment recipe extracts it."""
     result = subprocess.run(
         "grep version setup.py | cut -d= -f2 | cut -d\\' -f2",
-        shell=True, cwd=ROOT, capture_output=True, text=True, check=True)
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stdout
 
 
@@ -46,11 +52,27 @@ def sdist(tmp_path_factory) -> Path:
     """Builds the sdist the way the README says: python setup.py sdist."""
     work = tmp_path_factory.mktemp("sdist")
     tree = work / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".tox", ".local-swift", "*.egg-info", "__pycache__",
-        "build", "dist", "test-artifacts"))
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir",
-                    str(work / "dist")], cwd=tree, check=True, capture_output=True)
+    shutil.copytree(
+        ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            ".tox",
+            ".local-swift",
+            "*.egg-info",
+            "__pycache__",
+            "build",
+            "dist",
+            "test-artifacts",
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(work / "dist")],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
     version = setup_py_version().strip()
     import setuptools
 
@@ -65,21 +87,40 @@ def sdist(tmp_path_factory) -> Path:
 def test_sdist_contains_package_scripts_and_settings_example(sdist):
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    for expected in ("setup.py", "pyproject.toml", "README.md",
-                     ".os_settings.example", "hbp_image_tasks/settings.py",
-                     "scripts/run-tests", "scripts/local-swift", "scripts/demo",
-                     "examples/unicore-job.json"):
+    for expected in (
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        ".os_settings.example",
+        "hbp_image_tasks/settings.py",
+        "scripts/run-tests",
+        "scripts/local-swift",
+        "scripts/demo",
+        "examples/unicore-job.json",
+    ):
         assert expected in names
 
 
 @pytest.mark.slow
-def test_sdist_installs_offline_from_a_wheelhouse_and_gives_the_commands(
-        sdist, tmp_path):
+def test_sdist_installs_offline_from_a_wheelhouse_and_gives_the_commands(sdist, tmp_path):
     """The cluster recipe: wheels built where PyPI is reachable, installed with --no-index."""
     wheelhouse = tmp_path / "wheelhouse"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheelhouse),
-         str(sdist), "setuptools", "wheel"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "-w",
+            str(wheelhouse),
+            str(sdist),
+            "setuptools",
+            "wheel",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if build.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"could not build the wheelhouse: {build.stderr[-2000:]}")
@@ -89,14 +130,27 @@ def test_sdist_installs_offline_from_a_wheelhouse_and_gives_the_commands(
     target = tmp_path / "cluster-venv"
     venv.EnvBuilder(with_pip=True).create(target)
     python = target / "bin" / "python"
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith("PIP_")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     environment["PIP_CONFIG_FILE"] = os.devnull
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index",
-                    "--find-links", str(wheelhouse), str(sdist)],
-                   check=True, env=environment, capture_output=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            str(wheelhouse),
+            str(sdist),
+        ],
+        check=True,
+        env=environment,
+        capture_output=True,
+    )
     for command in COMMANDS:
-        result = subprocess.run([str(target / "bin" / command), "--help"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [str(target / "bin" / command), "--help"], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr
         assert f"usage: {command}" in result.stdout

@@ -1,6 +1,8 @@
 """Conversion parameters: defaults, inline and @file JSON, one-line errors naming the key."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -25,8 +27,13 @@ def test_missing_or_empty_parameters_give_the_defaults(text):
 
 
 def test_inline_json_and_file_give_the_same_parameters(tmp_path):
-    document = {"voxel_size": [20, 20, 40], "voxel_unit": "um", "chunk_size": 32,
-                "gzip": False, "max_scales": 3}
+    document = {
+        "voxel_size": [20, 20, 40],
+        "voxel_unit": "um",
+        "chunk_size": 32,
+        "gzip": False,
+        "max_scales": 3,
+    }
     path = tmp_path / "params.json"
     path.write_text(json.dumps(document))
     inline = parse_parameters(json.dumps(document))
@@ -44,34 +51,39 @@ def test_to_json_round_trips_and_lists_every_key():
     assert params.effective_downscaling_method == "stride"
 
 
-@pytest.mark.parametrize("text, words", [
-    ('{"colour": "red"}', ["colour", "allowed", "voxel_size"]),
-    ('{"type": "mesh"}', ["'type'", "image", "segmentation"]),
-    ('{"encoding": "png"}', ["'encoding'", "raw", "jpeg", "compressed_segmentation"]),
-    ('{"data_type": "int16"}', ["'data_type'", "uint8", "float32"]),
-    ('{"downscaling_method": "max"}', ["'downscaling_method'", "majority", "stride"]),
-    ('{"jpeg_quality": 101}', ["'jpeg_quality'", "1", "100"]),
-    ('{"compression_level": 0}', ["'compression_level'", "1", "9"]),
-    ('{"compression_level": "6"}', ["'compression_level'"]),
-    ('{"gzip": "yes"}', ["'gzip'", "true", "false"]),
-    ('{"chunk_size": 48}', ["'chunk_size'", "power of two"]),
-    ('{"voxel_size": [1, 2]}', ["'voxel_size'", "3"]),
-    ('{"voxel_size": [1, -2, 3]}', ["'voxel_size'", "positive"]),
-    ('{"voxel_unit": "inch"}', ["'voxel_unit'", "nm", "um", "mm"]),
-    ('{"voxel_offset": [0.5, 0, 0]}', ["'voxel_offset'", "integers"]),
-    ('{"max_scales": 0}', ["'max_scales'"]),
-    ('{"channels": 2}', ["'channels'", "1", "3"]),
-    ('{"input_min": 10, "input_max": 5}', ["input_min", "input_max"]),
-    ('{"input_min": 10}', ["input_max"]),
-    ('{"encoding": "compressed_segmentation"}', ["'encoding'", "segmentation"]),
-    ('{"type": "segmentation", "encoding": "jpeg"}', ["'encoding'", "raw"]),
-    ('{"type": "segmentation", "channels": 3}', ["'channels'", "RGB"]),
-    ('{"type": "segmentation", "downscaling_method": "average"}',
-     ["'downscaling_method'", "majority", "stride"]),
-    ('{"encoding": "jpeg", "data_type": "uint16"}', ["'data_type'", "uint8"]),
-    ('[1, 2]', ["JSON object"]),
-    ('{"type": ', ["invalid JSON"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"colour": "red"}', ["colour", "allowed", "voxel_size"]),
+        ('{"type": "mesh"}', ["'type'", "image", "segmentation"]),
+        ('{"encoding": "png"}', ["'encoding'", "raw", "jpeg", "compressed_segmentation"]),
+        ('{"data_type": "int16"}', ["'data_type'", "uint8", "float32"]),
+        ('{"downscaling_method": "max"}', ["'downscaling_method'", "majority", "stride"]),
+        ('{"jpeg_quality": 101}', ["'jpeg_quality'", "1", "100"]),
+        ('{"compression_level": 0}', ["'compression_level'", "1", "9"]),
+        ('{"compression_level": "6"}', ["'compression_level'"]),
+        ('{"gzip": "yes"}', ["'gzip'", "true", "false"]),
+        ('{"chunk_size": 48}', ["'chunk_size'", "power of two"]),
+        ('{"voxel_size": [1, 2]}', ["'voxel_size'", "3"]),
+        ('{"voxel_size": [1, -2, 3]}', ["'voxel_size'", "positive"]),
+        ('{"voxel_unit": "inch"}', ["'voxel_unit'", "nm", "um", "mm"]),
+        ('{"voxel_offset": [0.5, 0, 0]}', ["'voxel_offset'", "integers"]),
+        ('{"max_scales": 0}', ["'max_scales'"]),
+        ('{"channels": 2}', ["'channels'", "1", "3"]),
+        ('{"input_min": 10, "input_max": 5}', ["input_min", "input_max"]),
+        ('{"input_min": 10}', ["input_max"]),
+        ('{"encoding": "compressed_segmentation"}', ["'encoding'", "segmentation"]),
+        ('{"type": "segmentation", "encoding": "jpeg"}', ["'encoding'", "raw"]),
+        ('{"type": "segmentation", "channels": 3}', ["'channels'", "RGB"]),
+        (
+            '{"type": "segmentation", "downscaling_method": "average"}',
+            ["'downscaling_method'", "majority", "stride"],
+        ),
+        ('{"encoding": "jpeg", "data_type": "uint16"}', ["'data_type'", "uint8"]),
+        ("[1, 2]", ["JSON object"]),
+        ('{"type": ', ["invalid JSON"]),
+    ],
+)
 def test_bad_parameters_give_one_line_naming_the_key_and_allowed_values(text, words):
     with pytest.raises(UsageError) as caught:
         parse_parameters(text)
@@ -88,6 +100,6 @@ def test_unreadable_parameters_file_is_named(tmp_path):
 
 def test_parameters_are_frozen():
     params = ConversionParameters()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         params.gzip = False  # type: ignore[misc]
     assert params.replace(gzip=False).gzip is False

@@ -1,4 +1,5 @@
 """Section stacks: natural order, ignored stray files, manifests, order files, bad sections."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,21 @@ from hbp_image_tasks import sections
 from hbp_image_tasks.errors import InputError
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["s10", "s2", "s1"], ["s1", "s2", "s10"]),
-    (["slice_10.png", "slice_2.png", "slice_1.png"],
-     ["slice_1.png", "slice_2.png", "slice_10.png"]),
-    (["pm3110o.tif", "pm3199o.tif", "pm3100o.tif"],
-     ["pm3100o.tif", "pm3110o.tif", "pm3199o.tif"]),
-    (["B2", "a10", "a9"], ["a9", "a10", "B2"]),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["s10", "s2", "s1"], ["s1", "s2", "s10"]),
+        (
+            ["slice_10.png", "slice_2.png", "slice_1.png"],
+            ["slice_1.png", "slice_2.png", "slice_10.png"],
+        ),
+        (
+            ["pm3110o.tif", "pm3199o.tif", "pm3100o.tif"],
+            ["pm3100o.tif", "pm3110o.tif", "pm3199o.tif"],
+        ),
+        (["B2", "a10", "a9"], ["a9", "a10", "B2"]),
+    ],
+)
 def test_natural_sort_orders_digit_runs_by_value(names, expected):
     assert sorted(names, key=sections.natural_key) == expected
 
@@ -42,18 +50,34 @@ def test_directory_listing_skips_non_images_and_hidden_files(tmp_path):
 def test_manifest_in_the_directory_gives_the_exact_input_set(tmp_path):
     for z in range(3):
         save(tmp_path / f"s{z}.png", np.zeros((4, 4), np.uint8))
-    (tmp_path / "fetch_manifest.json").write_text(json.dumps({
-        "version": 1, "source": "https://example.org/x", "filter": None,
-        "objects": [{"name": n, "path": n, "bytes": 1, "md5": "0"}
-                    for n in ("s2.png", "s0.png", "notes.txt")]}))
+    (tmp_path / "fetch_manifest.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "source": "https://example.org/x",
+                "filter": None,
+                "objects": [
+                    {"name": n, "path": n, "bytes": 1, "md5": "0"}
+                    for n in ("s2.png", "s0.png", "notes.txt")
+                ],
+            }
+        )
+    )
     for source in (tmp_path, tmp_path / "fetch_manifest.json"):
         assert [p.name for p in sections.list_sections(source)] == ["s0.png", "s2.png"]
 
 
 def test_manifest_entry_missing_on_disk_is_named(tmp_path):
-    (tmp_path / "fetch_manifest.json").write_text(json.dumps({
-        "version": 1, "source": "u", "filter": None,
-        "objects": [{"name": "gone.png", "path": "gone.png", "bytes": 1, "md5": "0"}]}))
+    (tmp_path / "fetch_manifest.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "source": "u",
+                "filter": None,
+                "objects": [{"name": "gone.png", "path": "gone.png", "bytes": 1, "md5": "0"}],
+            }
+        )
+    )
     with pytest.raises(InputError, match="gone.png"):
         sections.list_sections(tmp_path)
 
@@ -72,11 +96,14 @@ def test_empty_directory_is_an_error(tmp_path):
         sections.list_sections(tmp_path)
 
 
-@pytest.mark.parametrize("array, dtype, channels", [
-    (np.zeros((5, 7), np.uint8), "uint8", 1),
-    (np.zeros((5, 7), np.uint16), "uint16", 1),
-    (np.zeros((5, 7, 3), np.uint8), "uint8", 3),
-])
+@pytest.mark.parametrize(
+    "array, dtype, channels",
+    [
+        (np.zeros((5, 7), np.uint8), "uint8", 1),
+        (np.zeros((5, 7), np.uint16), "uint16", 1),
+        (np.zeros((5, 7, 3), np.uint8), "uint8", 3),
+    ],
+)
 def test_probe_and_read_give_shape_type_and_pixels(tmp_path, array, dtype, channels):
     array = array.copy()
     array.flat[::3] = 200
@@ -87,8 +114,9 @@ def test_probe_and_read_give_shape_type_and_pixels(tmp_path, array, dtype, chann
 
 
 def test_truncated_section_is_named(tmp_path):
-    path = save(tmp_path / "s.png", np.random.default_rng(0).integers(
-        0, 255, (64, 64), dtype=np.uint8))
+    path = save(
+        tmp_path / "s.png", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    )
     fmt = sections.probe_section(path)
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(InputError, match="s.png"):
@@ -114,9 +142,11 @@ def _png_variants(rng) -> dict:
 COLOUR_VARIANTS = ("rgb", "rgba", "palette")  # grey conversion applies to these only
 
 
-@pytest.mark.parametrize("variant, grey", [
-    (variant, False) for variant in _png_variants(np.random.default_rng(0))
-] + [(variant, True) for variant in COLOUR_VARIANTS])
+@pytest.mark.parametrize(
+    "variant, grey",
+    [(variant, False) for variant in _png_variants(np.random.default_rng(0))]
+    + [(variant, True) for variant in COLOUR_VARIANTS],
+)
 def test_png_sections_read_as_pillow_decodes_them(tmp_path, variant, grey):
     image, options = _png_variants(np.random.default_rng(6))[variant]
     path = tmp_path / "s.png"
@@ -132,8 +162,7 @@ def test_png_sections_read_as_pillow_decodes_them(tmp_path, variant, grey):
 
 @pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate", "packbits"])
 @pytest.mark.parametrize("kind", ["grey8", "grey16", "rgb"])
-def test_tiff_sections_are_decoded_by_libtiff_as_pillow_decodes_them(tmp_path, kind,
-                                                                      compression):
+def test_tiff_sections_are_decoded_by_libtiff_as_pillow_decodes_them(tmp_path, kind, compression):
     rng = np.random.default_rng(8)
     shape = (37, 53, 3) if kind == "rgb" else (37, 53)
     dtype = np.uint16 if kind == "grey16" else np.uint8
@@ -144,12 +173,12 @@ def test_tiff_sections_are_decoded_by_libtiff_as_pillow_decodes_them(tmp_path, k
         decoded = sections._decode_plain(path, image)
     assert decoded is not None  # libtiff, not Pillow
     np.testing.assert_array_equal(decoded, array)
-    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)),
-                                  array)
+    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)), array)
 
 
 def test_inverted_grey_tiff_goes_through_pillow(tmp_path):
     from PIL import TiffImagePlugin
+
     array = (np.arange(35, dtype=np.uint8) * 7).reshape(5, 7)
     tags = TiffImagePlugin.ImageFileDirectory_v2()
     tags[262] = 0  # PhotometricInterpretation: WhiteIsZero
@@ -157,8 +186,7 @@ def test_inverted_grey_tiff_goes_through_pillow(tmp_path):
     Image.fromarray(array).save(path, tiffinfo=tags)
     with Image.open(path) as image:
         assert sections._decode_plain(path, image) is None  # libtiff would not invert
-    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)),
-                                  array)
+    np.testing.assert_array_equal(sections.read_section(path, sections.probe_section(path)), array)
 
 
 def test_grey_sections_are_decoded_into_the_given_buffer(tmp_path):
@@ -193,8 +221,8 @@ def test_plain_pngs_are_decoded_by_libpng_and_others_by_pillow(tmp_path):
     with Image.open(animated) as image:
         assert sections._decode_plain(animated, image) is None
     np.testing.assert_array_equal(
-        sections.read_section(animated, sections.probe_section(animated)),
-        np.asarray(frames[0]))
+        sections.read_section(animated, sections.probe_section(animated)), np.asarray(frames[0])
+    )
     # A file libpng refuses goes to Pillow, which names the problem.
     damaged = bytearray(plain.read_bytes())
     damaged[-20] ^= 0xFF  # inside the image data or its checksum

@@ -1,4 +1,5 @@
 """Settings file checks: private file, valid JSON, known keys and values."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,14 @@ import pytest
 from hbp_image_tasks.errors import SettingsError
 from hbp_image_tasks.settings import load_settings
 
-GOOD = {"auth_version": "3", "os_username": "u", "os_password": "pw-secret",
-        "os_project_id": "p", "os_auth_url": "https://keystone.example.org/v3",
-        "os_storage_url": "https://object.example.org/v1/AUTH_p"}
+GOOD = {
+    "auth_version": "3",
+    "os_username": "u",
+    "os_password": "pw-secret",
+    "os_project_id": "p",
+    "os_auth_url": "https://keystone.example.org/v3",
+    "os_storage_url": "https://object.example.org/v1/AUTH_p",
+}
 
 
 def write(tmp_path, data, mode=0o600, text=None):
@@ -55,11 +61,14 @@ def test_missing_key_is_named(tmp_path, key):
         load_settings(write(tmp_path, data))
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("auth_version", "2", "auth_version '2' is not supported"),
-    ("os_auth_url", "ftp://keystone.example.org/v3", "not an http"),
-    ("os_storage_url", "object.example.org/v1/AUTH_p", "not an http"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("auth_version", "2", "auth_version '2' is not supported"),
+        ("os_auth_url", "ftp://keystone.example.org/v3", "not an http"),
+        ("os_storage_url", "object.example.org/v1/AUTH_p", "not an http"),
+    ],
+)
 def test_bad_value_is_refused(tmp_path, key, value, message):
     with pytest.raises(SettingsError, match=message) as caught:
         load_settings(write(tmp_path, {**GOOD, key: value}))

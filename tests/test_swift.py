@@ -1,5 +1,6 @@
 """Round trips through hbp_image_tasks.swift against the real local Swift + Keystone v3,
 and failure injection (5xx, 401) with ``responses``."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,13 @@ from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 from hbp_image_tasks import cli, errors
 from hbp_image_tasks.settings import Secret, SwiftSettings, load_settings
 from hbp_image_tasks.swift import (
-    PUBLIC_READ_ACL, PublicContainer, RemoteError, SwiftConnection, http_session,
-    parse_container_url)
+    PUBLIC_READ_ACL,
+    PublicContainer,
+    RemoteError,
+    SwiftConnection,
+    http_session,
+    parse_container_url,
+)
 
 swift = pytest.mark.swift
 
@@ -43,8 +49,7 @@ def read_all(stream) -> bytes:
 
 
 @swift
-def test_put_then_get_returns_the_same_bytes_and_etag(connection, unique_container,
-                                                     swift_client):
+def test_put_then_get_returns_the_same_bytes_and_etag(connection, unique_container, swift_client):
     container = unique_container()
     assert connection.ensure_container(container) is True
     data = bytes(range(256)) * 1000
@@ -90,12 +95,11 @@ def listed_container(local_swift):
 
 @swift
 @pytest.mark.parametrize("page_size", [None, 30], ids=["server-limit", "page-30"])
-@pytest.mark.parametrize("prefix,count", [("data/0000", 10), ("data/001", 100),
-                                          ("data/", 250)])
+@pytest.mark.parametrize("prefix,count", [("data/0000", 10), ("data/001", 100), ("data/", 250)])
 @pytest.mark.parametrize("anonymous", [False, True], ids=["keystone", "anonymous"])
 def test_listing_follows_pages_beyond_the_server_limit(
-        prefix, count, anonymous, page_size, connection, listed_container, proxy_log,
-        local_swift):
+    prefix, count, anonymous, page_size, connection, listed_container, proxy_log, local_swift
+):
     name, url = listed_container
     # None asks for the server's own maximum (more would get 412).
     if anonymous:
@@ -116,12 +120,15 @@ def test_listing_follows_pages_beyond_the_server_limit(
 
 
 @swift
-def test_ensure_container_sets_read_acl_and_cors_origin(connection, unique_container,
-                                                       swift_client, local_swift):
+def test_ensure_container_sets_read_acl_and_cors_origin(
+    connection, unique_container, swift_client, local_swift
+):
     container = unique_container()
     origin = "https://viewer.example.org"
-    headers = {"X-Container-Read": PUBLIC_READ_ACL,
-               "X-Container-Meta-Access-Control-Allow-Origin": origin}
+    headers = {
+        "X-Container-Read": PUBLIC_READ_ACL,
+        "X-Container-Meta-Access-Control-Allow-Origin": origin,
+    }
     assert connection.ensure_container(container, headers) is True
     connection.put_object(container, "info", b'{"type": "image"}')
     stored = swift_client.head_container(container)
@@ -130,8 +137,9 @@ def test_ensure_container_sets_read_acl_and_cors_origin(connection, unique_conta
 
     url = connection.container_url(container).object_url("info")
     assert url == f"{local_swift.storage_url}/{container}/info"
-    preflight = requests.options(url, headers={
-        "Origin": origin, "Access-Control-Request-Method": "GET"})
+    preflight = requests.options(
+        url, headers={"Origin": origin, "Access-Control-Request-Method": "GET"}
+    )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == origin
     got = requests.get(url, headers={"Origin": origin})
@@ -154,8 +162,10 @@ def test_public_container_is_read_anonymously(make_container):
     assert {o.name for o in public.iter_objects(page_size=None)} == set(objects)
     for name, data in objects.items():
         assert read_all(public.open_object(name)) == data
-    assert read_all(public.open_object("8_8_8/0-64_0-64_0-64", start=50)) == objects[
-        "8_8_8/0-64_0-64_0-64"][50:]
+    assert (
+        read_all(public.open_object("8_8_8/0-64_0-64_0-64", start=50))
+        == objects["8_8_8/0-64_0-64_0-64"][50:]
+    )
 
 
 @swift
@@ -174,12 +184,16 @@ def test_keystone_v3_auth_finds_the_storage_url_in_the_catalog(settings, local_s
     assert conn.check_credentials() == local_swift.storage_url
     parsed = parse_container_url(conn.container_url("c", "p/q").url + "/p/q")
     assert (parsed.storage_url, parsed.container, parsed.prefix) == (
-        local_swift.storage_url, "c", "p/q")
+        local_swift.storage_url,
+        "c",
+        "p/q",
+    )
 
 
 @swift
 def test_revoked_token_mid_run_is_renewed_and_the_run_continues(
-        connection, unique_container, local_swift, proxy_log):
+    connection, unique_container, local_swift, proxy_log
+):
     container = unique_container()
     connection.ensure_container(container)
     connection.put_object(container, "before", b"1")
@@ -193,8 +207,10 @@ def test_revoked_token_mid_run_is_renewed_and_the_run_continues(
     assert read_all(connection.open_object(container, "after")) == b"2"
     _, new_token = connection.connection().get_auth()
     assert new_token != token
-    statuses = [e.status for e in proxy_log.entries("PUT", f"/v1/AUTH_{local_swift.project_id}"
-                                                           f"/{container}/after")]
+    statuses = [
+        e.status
+        for e in proxy_log.entries("PUT", f"/v1/AUTH_{local_swift.project_id}/{container}/after")
+    ]
     assert statuses == [401, 201]
 
 
@@ -214,23 +230,32 @@ def test_ensure_container_with_bad_password_is_one_line_error(settings, unique_c
     wrong = dataclasses.replace(settings, os_password=Secret("not-the-password"))
     with pytest.raises(errors.UploadError):
         SwiftConnection(wrong, retries=1, error_type=errors.UploadError).ensure_container(
-            unique_container())
+            unique_container()
+        )
 
 
 # --------------------------------------------------------------------------
 # failure injection without a server
 
 
-
 def fake_settings() -> SwiftSettings:
-    return SwiftSettings(os_username="u", os_password=Secret("pw-secret"),
-                         os_auth_url=FAKE_AUTH, os_project_id="0123",
-                         os_storage_url=FAKE_STORAGE)
+    return SwiftSettings(
+        os_username="u",
+        os_password=Secret("pw-secret"),
+        os_auth_url=FAKE_AUTH,
+        os_project_id="0123",
+        os_storage_url=FAKE_STORAGE,
+    )
 
 
 def add_keystone(mock: responses.RequestsMock) -> None:
-    mock.add(responses.POST, FAKE_AUTH + "/auth/tokens", json=token_body(), status=201,
-             headers={"X-Subject-Token": "fake-token"})
+    mock.add(
+        responses.POST,
+        FAKE_AUTH + "/auth/tokens",
+        json=token_body(),
+        status=201,
+        headers={"X-Subject-Token": "fake-token"},
+    )
 
 
 def test_put_503_is_retried_until_it_succeeds():
@@ -249,8 +274,9 @@ def test_put_503_forever_gives_one_line_error():
     with responses.RequestsMock() as mock:
         add_keystone(mock)
         mock.add(responses.PUT, FAKE_STORAGE + "/c/o", status=503)
-        conn = SwiftConnection(fake_settings(), retries=2, starting_backoff=0.01,
-                               error_type=errors.UploadError)
+        conn = SwiftConnection(
+            fake_settings(), retries=2, starting_backoff=0.01, error_type=errors.UploadError
+        )
         with pytest.raises(errors.UploadError) as caught:
             conn.put_object("c", "o", io.BytesIO(b"data"), content_length=4)
     assert "503" in str(caught.value) and "c/o" in str(caught.value)
@@ -268,10 +294,10 @@ def test_401_after_another_thread_renewed_the_shared_token_is_retried():
 
     with responses.RequestsMock() as mock:
         add_keystone(mock)
-        mock.add_callback(responses.PUT, FAKE_STORAGE + "/c/o",
-                          callback=refused_while_another_thread_renews)
-        mock.add(responses.PUT, FAKE_STORAGE + "/c/o", status=201,
-                 headers={"ETag": "abc"})
+        mock.add_callback(
+            responses.PUT, FAKE_STORAGE + "/c/o", callback=refused_while_another_thread_renews
+        )
+        mock.add(responses.PUT, FAKE_STORAGE + "/c/o", status=201, headers={"ETag": "abc"})
         assert conn.put_object("c", "o", b"data") == "abc"
         assert [c.request.method for c in mock.calls] == ["POST", "PUT", "POST", "PUT"]
 
@@ -289,10 +315,18 @@ def test_anonymous_get_503_is_retried():
 
 def test_keystone_401_is_one_line_error():
     with responses.RequestsMock() as mock:
-        mock.add(responses.POST, FAKE_AUTH + "/auth/tokens", status=401,
-                 json={"error": {"code": 401, "title": "Unauthorized",
-                                 "message": "The request you have made requires "
-                                            "authentication."}})
+        mock.add(
+            responses.POST,
+            FAKE_AUTH + "/auth/tokens",
+            status=401,
+            json={
+                "error": {
+                    "code": 401,
+                    "title": "Unauthorized",
+                    "message": "The request you have made requires authentication.",
+                }
+            },
+        )
         with pytest.raises(RemoteError) as caught:
             SwiftConnection(fake_settings(), retries=1).check_credentials()
     message = str(caught.value)
@@ -303,10 +337,10 @@ def test_keystone_401_is_one_line_error():
 # --------------------------------------------------------------------------
 # the password never shows, even at the highest verbosity
 
+
 @swift
 @pytest.mark.parametrize("succeed", [True, False], ids=["success", "bad-password"])
-def test_password_never_appears_in_any_output(succeed, settings, unique_container,
-                                              capsys):
+def test_password_never_appears_in_any_output(succeed, settings, unique_container, capsys):
     password = settings.os_password.reveal() if succeed else "Wrong-Pa55word-xyz"
     used = dataclasses.replace(settings, os_password=Secret(password))
     container = unique_container()
@@ -314,8 +348,9 @@ def test_password_never_appears_in_any_output(succeed, settings, unique_containe
     def work(redactor):
         # As the commands do: the settings' password is registered right away.
         redactor.add(used.os_password.reveal())
-        conn = SwiftConnection(used, retries=1, starting_backoff=0.01,
-                               error_type=errors.UploadError)
+        conn = SwiftConnection(
+            used, retries=1, starting_backoff=0.01, error_type=errors.UploadError
+        )
         conn.check_credentials()
         logging.getLogger("hbp_image_tasks").debug("settings: %r", used)
         conn.ensure_container(container)

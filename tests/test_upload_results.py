@@ -1,6 +1,7 @@
 """upload_results: a converted dataset goes up to the real local Swift + Keystone v3 and is
 read back anonymously as a viewer would; faults (5xx, 401, 403, 413, 422, dropped
 connections) are injected with ``responses`` against an in-memory Swift."""
+
 from __future__ import annotations
 
 import gzip
@@ -25,9 +26,14 @@ from hbp_image_tasks.errors import InputError, Interrupted, UploadError, UsageEr
 from hbp_image_tasks.neuroglancer_link import neuroglancer_link
 from hbp_image_tasks.settings import Secret, SwiftSettings, load_settings
 from hbp_image_tasks.swift import SwiftConnection
-from hbp_image_tasks.upload_plan import (MANIFEST_FILE, content_type_for,
-                                         normalize_prefix, object_name_for, scan,
-                                         validate_container_name)
+from hbp_image_tasks.upload_plan import (
+    MANIFEST_FILE,
+    content_type_for,
+    normalize_prefix,
+    object_name_for,
+    scan,
+    validate_container_name,
+)
 from hbp_image_tasks.upload_results import main, parse_size, upload
 
 swift = pytest.mark.swift
@@ -39,12 +45,15 @@ CHUNK = 16
 # ---------------------------------------------------------------------------
 # a real converted dataset, made with neuroglancer-scripts
 
+
 def make_dataset(directory: Path, volume: np.ndarray, flat: bool) -> Path:
     """Converts ``volume`` (x, y, z) to precomputed in ``directory``; returns it."""
     import nibabel
-    from neuroglancer_scripts.scripts import compute_scales
-    from neuroglancer_scripts.scripts import generate_scales_info
-    from neuroglancer_scripts.scripts import volume_to_precomputed
+    from neuroglancer_scripts.scripts import (
+        compute_scales,
+        generate_scales_info,
+        volume_to_precomputed,
+    )
 
     directory.mkdir(parents=True)
     nifti = directory.parent / f"{directory.name}.nii.gz"
@@ -52,8 +61,12 @@ def make_dataset(directory: Path, volume: np.ndarray, flat: bool) -> Path:
     layout = ["--flat"] if flat else []
     out = str(directory)
     assert volume_to_precomputed.main(["v2p", str(nifti), out, "--generate-info"]) == 0
-    assert generate_scales_info.main(["gsi", f"{out}/info_fullres.json", out,
-                                      "--target-chunk-size", str(CHUNK)]) == 0
+    assert (
+        generate_scales_info.main(
+            ["gsi", f"{out}/info_fullres.json", out, "--target-chunk-size", str(CHUNK)]
+        )
+        == 0
+    )
     assert volume_to_precomputed.main(["v2p", str(nifti), out] + layout) == 0
     assert compute_scales.main(["cs", out] + layout) == 0
     return directory
@@ -69,8 +82,10 @@ def volume() -> np.ndarray:
 def datasets(tmp_path_factory, volume) -> dict[str, Path]:
     """Returns the flat and the nested conversion of the same volume (read-only)."""
     base = tmp_path_factory.mktemp("datasets")
-    return {"flat": make_dataset(base / "flat", volume, flat=True),
-            "nested": make_dataset(base / "nested", volume, flat=False)}
+    return {
+        "flat": make_dataset(base / "flat", volume, flat=True),
+        "nested": make_dataset(base / "nested", volume, flat=False),
+    }
 
 
 @pytest.fixture
@@ -95,26 +110,33 @@ def local_objects(results: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------
 # the local side: names, headers, what is left out
 
-@pytest.mark.parametrize("parts, name, encoding", [
-    (["1mm", "0-16_0-16_32-48.gz"], "1mm/0-16_0-16_32-48", "gzip"),
-    (["1mm", "0-16_0-16_32-48"], "1mm/0-16_0-16_32-48", ""),
-    (["1mm", "0-16", "16-32", "32-48.gz"], "1mm/0-16_16-32_32-48", "gzip"),
-    (["1mm", "0-16", "16-32", "32-48"], "1mm/0-16_16-32_32-48", ""),
-    (["info"], "info", ""),
-    (["transform.json"], "transform.json", ""),
-    (["mesh", "1", "2", "3"], "mesh/1/2/3", ""),
-])
+
+@pytest.mark.parametrize(
+    "parts, name, encoding",
+    [
+        (["1mm", "0-16_0-16_32-48.gz"], "1mm/0-16_0-16_32-48", "gzip"),
+        (["1mm", "0-16_0-16_32-48"], "1mm/0-16_0-16_32-48", ""),
+        (["1mm", "0-16", "16-32", "32-48.gz"], "1mm/0-16_16-32_32-48", "gzip"),
+        (["1mm", "0-16", "16-32", "32-48"], "1mm/0-16_16-32_32-48", ""),
+        (["info"], "info", ""),
+        (["transform.json"], "transform.json", ""),
+        (["mesh", "1", "2", "3"], "mesh/1/2/3", ""),
+    ],
+)
 def test_object_names_are_the_ones_neuroglancer_requests(parts, name, encoding):
     assert object_name_for(parts) == (name, encoding)
 
 
-@pytest.mark.parametrize("name, content_type", [
-    ("info", "application/json"),
-    ("transform.json", "application/json"),
-    ("segment_properties/info", "application/json"),
-    ("8um/0-64_0-64_0-64", "application/octet-stream"),
-    ("README.txt", "text/plain"),
-])
+@pytest.mark.parametrize(
+    "name, content_type",
+    [
+        ("info", "application/json"),
+        ("transform.json", "application/json"),
+        ("segment_properties/info", "application/json"),
+        ("8um/0-64_0-64_0-64", "application/octet-stream"),
+        ("README.txt", "text/plain"),
+    ],
+)
 def test_content_types(name, content_type):
     assert content_type_for(name) == content_type
 
@@ -130,8 +152,7 @@ def test_good_container_names_are_accepted(name):
     assert validate_container_name(name) == name
 
 
-@pytest.mark.parametrize("prefix, normalized", [
-    ("", ""), ("/", ""), ("a/b/", "a/b"), ("/a", "a")])
+@pytest.mark.parametrize("prefix, normalized", [("", ""), ("/", ""), ("a/b/", "a/b"), ("/a", "a")])
 def test_prefix_is_normalized(prefix, normalized):
     assert normalize_prefix(prefix) == normalized
 
@@ -142,8 +163,10 @@ def test_prefix_with_dot_components_is_refused(prefix):
         normalize_prefix(prefix)
 
 
-@pytest.mark.parametrize("text, size", [("1073741824", 1 << 30), ("512M", 512 << 20),
-                                        ("1G", 1 << 30), ("64KiB", 64 << 10)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("1073741824", 1 << 30), ("512M", 512 << 20), ("1G", 1 << 30), ("64KiB", 64 << 10)],
+)
 def test_segment_size_option(text, size):
     assert parse_size(text) == size
 
@@ -175,8 +198,9 @@ def test_two_files_for_one_object_are_refused(tmp_path):
         scan(tmp_path)
 
 
-@pytest.mark.parametrize("state, refused", [
-    ({"complete": False}, True), ({"complete": True}, False), (None, False)])
+@pytest.mark.parametrize(
+    "state, refused", [({"complete": False}, True), ({"complete": True}, False), (None, False)]
+)
 def test_incomplete_conversion_is_refused(tmp_path, state, refused):
     (tmp_path / "info").write_text("{}")
     if state is not None:
@@ -201,8 +225,11 @@ def test_directory_without_info_is_refused(tmp_path):
 
 
 def test_neuroglancer_link_opens_the_public_url():
-    link = neuroglancer_link("https://swift.example.org/v1/AUTH_x/c/a/b",
-                             "https://viewer.example.org", info={"type": "image"})
+    link = neuroglancer_link(
+        "https://swift.example.org/v1/AUTH_x/c/a/b",
+        "https://viewer.example.org",
+        info={"type": "image"},
+    )
     base, _, fragment = link.partition("#!")
     assert base == "https://viewer.example.org/"
     state = json.loads(unquote(fragment))
@@ -212,6 +239,7 @@ def test_neuroglancer_link_opens_the_public_url():
 
 # ---------------------------------------------------------------------------
 # against the real local Swift + Keystone v3
+
 
 @pytest.fixture
 def settings(swift_settings_file) -> SwiftSettings:
@@ -256,22 +284,22 @@ def read_back_as_a_viewer(public_url: str, results: Path, volume: np.ndarray) ->
             assert response.content == expected, name  # requests decoded the gzip
             if scale is info["scales"][0]:
                 chunk = decode_chunk(response.content, name.split("/")[-1])
-                (x0, _), (y0, _), (z0, _) = (map(int, r.split("-"))
-                                             for r in name.split("/")[-1].split("_"))
+                (x0, _), (y0, _), (z0, _) = (
+                    map(int, r.split("-")) for r in name.split("/")[-1].split("_")
+                )
                 sx, sy, sz = chunk.shape
-                assert np.array_equal(chunk, volume[x0:x0 + sx, y0:y0 + sy, z0:z0 + sz])
+                assert np.array_equal(chunk, volume[x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz])
             checked += 1
     return checked
 
 
 def listing(swift_client, container: str, prefix: str = "") -> dict[str, dict]:
-    _, objects = swift_client.get_container(container, prefix=prefix or None,
-                                            full_listing=True)
+    _, objects = swift_client.get_container(container, prefix=prefix or None, full_listing=True)
     return {o["name"]: o for o in objects}
 
 
 def container_path(local_swift, container: str) -> str:
-    """Returns the container's path as the proxy log shows it (also matches <container>_segments)."""
+    """Returns the container's path in the proxy log (also matches <container>_segments)."""
     return f"{urlparse(local_swift.storage_url).path}/{container}"
 
 
@@ -282,14 +310,32 @@ def md5_of(path: Path) -> str:
 @swift
 @pytest.mark.parametrize("layout, trailing_slash", [("flat", True), ("nested", False)])
 def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
-        datasets, volume, swift_settings_file, unique_container, swift_client,
-        tmp_path, capsys, layout, trailing_slash):
+    datasets,
+    volume,
+    swift_settings_file,
+    unique_container,
+    swift_client,
+    tmp_path,
+    capsys,
+    layout,
+    trailing_slash,
+):
     results = tmp_path / layout
     shutil.copytree(datasets[layout], results)
     container = unique_container()
     argument = str(results) + ("/" if trailing_slash else "")
-    code = main([argument, "--container", container, "--prefix", "bb/8um/",
-                 "--settings", str(swift_settings_file), "-q"])
+    code = main(
+        [
+            argument,
+            "--container",
+            container,
+            "--prefix",
+            "bb/8um/",
+            "--settings",
+            str(swift_settings_file),
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     public_url = re.search(r"^public URL: (\S+)$", out, re.M).group(1)
@@ -302,21 +348,42 @@ def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
     manifest = json.loads((results / MANIFEST_FILE).read_text())
     listed = listing(swift_client, container, "bb/8um/")
     assert {o["name"]: o["md5"] for o in manifest["objects"]} == {
-        name: o["hash"] for name, o in listed.items()}
+        name: o["hash"] for name, o in listed.items()
+    }
     assert len(listed) == len(local_objects(results))
 
 
 @swift
-@pytest.mark.parametrize("origin_option, origin", [
-    ("*", "https://any.example.org"), ("https://viewer.example.org", "https://viewer.example.org")])
-def test_cors_answers_a_browser_origin(dataset, swift_settings_file, unique_container,
-                                       local_swift, origin_option, origin):
+@pytest.mark.parametrize(
+    "origin_option, origin",
+    [
+        ("*", "https://any.example.org"),
+        ("https://viewer.example.org", "https://viewer.example.org"),
+    ],
+)
+def test_cors_answers_a_browser_origin(
+    dataset, swift_settings_file, unique_container, local_swift, origin_option, origin
+):
     container = unique_container()
-    assert main([str(dataset), "--container", container, "--cors-origin", origin_option,
-                 "--settings", str(swift_settings_file), "-q"]) == 0
+    assert (
+        main(
+            [
+                str(dataset),
+                "--container",
+                container,
+                "--cors-origin",
+                origin_option,
+                "--settings",
+                str(swift_settings_file),
+                "-q",
+            ]
+        )
+        == 0
+    )
     url = f"{local_swift.storage_url}/{container}/info"
-    preflight = requests.options(url, headers={
-        "Origin": origin, "Access-Control-Request-Method": "GET"})
+    preflight = requests.options(
+        url, headers={"Origin": origin, "Access-Control-Request-Method": "GET"}
+    )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] in ("*", origin)
     response = requests.get(url, headers={"Origin": origin})
@@ -329,7 +396,8 @@ def test_cors_answers_a_browser_origin(dataset, swift_settings_file, unique_cont
 
 @swift
 def test_unchanged_rerun_sends_no_put_and_a_changed_file_is_sent_again(
-        dataset, settings, unique_container, proxy_log, swift_client, local_swift):
+    dataset, settings, unique_container, proxy_log, swift_client, local_swift
+):
     container = unique_container()
     path = container_path(local_swift, container)
     first = upload(dataset, container, fresh_connection(settings), show_progress=False)
@@ -353,18 +421,29 @@ def test_unchanged_rerun_sends_no_put_and_a_changed_file_is_sent_again(
     assert listing(swift_client, container)[f"1mm/{chunk.name[:-3]}"]["hash"] == md5_of(chunk)
 
     proxy_log.mark()
-    forced = upload(dataset, container, fresh_connection(settings), show_progress=False,
-                    skip_identical=False)
+    forced = upload(
+        dataset, container, fresh_connection(settings), show_progress=False, skip_identical=False
+    )
     assert forced.uploaded == total
     assert proxy_log.count("PUT", path + "/") == total
 
 
 @swift
-def test_dry_run_writes_nothing(dataset, swift_settings_file, unique_container,
-                                proxy_log, capsys, swift_client, local_swift):
+def test_dry_run_writes_nothing(
+    dataset, swift_settings_file, unique_container, proxy_log, capsys, swift_client, local_swift
+):
     container = unique_container()
-    code = main([str(dataset), "--container", container, "--dry-run",
-                 "--settings", str(swift_settings_file), "-q"])
+    code = main(
+        [
+            str(dataset),
+            "--container",
+            container,
+            "--dry-run",
+            "--settings",
+            str(swift_settings_file),
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     total = len(local_objects(dataset))
@@ -373,43 +452,59 @@ def test_dry_run_writes_nothing(dataset, swift_settings_file, unique_container,
     assert proxy_log.count("PUT", path) == proxy_log.count("POST", path) == 0
     assert not (dataset / MANIFEST_FILE).exists()
     from swiftclient.exceptions import ClientException
+
     with pytest.raises(ClientException):
         swift_client.head_container(container)
 
 
 @swift
-def test_private_upload_is_not_readable_anonymously(dataset, swift_settings_file,
-                                                    unique_container, local_swift, capsys):
+def test_private_upload_is_not_readable_anonymously(
+    dataset, swift_settings_file, unique_container, local_swift, capsys
+):
     container = unique_container()
-    assert main([str(dataset), "--container", container, "--private",
-                 "--settings", str(swift_settings_file), "-q"]) == 0
+    assert (
+        main(
+            [
+                str(dataset),
+                "--container",
+                container,
+                "--private",
+                "--settings",
+                str(swift_settings_file),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "private" in capsys.readouterr().out
     response = requests.get(f"{local_swift.storage_url}/{container}/info")
     assert response.status_code in (401, 403)
 
 
 @swift
-def test_large_file_goes_up_as_a_static_large_object(dataset, settings, unique_container,
-                                                     local_swift, proxy_log):
+def test_large_file_goes_up_as_a_static_large_object(
+    dataset, settings, unique_container, local_swift, proxy_log
+):
     container = unique_container()
     unique_container("segments")  # makes the fixture delete <container>_segments too
     big = os.urandom(300 * 1024 + 17)
     (dataset / "extra.bin").write_bytes(big)
-    result = upload(dataset, container, fresh_connection(settings), show_progress=False,
-                    segment_size=100 * 1024)
+    result = upload(
+        dataset, container, fresh_connection(settings), show_progress=False, segment_size=100 * 1024
+    )
     assert result.uploaded == len(local_objects(dataset))
     response = requests.get(f"{result.public_url}/extra.bin")
     assert response.status_code == 200 and response.content == big
     proxy_log.mark()
-    again = upload(dataset, container, fresh_connection(settings), show_progress=False,
-                   segment_size=100 * 1024)
+    again = upload(
+        dataset, container, fresh_connection(settings), show_progress=False, segment_size=100 * 1024
+    )
     assert again.uploaded == 0
     assert proxy_log.count("PUT", container_path(local_swift, container)) == 0
 
 
 # ---------------------------------------------------------------------------
 # failure injection with ``responses`` against an in-memory Swift
-
 
 
 class FakeSwift:
@@ -439,13 +534,18 @@ class FakeSwift:
         self.tokens.clear()
 
     def settings(self) -> SwiftSettings:
-        return SwiftSettings(os_username="u", os_password=Secret("pw-secret"),
-                             os_auth_url=FAKE_AUTH, os_project_id="0123")
+        return SwiftSettings(
+            os_username="u",
+            os_password=Secret("pw-secret"),
+            os_auth_url=FAKE_AUTH,
+            os_project_id="0123",
+        )
 
     def connection(self, **options) -> SwiftConnection:
         options.setdefault("retries", 5)
-        return SwiftConnection(self.settings(), starting_backoff=0.01,
-                               error_type=UploadError, **options)
+        return SwiftConnection(
+            self.settings(), starting_backoff=0.01, error_type=UploadError, **options
+        )
 
     def authenticate(self, request):
         with self._lock:
@@ -469,7 +569,7 @@ class FakeSwift:
 
     def handle(self, request):
         url = urlparse(request.url)
-        path = url.path[len(urlparse(FAKE_STORAGE).path) + 1:]
+        path = url.path[len(urlparse(FAKE_STORAGE).path) + 1 :]
         container, _, name = path.partition("/")
         container, name = unquote(container), unquote(name)
         method = request.method
@@ -482,8 +582,9 @@ class FakeSwift:
                         raise fault[2]
                     return fault[2], {}, b""
         # swiftclient sends some header values as bytes
-        request.headers = {k: v.decode() if isinstance(v, bytes) else v
-                           for k, v in request.headers.items()}
+        request.headers = {
+            k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()
+        }
         request.headers = requests.structures.CaseInsensitiveDict(request.headers)
         token = request.headers.get("X-Auth-Token")
         stored = self.containers.get(container)
@@ -504,9 +605,11 @@ class FakeSwift:
             with self._lock:
                 if name not in self.lose:
                     self.objects[key] = {
-                        "data": data, "md5": md5,
+                        "data": data,
+                        "md5": md5,
                         "content_type": request.headers.get("Content-Type", ""),
-                        "content_encoding": request.headers.get("Content-Encoding", "")}
+                        "content_encoding": request.headers.get("Content-Encoding", ""),
+                    }
                 self.puts += 1
                 count = self.puts
             if self.after_put is not None:
@@ -527,24 +630,41 @@ class FakeSwift:
         if method in ("PUT", "POST"):
             if method == "POST" and stored is None:
                 return 404, {}, b""
-            headers = {k: v for k, v in request.headers.items()
-                       if k.lower().startswith("x-container")}
-            self.containers.setdefault(
-                container, requests.structures.CaseInsensitiveDict()).update(headers)
+            headers = {
+                k: v for k, v in request.headers.items() if k.lower().startswith("x-container")
+            }
+            self.containers.setdefault(container, requests.structures.CaseInsensitiveDict()).update(
+                headers
+            )
             return (201 if method == "PUT" else 204), {}, b""
         if method == "GET":
             if stored is None:
                 return 404, {}, b""
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             limit = int(query.get("limit", 7))  # small pages: exercises pagination
-            names = sorted(n for c, n in self.objects if c == container
-                           and n.startswith(query.get("prefix", ""))
-                           and n > query.get("marker", ""))[:limit]
-            return 200, {"Content-Type": "application/json"}, json.dumps([
-                {"name": n, "bytes": len(self.objects[container, n]["data"]),
-                 "hash": self.objects[container, n]["md5"],
-                 "content_type": self.objects[container, n]["content_type"],
-                 "last_modified": "2026-01-01T00:00:00.000000"} for n in names])
+            names = sorted(
+                n
+                for c, n in self.objects
+                if c == container
+                and n.startswith(query.get("prefix", ""))
+                and n > query.get("marker", "")
+            )[:limit]
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                json.dumps(
+                    [
+                        {
+                            "name": n,
+                            "bytes": len(self.objects[container, n]["data"]),
+                            "hash": self.objects[container, n]["md5"],
+                            "content_type": self.objects[container, n]["content_type"],
+                            "last_modified": "2026-01-01T00:00:00.000000",
+                        }
+                        for n in names
+                    ]
+                ),
+            )
         return 405, {}, b""
 
     def anonymous(self, method, container, name, request):
@@ -574,10 +694,18 @@ def assert_everything_stored(fake: FakeSwift, results: Path, container: str) -> 
         assert fake.objects[container, name]["md5"] == md5_of(path), name
 
 
-@pytest.mark.parametrize("fault", [
-    503, 500, 408, 429, requests.ConnectionError("connection reset by peer"),
-    requests.exceptions.ReadTimeout("read timed out")],
-    ids=["503", "500", "408", "429", "dropped", "timeout"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        503,
+        500,
+        408,
+        429,
+        requests.ConnectionError("connection reset by peer"),
+        requests.exceptions.ReadTimeout("read timed out"),
+    ],
+    ids=["503", "500", "408", "429", "dropped", "timeout"],
+)
 def test_transient_failures_are_retried(fake_swift, dataset, fault):
     fake_swift.fail("PUT", r"1mm/.*", fault, times=3)
     result = upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
@@ -621,6 +749,7 @@ def test_rejected_token_mid_run_is_renewed_and_the_upload_continues(fake_swift, 
     def revoke_once(count):
         if count == 10:
             fake_swift.revoke_tokens()
+
     fake_swift.after_put = revoke_once
     result = upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
     assert 2 <= fake_swift.issued <= 3  # each of the 2 threads may renew it once
@@ -645,9 +774,16 @@ def test_stop_request_finishes_in_flight_puts_and_a_rerun_sends_the_rest(fake_sw
     def stop_after_ten():
         polls.append(1)
         return len(polls) > 10
+
     with pytest.raises(Interrupted):
-        upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2,
-               should_stop=stop_after_ten)
+        upload(
+            dataset,
+            "c",
+            fake_swift.connection(),
+            show_progress=False,
+            jobs=2,
+            should_stop=stop_after_ten,
+        )
     done = fake_swift.puts
     assert 6 <= done <= 10  # started ones finish; queued ones (up to 2 per job) do not start
     total = len(local_objects(dataset))
@@ -659,15 +795,19 @@ def test_stop_request_finishes_in_flight_puts_and_a_rerun_sends_the_rest(fake_sw
 
 def test_old_objects_with_wrong_headers_are_caught_and_force_fixes_them(fake_swift, dataset):
     upload(dataset, "c", fake_swift.connection(), show_progress=False)
-    for key, stored in fake_swift.objects.items():  # as a plain `swift upload` leaves them
+    for _key, stored in fake_swift.objects.items():  # as a plain `swift upload` leaves them
         stored["content_encoding"] = ""
     with pytest.raises(UploadError, match="wrong headers.*--force"):
         upload(dataset, "c", fake_swift.connection(), show_progress=False)
-    result = upload(dataset, "c", fake_swift.connection(), show_progress=False,
-                    skip_identical=False)
+    result = upload(
+        dataset, "c", fake_swift.connection(), show_progress=False, skip_identical=False
+    )
     assert result.uploaded == result.total_objects
-    assert all(s["content_encoding"] == "gzip" for (c, n), s in fake_swift.objects.items()
-               if n.startswith("1mm/"))
+    assert all(
+        s["content_encoding"] == "gzip"
+        for (c, n), s in fake_swift.objects.items()
+        if n.startswith("1mm/")
+    )
 
 
 def test_public_container_that_is_not_readable_anonymously_is_an_error(fake_swift, dataset):
@@ -678,6 +818,7 @@ def test_public_container_that_is_not_readable_anonymously_is_an_error(fake_swif
 
 # ---------------------------------------------------------------------------
 # a dying proxy, a revoked token, secrets and settings, against the real Swift
+
 
 class Forwarder:
     """A TCP relay in front of the Swift proxy that dies after ``max_puts`` PUT requests."""
@@ -710,13 +851,10 @@ class Forwarder:
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._sockets.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream, True),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False),
-                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _pump(self, source: socket.socket, destination: socket.socket,
-              from_client: bool) -> None:
+    def _pump(self, source: socket.socket, destination: socket.socket, from_client: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -752,12 +890,14 @@ class Forwarder:
 
 def contextlib_suppress():
     import contextlib
+
     return contextlib.suppress(OSError)
 
 
 @swift
 def test_rerun_after_the_proxy_died_uploads_only_the_missing_objects(
-        dataset, settings, unique_container, local_swift, proxy_log, swift_client):
+    dataset, settings, unique_container, local_swift, proxy_log, swift_client
+):
     import dataclasses
 
     container = unique_container()
@@ -766,10 +906,12 @@ def test_rerun_after_the_proxy_died_uploads_only_the_missing_objects(
     forwarder.start()
     project_path = urlparse(local_swift.storage_url).path
     through = dataclasses.replace(
-        settings, os_storage_url=f"http://127.0.0.1:{forwarder.port}{project_path}")
+        settings, os_storage_url=f"http://127.0.0.1:{forwarder.port}{project_path}"
+    )
     with pytest.raises(UploadError) as caught:
-        upload(dataset, container, fresh_connection(through, retries=2),
-               show_progress=False, jobs=4)
+        upload(
+            dataset, container, fresh_connection(through, retries=2), show_progress=False, jobs=4
+        )
     assert "Connection" in str(caught.value) or "connect" in str(caught.value)
     assert not (dataset / MANIFEST_FILE).exists()
     local = local_objects(dataset)
@@ -782,17 +924,17 @@ def test_rerun_after_the_proxy_died_uploads_only_the_missing_objects(
     proxy_log.mark()
     result = upload(dataset, container, fresh_connection(through), show_progress=False)
     assert (result.uploaded, result.skipped) == (len(local) - len(intact), len(intact))
-    sent = {e.path[len(path) + 1:] for e in proxy_log.entries("PUT", path + "/")}
+    sent = {e.path[len(path) + 1 :] for e in proxy_log.entries("PUT", path + "/")}
     assert sent == set(local) - intact
     after = listing(swift_client, container)
-    assert {n: o["hash"] for n, o in after.items()} == {
-        n: md5_of(p) for n, p in local.items()}
+    assert {n: o["hash"] for n, o in after.items()} == {n: md5_of(p) for n, p in local.items()}
     forwarder.stop()
 
 
 @swift
 def test_token_revoked_mid_run_is_renewed_and_the_upload_continues(
-        dataset, settings, unique_container, local_swift, swift_client, proxy_log):
+    dataset, settings, unique_container, local_swift, swift_client, proxy_log
+):
     container = unique_container()
     connection = fresh_connection(settings)
     revoked = []
@@ -807,22 +949,33 @@ def test_token_revoked_mid_run_is_renewed_and_the_upload_continues(
             revoked.append(token)
         return False
 
-    result = upload(dataset, container, connection, show_progress=False, jobs=2,
-                    should_stop=revoke_after_twenty)
+    result = upload(
+        dataset, container, connection, show_progress=False, jobs=2, should_stop=revoke_after_twenty
+    )
     assert revoked
     refused = proxy_log.entries("PUT", container_path(local_swift, container) + "/")
     assert 401 in {e.status for e in refused}  # the old token was refused mid-run
     local = local_objects(dataset)
     assert result.uploaded == len(local)
     assert {n: o["hash"] for n, o in listing(swift_client, container).items()} == {
-        n: md5_of(p) for n, p in local.items()}
+        n: md5_of(p) for n, p in local.items()
+    }
 
 
 @swift
-def test_no_secret_in_any_output_at_vv(dataset, swift_settings_file, local_swift,
-                                       unique_container, capsys):
-    code = main([str(dataset), "--container", unique_container(),
-                 "--settings", str(swift_settings_file), "-vv"])
+def test_no_secret_in_any_output_at_vv(
+    dataset, swift_settings_file, local_swift, unique_container, capsys
+):
+    code = main(
+        [
+            str(dataset),
+            "--container",
+            unique_container(),
+            "--settings",
+            str(swift_settings_file),
+            "-vv",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert "DEBUG" in captured.err  # the libraries did log their requests
@@ -831,9 +984,16 @@ def test_no_secret_in_any_output_at_vv(dataset, swift_settings_file, local_swift
 
 def test_settings_refusals_apply(dataset, tmp_path, capsys, monkeypatch):
     settings_file = tmp_path / "os_settings.json"
-    settings_file.write_text(json.dumps({
-        "os_username": "u", "os_password": "pw-secret", "os_project_id": "p",
-        "os_auth_url": "https://keystone.invalid/v3"}))
+    settings_file.write_text(
+        json.dumps(
+            {
+                "os_username": "u",
+                "os_password": "pw-secret",
+                "os_project_id": "p",
+                "os_auth_url": "https://keystone.invalid/v3",
+            }
+        )
+    )
     settings_file.chmod(0o644)
     code = main([str(dataset), "--container", "c", "--settings", str(settings_file)])
     assert code == errors.EXIT_USAGE
@@ -850,8 +1010,9 @@ def test_bad_container_option_is_a_usage_error(dataset, name, capsys):
     assert caught.value.code == errors.EXIT_USAGE
 
 
-def test_unchanged_rerun_reads_no_file_but_a_changed_one_is_hashed(fake_swift, dataset,
-                                                                  monkeypatch):
+def test_unchanged_rerun_reads_no_file_but_a_changed_one_is_hashed(
+    fake_swift, dataset, monkeypatch
+):
     upload(dataset, "c", fake_swift.connection(), show_progress=False)
     hashed = []
     real_digest = upload_results.file_digest
@@ -859,6 +1020,7 @@ def test_unchanged_rerun_reads_no_file_but_a_changed_one_is_hashed(fake_swift, d
     def counting_digest(path, size, segment_size):
         hashed.append(Path(path).name)
         return real_digest(path, size, segment_size)
+
     monkeypatch.setattr(upload_results, "file_digest", counting_digest)
     result = upload(dataset, "c", fake_swift.connection(), show_progress=False)
     assert (result.uploaded, hashed) == (0, [])  # MD5s from the verified manifest
@@ -872,8 +1034,14 @@ def test_container_headers_are_set_only_when_they_differ(fake_swift, dataset):
     upload(dataset, "c", fake_swift.connection(), show_progress=False)
     upload(dataset, "c", fake_swift.connection(), show_progress=False)
     assert [m for m, n in fake_swift.requests if not n and m in ("PUT", "POST")] == ["PUT"]
-    upload(dataset, "c", fake_swift.connection(), show_progress=False,
-           cors_origin="https://viewer.example.org")
+    upload(
+        dataset,
+        "c",
+        fake_swift.connection(),
+        show_progress=False,
+        cors_origin="https://viewer.example.org",
+    )
     assert fake_swift.containers["c"]["X-Container-Meta-Access-Control-Allow-Origin"] == (
-        "https://viewer.example.org")
+        "https://viewer.example.org"
+    )
     assert fake_swift.containers["c"]["X-Container-Read"] == ".r:*,.rlistings"
