@@ -7,7 +7,7 @@ with open("README.md", encoding="utf-8") as readme:
 
 setup(
     name="hbp-image-tasks",
-    version="0.1.0",
+    version='0.1.0',
     description=(
         "Fetch brain images, convert them to Neuroglancer precomputed "
         "and publish them on OpenStack Swift"
