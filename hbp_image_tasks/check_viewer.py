@@ -70,14 +70,12 @@ RGB_SHADER = (
 DEFAULT_MIN_FRACTION = 0.02
 PANEL_OVERLAYS_HIDDEN = ".neuroglancer-rendered-data-panel * { visibility: hidden !important; }"
 
-EXIT_CODES_HELP = f"""\
-exit codes:
-  {errors.EXIT_OK}    the viewer loaded and rendered the dataset
-  {errors.EXIT_INTERNAL}    unexpected internal error (a bug: please report it with -v output)
-  {errors.EXIT_USAGE}    bad usage, or Chromium / Playwright / Neuroglancer missing
-  {errors.EXIT_SOURCE}    the viewer could not load or render the dataset (the reason is logged)
-  {errors.EXIT_SIGINT}  interrupted by SIGINT (Ctrl-C)
-"""
+EXIT_MEANINGS = {
+    errors.EXIT_OK: "the viewer loaded and rendered the dataset",
+    errors.EXIT_USAGE: "bad usage, or Chromium / Playwright / Neuroglancer missing",
+    errors.EXIT_SOURCE: "the viewer could not load or render the dataset (the reason is logged)",
+    errors.EXIT_SIGINT: "interrupted by SIGINT (Ctrl-C)",
+}
 
 EXAMPLES = """\
 examples:
@@ -564,11 +562,15 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="check_viewer",
         description=__doc__,
-        epilog=EXAMPLES + "\n" + EXIT_CODES_HELP + f"\nneeds: {INSTALL_HINT}",
+        epilog=EXAMPLES
+        + "\n"
+        + cli.exit_codes_help("check_viewer", EXIT_MEANINGS)
+        + f"\nneeds: {INSTALL_HINT}",
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
         "url",
+        metavar="URL",
         help="public http(s) URL of the dataset: the directory "
         "holding its 'info' file, e.g. a Swift container URL "
         "(a leading precomputed:// is accepted)",

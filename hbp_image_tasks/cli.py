@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Callable
 
 from . import errors
@@ -220,6 +220,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         ):
             return text
         return text + " (default: %(default)s)"
+
+
+def exit_codes_help(command: str, meanings: Mapping[int, str] | None = None) -> str:
+    """Returns the "exit codes:" block of ``command``'s help: only the codes it can return.
+
+    ``meanings`` overrides the general wording of some codes for this command.
+    """
+    wording = {**errors.EXIT_MEANINGS, **(meanings or {})}
+    lines = [f"  {code:<4} {wording[code]}" for code in errors.command_exit_codes(command)]
+    return "exit codes:\n" + "\n".join(lines) + "\n"
 
 
 def run_command(

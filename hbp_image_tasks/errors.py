@@ -1,7 +1,8 @@
 """Error types of hbp-image-tasks, one per boundary, and the exit codes they map to.
 
 ``main()`` of every command turns these into a one-line message and the exit
-code documented here (and in the README), so job scripts can act on it.
+code documented here (and in the README), so job scripts can act on it;
+``COMMAND_ERRORS`` says which of them each command can raise.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ EXIT_UPLOAD = 5
 EXIT_SIGINT = 130
 EXIT_INTERRUPTED = 143
 
-EXIT_CODES_HELP = f"""\
-exit codes:
-  {EXIT_OK}    success
-  {EXIT_INTERNAL}    unexpected internal error (a bug: please report it with -v output)
-  {EXIT_USAGE}    bad usage or bad input (options, settings file, parameters, input files)
-  {EXIT_SOURCE}    fetching the input failed (HTTP or Swift error, verification failed)
-  {EXIT_CONVERSION}    conversion to Neuroglancer precomputed failed
-  {EXIT_UPLOAD}    upload to Swift or its verification failed
-  {EXIT_SIGINT}  interrupted by SIGINT (Ctrl-C); the same command resumes
-  {EXIT_INTERRUPTED}  interrupted by SIGTERM (e.g. walltime); the same command resumes
-"""
+EXIT_MEANINGS = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "unexpected internal error (a bug: please report it with -v output)",
+    EXIT_USAGE: "bad usage or bad input (options, settings file, parameters, input files)",
+    EXIT_SOURCE: "fetching the input failed (HTTP or Swift error, verification failed)",
+    EXIT_CONVERSION: "conversion to Neuroglancer precomputed failed",
+    EXIT_UPLOAD: "upload to Swift or its verification failed",
+    EXIT_SIGINT: "interrupted by SIGINT (Ctrl-C); the same command resumes",
+    EXIT_INTERRUPTED: "interrupted by SIGTERM (e.g. walltime); the same command resumes",
+}
 
 
 class HbpError(Exception):
@@ -81,3 +81,32 @@ class Interrupted(HbpError):
         super().__init__(message)
         if signal_number == 2:
             self.exit_code = EXIT_SIGINT
+
+
+# Which errors each command can raise, hence which exit codes its --help lists.
+# Every command can also return 0, 1 (a bug) and 130 (Ctrl-C, via KeyboardInterrupt).
+# tests/test_exit_codes.py checks this against the raise statements of the code
+# each command reaches, so a new kind of failure must be added here too.
+COMMAND_ERRORS: dict[str, tuple[type[HbpError], ...]] = {
+    "fetch_input": (UsageError, FetchError, Interrupted),
+    "ingest_ngs": (UsageError, ConversionError, Interrupted),
+    "upload_results": (UsageError, UploadError, Interrupted),
+    "ingest": (UsageError, FetchError, ConversionError, UploadError, Interrupted),
+    "check_viewer": (UsageError, RemoteError),
+}
+ALWAYS_POSSIBLE = (EXIT_OK, EXIT_INTERNAL, EXIT_SIGINT)
+
+
+def exit_codes_of(error_type: type[HbpError]) -> set[int]:
+    """Returns the exit codes that an error of ``error_type`` can give."""
+    if issubclass(error_type, Interrupted):
+        return {EXIT_SIGINT, EXIT_INTERRUPTED}
+    return {error_type.exit_code}
+
+
+def command_exit_codes(command: str) -> list[int]:
+    """Returns the sorted exit codes that ``command`` can return."""
+    codes = set(ALWAYS_POSSIBLE)
+    for error_type in COMMAND_ERRORS[command]:
+        codes |= exit_codes_of(error_type)
+    return sorted(codes)

@@ -708,7 +708,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fetch_input",
         description=__doc__,
-        epilog=SEED_STACK_EXAMPLE + "\n" + errors.EXIT_CODES_HELP,
+        epilog=SEED_STACK_EXAMPLE + "\n" + cli.exit_codes_help("fetch_input"),
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(

@@ -66,7 +66,7 @@ resuming:
   same RESULTS_DIR are refused; --restart starts over.
 
 {SCHEMA_HELP}
-{errors.EXIT_CODES_HELP}"""
+{cli.exit_codes_help("ingest")}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Returns ``ingest``'s parser, built from the step commands' option groups."""
     parser = argparse.ArgumentParser(
         prog="ingest",
+        # --container is required unless --no-upload, which argparse cannot say by itself.
+        usage="%(prog)s [options] --source URL --download-dir DIR --results-dir DIR\n"
+        "              (--container NAME | --no-upload)",
         description=__doc__,
         epilog=EPILOG,
         formatter_class=cli.HelpFormatter,

@@ -502,14 +502,23 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `ingest_ngs`."""
     parser = argparse.ArgumentParser(
         prog="ingest_ngs",
+        # SOURCE and --destination are required except with --print-parameters,
+        # which argparse cannot say by itself.
+        usage="%(prog)s [options] SOURCE --destination DIR\n"
+        "       %(prog)s --print-parameters [--parameters JSON|@FILE]",
         description=__doc__,
-        epilog=EXAMPLES + "\n" + parameters_module.SCHEMA_HELP + "\n" + errors.EXIT_CODES_HELP,
+        epilog=EXAMPLES
+        + "\n"
+        + parameters_module.SCHEMA_HELP
+        + "\n"
+        + cli.exit_codes_help("ingest_ngs"),
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
         "source",
         type=Path,
         nargs="?",
+        metavar="SOURCE",
         help="directory of sections, fetch manifest (or the directory "
         "holding fetch_manifest.json), or a volume file",
     )

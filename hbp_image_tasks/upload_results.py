@@ -857,7 +857,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="upload_results",
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2] + "\n" + errors.EXIT_CODES_HELP,
+        epilog=__doc__.split("\n\n", 2)[2] + "\n" + cli.exit_codes_help("upload_results"),
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
