@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Swift + Keystone v3 (scripts/local-swift) and helpers to fill it.
+"""Shared fixtures: a real Swift + Keystone v3 (scripts/local-swift), a real one-node Slurm
+(scripts/local-slurm) and helpers to fill Swift.
 
 The fixtures talk to Swift with python-swiftclient directly, never through
 ``hbp_image_tasks.swift``, so the tests of that module stay independent of it.
@@ -216,6 +217,63 @@ def local_swift() -> Iterator[LocalSwift]:
     finally:
         if not was_running and os.environ.get("LOCAL_SWIFT_KEEP") != "1":
             run_script("stop", "--dir", state, timeout=60)
+
+
+@dataclasses.dataclass
+class LocalSlurm:
+    """The running one-node Slurm cluster: the fields of ``scripts/local-slurm env``."""
+
+    slurm_conf: Path
+    partition: str
+    cpus: int
+    memory_mb: int
+    logs_dir: Path
+
+    def environ(self) -> dict:
+        """Returns os.environ with this cluster's SLURM_CONF (for sbatch and friends)."""
+        return {**os.environ, "SLURM_CONF": str(self.slurm_conf)}
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[LocalSlurm]:
+    """Starts the local one-node Slurm once per session (reusing a running one).
+
+    State goes to $LOCAL_SLURM_TEST_DIR (default <repo>/.local-slurm/tests); the
+    daemons stop at the end unless they were already running or LOCAL_SLURM_KEEP=1.
+    Skips when slurm-wlm or munge is missing or the cluster cannot start (fails when CI=true).
+    """
+    state = os.environ.get("LOCAL_SLURM_TEST_DIR") or str(REPO / ".local-slurm" / "tests")
+    script = [sys.executable, str(REPO / "scripts" / "local_slurm.py")]
+    was_running = (
+        subprocess.run(script + ["status", "--dir", state], capture_output=True).returncode == 0
+    )
+    try:
+        started = subprocess.run(
+            script + ["start", "--dir", state], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        started = None
+    if started is None or started.returncode != 0:
+        reason = (
+            "scripts/local-slurm start timed out"
+            if started is None
+            else f"scripts/local-slurm start failed: {_last_line(started.stderr)}"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    env = json.loads(started.stdout)
+    try:
+        yield LocalSlurm(
+            Path(env["slurm_conf"]),
+            env["partition"],
+            env["cpus"],
+            env["memory_mb"],
+            Path(env["logs_dir"]),
+        )
+    finally:
+        if not was_running and os.environ.get("LOCAL_SLURM_KEEP") != "1":
+            subprocess.run(script + ["stop", "--dir", state], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
