@@ -34,7 +34,7 @@ setup(
         "zlib-ng>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "responses>=0.22", "ruff>=0.6"],
+        "test": ["pytest>=7", "responses>=0.22", "ruff>=0.6", "tensorstore>=0.1.60"],
         "browser": ["playwright>=1.40", "neuroglancer>=2.38"],
     },
     entry_points={
