@@ -220,11 +220,30 @@ def ensure_venv() -> Path:
         base = find_python()
         print(f"local-swift: creating {venv} with {base}", file=sys.stderr)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    print(f"local-swift: pip install {' '.join(SERVER_PACKAGES)} into {venv}", file=sys.stderr)
-    result = subprocess.run([str(python), "-m", "pip", "install", "-q"] + SERVER_PACKAGES)
-    if result.returncode != 0:
-        raise StartError(f"pip install of the servers into {venv} failed")
+    print(
+        f"local-swift: installing {', '.join(SERVER_PACKAGES)} into {venv} (once; a few minutes)",
+        file=sys.stderr,
+    )
+    quiet_pip(python, ["install", "-q"] + SERVER_PACKAGES)
     return python
+
+
+def quiet_pip(python: Path, arguments: list[str]) -> None:
+    """Runs pip with ``arguments``; shows its output only when it fails.
+
+    pip prints its configuration's warnings for every package even with -q,
+    which would bury the servers' own messages.
+    """
+    result = subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check"] + arguments,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout)
+        raise StartError(f"pip {' '.join(arguments)} failed with exit code {result.returncode}")
 
 
 # --------------------------------------------------------------------------
