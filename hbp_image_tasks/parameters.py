@@ -24,7 +24,7 @@ CHANNELS = (1, 3)
 
 # zlib level 5: on brain-like 8-bit chunks 1.8 % bigger than level 9 for a
 # quarter of its CPU time (level 4: +3 to +5 %, level 6: +0 to +2.4 % at twice
-# level 5's time); noisy data does not compress at any level. See the README.
+# level 5's time); noisy data does not compress at any level. See docs/performance.md.
 DEFAULT_COMPRESSION_LEVEL = 5
 DEFAULT_STACK_VOXEL_SIZE_NM = 1000.0
 
