@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .shards import DEFAULT_SHARD_SIZE
 
 TYPES = ("image", "segmentation")
 DATA_TYPES = ("uint8", "uint16", "uint32", "uint64", "float32")
@@ -51,6 +52,11 @@ parameters (JSON object, every key optional):
   input_min/input_max numbers: rescale [input_min, input_max] linearly onto
                       the output range (e.g. 16-bit or float input to uint8)
   channels            1 | 3, or null for the input's channels  (null)
+  sharding            "auto" | true | false | {"preshift_bits": p,
+                      "minishard_bits": m, "shard_bits": s}  (auto: sharded
+                      when scale 0 has more than 10000 chunks)
+  shard_size          uncompressed bytes per shard, at least one chunk
+                      (2147483648: 2 GiB)
 """
 
 
@@ -73,6 +79,8 @@ class ConversionParameters:
     input_min: float | None = None
     input_max: float | None = None
     channels: int | None = None
+    sharding: bool | str | dict = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
 
     def __post_init__(self) -> None:
         _check_choice("type", self.type, TYPES)
@@ -115,6 +123,8 @@ class ConversionParameters:
                 object.__setattr__(self, key, float(value))
         if self.channels is not None:
             _check_choice("channels", self.channels, CHANNELS)
+        object.__setattr__(self, "sharding", _check_sharding(self.sharding))
+        _check_int("shard_size", self.shard_size, 1, 1 << 62)
         self._check_combinations()
 
     def _check_combinations(self) -> None:
@@ -232,6 +242,25 @@ def _check_int(key: str, value: Any, low: int, high: int) -> None:
         raise UsageError(
             f"parameter '{key}' must be an integer from {low} to {high}; got {value!r}"
         )
+
+
+SHARDING_BITS = ("preshift_bits", "minishard_bits", "shard_bits")
+
+
+def _check_sharding(value: Any) -> bool | str | dict:
+    """Returns ``value`` as a valid ``sharding`` (explicit bits as a plain dict)."""
+    if value == "auto" or isinstance(value, bool):
+        return value
+    if not isinstance(value, dict) or sorted(value) != sorted(SHARDING_BITS):
+        raise UsageError(
+            'parameter \'sharding\' must be "auto", true, false or {"preshift_bits": p, '
+            f'"minishard_bits": m, "shard_bits": s}}; got {value!r}'
+        )
+    for key in SHARDING_BITS:
+        _check_int(f"sharding.{key}", value[key], 0, 64)
+    if sum(value.values()) > 64:
+        raise UsageError(f"parameter 'sharding': the bits add up to more than 64; got {value!r}")
+    return {key: value[key] for key in SHARDING_BITS}
 
 
 def _check_triple(key: str, value: Any, kind: type) -> tuple:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import UsageError
+
 SHARDING_TYPE = "neuroglancer_uint64_sharded_v1"
 DEFAULT_SHARD_SIZE = 2 << 30  # uncompressed bytes per shard
 # ``"sharding": "auto"`` shards a dataset whose scale 0 has more chunks than this:
@@ -111,6 +113,20 @@ def compressed_morton(position: Sequence[int], grid: Sequence[int]) -> int:
     return code
 
 
+def morton_positions(ids: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """Returns the (N, 3) grid positions of compressed Morton ``ids`` (the inverse)."""
+    bits = grid_bits(grid)
+    ids = np.asarray(ids, dtype=np.uint64)
+    positions = np.zeros((len(ids), 3), dtype=np.uint64)
+    out = 0
+    for level in range(max(bits)):
+        for axis in range(3):
+            if level < bits[axis]:
+                positions[:, axis] |= ((ids >> np.uint64(out)) & np.uint64(1)) << np.uint64(level)
+                out += 1
+    return positions
+
+
 def box_shape(grid: Sequence[int], box_bits: int) -> tuple[int, int, int]:
     """Returns the chunks along x, y, z of the box that the low ``box_bits`` bits of
     the compressed Morton code span (the whole grid's bits when it has fewer)."""
@@ -147,6 +163,36 @@ def check_spec(spec: ShardSpec, grid: Sequence[int]) -> str | None:
             f"cannot address the {total} bits of a {grid[0]}x{grid[1]}x{grid[2]} chunk grid"
         )
     return None
+
+
+def plan_sharding(
+    info: dict, sharding: bool | str | Mapping, shard_size: int, data_encoding: str
+) -> list[ShardSpec | None]:
+    """Returns each scale's sharding (None: one file per chunk) for the ``sharding``
+    and ``shard_size`` parameters; raises UsageError naming the key that cannot work."""
+    grids = [grid_shape(s["size"], s["chunk_sizes"][0]) for s in info["scales"]]
+    itemsize = np.dtype(info["data_type"]).itemsize * int(info["num_channels"])
+    sizes = [int(np.prod(s["chunk_sizes"][0])) * itemsize for s in info["scales"]]
+    if shard_size < max(sizes):
+        raise UsageError(
+            f"parameter 'shard_size' ({shard_size} bytes) is below one chunk "
+            f"({max(sizes)} bytes uncompressed)"
+        )
+    if sharding == "auto":
+        sharding = int(np.prod(grids[0])) > AUTO_MIN_CHUNKS
+    if sharding is False:
+        return [None] * len(grids)
+    specs: list[ShardSpec | None] = []
+    for scale, grid, chunk_bytes in zip(info["scales"], grids, sizes):
+        if isinstance(sharding, Mapping):
+            spec = ShardSpec(**sharding, data_encoding=data_encoding)
+            problem = check_spec(spec, grid)
+            if problem:
+                raise UsageError(f"parameter 'sharding' for scale {scale['key']}: {problem}")
+        else:
+            spec = choose_spec(grid, chunk_bytes, shard_size, data_encoding)
+        specs.append(spec)
+    return specs
 
 
 def box_chunk_count(position: Sequence[int], grid: Sequence[int], box: Sequence[int]) -> int:

@@ -80,6 +80,18 @@ def test_to_json_round_trips_and_lists_every_key():
             ["'downscaling_method'", "majority", "stride"],
         ),
         ('{"encoding": "jpeg", "data_type": "uint16"}', ["'data_type'", "uint8"]),
+        ('{"sharding": "yes"}', ["'sharding'", "auto", "true", "false", "shard_bits"]),
+        ('{"sharding": {"shard_bits": 2}}', ["'sharding'", "preshift_bits", "minishard_bits"]),
+        (
+            '{"sharding": {"preshift_bits": 1, "minishard_bits": -1, "shard_bits": 2}}',
+            ["'sharding.minishard_bits'", "0", "64"],
+        ),
+        (
+            '{"sharding": {"preshift_bits": 30, "minishard_bits": 30, "shard_bits": 30}}',
+            ["'sharding'", "64"],
+        ),
+        ('{"shard_size": 0}', ["'shard_size'"]),
+        ('{"shard_size": "2G"}', ["'shard_size'", "integer"]),
         ("[1, 2]", ["JSON object"]),
         ('{"type": ', ["invalid JSON"]),
     ],
@@ -103,3 +115,23 @@ def test_parameters_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.gzip = False  # type: ignore[misc]
     assert params.replace(gzip=False).gzip is False
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["auto", True, False, {"shard_bits": 3, "minishard_bits": 2, "preshift_bits": 6}],
+)
+def test_sharding_values_round_trip_through_print_parameters(value):
+    params = parse_parameters(json.dumps({"sharding": value, "shard_size": 1 << 20}))
+    assert params.sharding == value and params.shard_size == 1 << 20
+    assert parse_parameters(params.to_json()) == params
+    assert json.loads(params.to_json())["sharding"] == value
+
+
+def test_the_auto_sharding_threshold_is_the_documented_one():
+    from hbp_image_tasks.parameters import SCHEMA_HELP
+    from hbp_image_tasks.shards import AUTO_MIN_CHUNKS, DEFAULT_SHARD_SIZE
+
+    assert f"more than {AUTO_MIN_CHUNKS} chunks" in SCHEMA_HELP
+    assert f"({DEFAULT_SHARD_SIZE}: 2 GiB)" in SCHEMA_HELP
+    assert DEFAULT_SHARD_SIZE == 2 << 30
