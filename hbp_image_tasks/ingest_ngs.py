@@ -218,7 +218,7 @@ def convert(
     from neuroglancer_scripts import precomputed_io
     from neuroglancer_scripts.accessor import DataAccessError
 
-    from . import pyramid, sources
+    from . import pyramid, shard_writer, sources
 
     started = time.monotonic()
     source, destination = Path(source), Path(destination)
@@ -253,6 +253,7 @@ def convert(
         raise errors.UsageError(
             f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
         )
+    sharded = shard_writer.add_sharding(info, params)
     transform = _value_transform(np.dtype(input_source.dtype), info["data_type"], params)
     fingerprint = _fingerprint(params, info, input_source)
     scales = [
@@ -272,8 +273,10 @@ def convert(
             logger.info("%s is already complete", destination)
             return ConversionResult(**previous["result"])
 
-    accessor = pyramid.AtomicFileAccessor(
+    accessor = shard_writer.open_accessor(
         destination,
+        info,
+        sharded,
         gzip=params.gzip,
         compresslevel=params.compression_level,
         wide_samples=(
@@ -328,6 +331,8 @@ def convert(
             resumed = True
             progress.update(builder.chunks_written, builder.bytes_written)
             logger.info("resuming %s at slab %d/%d", destination, next_slab + 1, slab_count)
+        if state is not None and shard_writer.resume(accessor, builder):
+            next_slab, resumed = 0, False
         last_checkpoint = time.monotonic()
         for slab_index in range(next_slab, slab_count):
             z0 = slab_index * slab_depth
@@ -370,6 +375,7 @@ def convert(
         executor.shutdown(wait=True, cancel_futures=True)
         progress.close()
 
+    shard_writer.check_finished(destination)
     result = ConversionResult(
         scales=scales,
         chunks=builder.chunks_written,
