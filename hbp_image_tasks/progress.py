@@ -132,7 +132,8 @@ class Progress:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            logger.info("%s", self.line())
+            if self.total != 0 or self.done:  # "0/0 objects" says nothing
+                logger.info("%s", self.line())
 
     @property
     def elapsed(self) -> float:

@@ -87,6 +87,15 @@ def test_progress_without_tty_logs_counts_bytes_and_rate(caplog):
     assert "\r" not in caplog.text and "\x1b" not in caplog.text
 
 
+def test_progress_with_nothing_to_do_logs_no_final_line(caplog):
+    caplog.set_level(logging.INFO)
+    with Progress("uploading", total=0, unit="objects", interval=60, use_tty=False):
+        pass
+    with Progress("chunks", total=2, unit="chunks", interval=60, use_tty=False) as progress:
+        progress.update(2)
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == ["chunks"]
+
+
 def test_human_formats():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 1024**3) == "3.0 GiB"
