@@ -117,13 +117,22 @@ def content_type_for(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     if base == "info" or base.endswith(".json"):
         return JSON_TYPE
-    if FLAT_CHUNK.match(base):
+    if FLAT_CHUNK.match(base) or base.endswith(".shard"):
         return BINARY_TYPE
     return mimetypes.guess_type(base)[0] or BINARY_TYPE
 
 
 def check_conversion_complete(results_dir: Path) -> None:
-    """Refuses RESULTS_DIR if the converter's state file says it is unfinished."""
+    """Refuses RESULTS_DIR if the converter's state file says it is unfinished, or if
+    shards were left unassembled."""
+    from .shard_writer import unfinished_shards
+
+    left = unfinished_shards(results_dir)
+    if left:
+        raise InputError(
+            f"{left[0]}: {len(left)} shard(s) not assembled: the conversion is not complete; "
+            "finish it by running the same ingest_ngs command again before uploading"
+        )
     state_path = results_dir / CONVERSION_STATE_FILE
     try:
         text = state_path.read_text(encoding="utf-8")

@@ -428,6 +428,9 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+CORS_EXPOSE_HEADERS = "Content-Range Content-Length Content-Encoding"
+
+
 def _needs_update(existing: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     """True if the container lacks one of the ``wanted`` headers (values compared)."""
     have = {k.lower(): v for k, v in existing.items()}
@@ -598,6 +601,8 @@ def upload(
         {
             "X-Container-Read": PUBLIC_READ_ACL,
             "X-Container-Meta-Access-Control-Allow-Origin": cors_origin,
+            # A viewer on another origin reads shards with Range requests.
+            "X-Container-Meta-Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
         }
         if public
         else {}

@@ -134,6 +134,7 @@ def test_object_names_are_the_ones_neuroglancer_requests(parts, name, encoding):
         ("transform.json", "application/json"),
         ("segment_properties/info", "application/json"),
         ("8um/0-64_0-64_0-64", "application/octet-stream"),
+        ("8um/0a.shard", "application/octet-stream"),
         ("README.txt", "text/plain"),
     ],
 )
