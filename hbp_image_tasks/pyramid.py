@@ -230,6 +230,37 @@ def count_chunks(info: dict) -> int:
     return total
 
 
+def dyadic_factors(sizes: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Returns each scale's downscaling factors from the previous one ([1, 1, 1] first):
+    2 along the axes whose size changes."""
+    result = [[1, 1, 1]]
+    for previous, size in zip(sizes, sizes[1:]):
+        result.append([1 if p == s else 2 for p, s in zip(previous, size)])
+    return result
+
+
+def level_capacities(
+    sizes: Sequence[Sequence[int]],
+    chunks: Sequence[Sequence[int]],
+    factors: Sequence[Sequence[int]],
+) -> list[int]:
+    """Returns the planes each scale's buffer holds in a PyramidBuilder.
+
+    A scale holds one chunk layer, or what one flush of the previous scale
+    pushes if that is more; flushes hand z pairs to a scale that halves z;
+    a buffer as deep as the whole scale never overflows.
+    """
+    capacities, inflow = [], 0
+    for index, size in enumerate(sizes):
+        capacity = chunks[index][2] if index == 0 else max(chunks[index][2], inflow)
+        if index + 1 < len(sizes):
+            next_fz = int(factors[index + 1][2])
+            capacity = max(capacity, next_fz)
+            inflow = ceil_div(capacity, next_fz)
+        capacities.append(min(capacity, size[2]))
+    return capacities
+
+
 @dataclasses.dataclass
 class Level:
     """One scale being built: its z-buffer and where it stands."""
@@ -278,6 +309,13 @@ class PyramidBuilder:
     slab for isotropic data: half of scale 1's buffer, scale 2's, ...); the
     planes that complete a scale are put in the previous scale's buffer.
 
+    ``info`` may describe a box of a larger pyramid (see units.py): its
+    scales' sizes and voxel offsets are then the box's, and ``factors`` gives
+    each scale's downscaling factors from the previous one in the whole
+    pyramid (a box's sizes cannot tell them at its edges). With ``sink``, the
+    last scale's chunks are not written: its planes go to ``sink(z0, planes)``
+    in z order instead.
+
     A task writes the chunks of a row of up to TILES_PER_TASK tiles and
     downscales them in one call: few enough Python calls per voxel that
     the workers rarely wait for the GIL, small enough temporaries (6 MB for
@@ -295,8 +333,11 @@ class PyramidBuilder:
         executor: Executor,
         encoder_options: dict | None = None,
         on_chunk: Callable[[int], None] | None = None,
+        factors: Sequence[Sequence[int]] | None = None,
+        sink: Callable[[int, np.ndarray], None] | None = None,
     ):
         self.info = info
+        self.sink = sink
         self.accessor = accessor
         self.downscaler = downscaler
         self.executor = executor
@@ -308,40 +349,34 @@ class PyramidBuilder:
         channels = info["num_channels"]
         self.levels: list[Level] = []
         scales = info["scales"]
-        inflow = 0  # planes that one full flush of the previous level pushes
+        if factors is None:
+            factors = dyadic_factors([scale["size"] for scale in scales])
+        capacities = level_capacities(
+            [scale["size"] for scale in scales], [s["chunk_sizes"][0] for s in scales], factors
+        )
         for index, scale in enumerate(scales):
             size, chunk = list(scale["size"]), list(scale["chunk_sizes"][0])
-            if index == 0:
-                factors = [1, 1, 1]
-                capacity = chunk[2]
-            else:
-                previous = scales[index - 1]["size"]
-                factors = [1 if p == s else 2 for p, s in zip(previous, size)]
-                if size != [ceil_div(p, f) for p, f in zip(previous, factors)]:
-                    raise ValueError(
-                        f"scale {scale['key']} is not a dyadic downscaling of the previous one"
-                    )
-                capacity = max(chunk[2], inflow)
-            if index + 1 < len(scales):
-                next_fz = 1 if scales[index + 1]["size"][2] == size[2] else 2
-                # Flushes must hand z pairs to the next level (all powers of 2).
-                capacity = max(capacity, next_fz)
-                inflow = ceil_div(capacity, next_fz)
-            # A buffer as deep as the whole scale never overflows.
-            capacity = min(capacity, size[2])
-            shape = (channels, capacity, size[1], size[0])
+            level_factors = [int(f) for f in factors[index]]
+            if index and size != [
+                ceil_div(p, f) for p, f in zip(scales[index - 1]["size"], level_factors)
+            ]:
+                raise ValueError(
+                    f"scale {scale['key']} is not a dyadic downscaling of the previous one"
+                )
+            shape = (channels, capacities[index], size[1], size[0])
             self.levels.append(
                 Level(
                     key=scale["key"],
                     size=size,
                     chunk=chunk,
                     offset=list(scale.get("voxel_offset", [0, 0, 0])),
-                    factors=factors,
+                    factors=level_factors,
                     encoder=chunk_encoding.get_encoder(info, scale, encoder_options or {}),
                     buffer=np.empty(shape, dtype=dtype),
                 )
             )
-            (Path(accessor.base_path) / scale["key"]).mkdir(parents=True, exist_ok=True)
+            if sink is None or index + 1 < len(scales):
+                (Path(accessor.base_path) / scale["key"]).mkdir(parents=True, exist_ok=True)
 
     @property
     def slab_depth(self) -> int:
@@ -366,6 +401,12 @@ class PyramidBuilder:
         if level.filled < level.capacity and not last:
             return
         target = self.levels[index + 1] if index + 1 < len(self.levels) else None
+        if target is None and self.sink is not None:
+            self.sink(level.z0, level.planes(slice(None), slice(None)))
+            level.z0 += level.filled
+            level.filled = 0
+            level.spill = None
+            return
         spill = None
         if target is not None:
             fx, fy, fz = target.factors
