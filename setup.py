@@ -32,6 +32,8 @@ setup(
         # zlib-ng's run-length deflate gzips 16-bit images 2.6x faster than libdeflate.
         "isal>=1.6",
         "zlib-ng>=0.4",
+        # Reads only the tiles or strips of a TIFF section that a unit's region needs.
+        "tifffile>=2022.8.12",
     ],
     extras_require={
         "test": ["pytest>=7", "responses>=0.22", "ruff>=0.6", "tensorstore>=0.1.60"],

@@ -271,3 +271,99 @@ def read_section(
     if array.shape != expected_shape:
         raise InputError(f"{path}: decoded shape {array.shape} differs from {expected_shape}")
     return array
+
+
+def read_section_region(
+    path: Path,
+    expected: SectionFormat,
+    region: tuple[int, int, int, int],
+    grey: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Returns the pixels of a section's ``region`` (x0, x1, y0, y1), checked like
+    :func:`read_section`.
+
+    Plain tiled or stripped TIFF sections are read tile by tile or strip by strip
+    (only those the region touches); other sections are decoded whole and cropped.
+    ``out`` (region rows, region columns) may receive a grey region's pixels.
+    """
+    x0, x1, y0, y1 = region
+    array = None
+    if not grey and path.suffix.lower() in (".tif", ".tiff"):
+        array = _read_tiff_region(path, expected, region, out)
+    if array is None:
+        array = read_section(path, expected, grey=grey)[y0:y1, x0:x1]
+    return array
+
+
+def _read_tiff_region(path: Path, expected: SectionFormat, region, out) -> np.ndarray | None:
+    """Returns a region of a plain TIFF read segment by segment, None for other TIFFs."""
+    with _open(path) as image:
+        found = _format_of(path, image)
+        if found != dataclasses.replace(expected, mode=found.mode):
+            return None  # read_section names what differs
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    x0, x1, y0, y1 = region
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            if len(tiff.pages) != 1 or not _plain_tiff_page(page, expected):
+                return None  # Pillow decodes it whole
+            shape = (y1 - y0, x1 - x0) + ((3,) if expected.channels == 3 else ())
+            dtype = np.dtype(expected.dtype)
+            if out is None or out.shape != shape or out.dtype != dtype:
+                out = np.empty(shape, dtype)
+            _copy_segments(tiff, page, region, out)
+    except (tifffile.TiffFileError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+    return out
+
+
+# TIFF compressions that decode to exactly the stored samples: none, LZW,
+# deflate (Adobe and old), PackBits.
+_LOSSLESS_TIFF_CODES = {1, 5, 8, 32946, 32773}
+
+
+def _plain_tiff_page(page, expected: SectionFormat) -> bool:
+    """Returns whether tifffile gives a page's samples as Pillow does: unsigned 8/16-bit
+    grey (min-is-black) or RGB, interleaved, losslessly compressed, no extra samples."""
+    photometric = 2 if expected.channels == 3 else 1
+    return (
+        int(page.compression) in _LOSSLESS_TIFF_CODES
+        and int(page.photometric) == photometric
+        and page.samplesperpixel == expected.channels
+        and page.planarconfig == 1
+        and page.imagedepth == 1
+        and int(page.sampleformat) == 1
+        and page.bitspersample == np.dtype(expected.dtype).itemsize * 8
+        and page.shape[:2] == (expected.height, expected.width)
+    )
+
+
+def _copy_segments(tiff, page, region, out: np.ndarray) -> None:
+    """Decodes the tiles or strips of ``page`` that ``region`` touches into ``out``."""
+    x0, x1, y0, y1 = region
+    if page.is_tiled:
+        rows, columns = page.tilelength, page.tilewidth
+    else:
+        rows, columns = page.rowsperstrip, page.imagewidth
+    across = -(-page.imagewidth // columns)
+    decode = page.decode
+    handle = tiff.filehandle
+    for row in range(y0 // rows, (y1 - 1) // rows + 1):
+        for column in range(x0 // columns, (x1 - 1) // columns + 1):
+            index = row * across + column
+            with handle.lock:
+                handle.seek(page.dataoffsets[index])
+                data = handle.read(page.databytecounts[index])
+            segment, _, _ = decode(data, index)
+            segment = segment.reshape(segment.shape[1:3] + segment.shape[3:])  # (Y, X, S)
+            if segment.shape[-1] == 1:
+                segment = segment[..., 0]
+            top, left = row * rows, column * columns
+            a, b = max(y0, top), min(y1, top + segment.shape[0])
+            c, d = max(x0, left), min(x1, left + segment.shape[1])
+            out[a - y0 : b - y0, c - x0 : d - x0] = segment[a - top : b - top, c - left : d - left]

@@ -19,6 +19,7 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], np.ndarray]
+Region = tuple[int, int, int, int]  # x0, x1, y0, y1
 WHOLE_VOLUME_BYTES = 2 << 30
 
 
@@ -55,14 +56,26 @@ class StackSource:
         return None
 
     def read(
-        self, z0: int, z1: int, out: np.ndarray, transform: Transform | None, executor: Executor
+        self,
+        z0: int,
+        z1: int,
+        out: np.ndarray,
+        transform: Transform | None,
+        executor: Executor,
+        region: Region | None = None,
     ) -> None:
-        """Decodes sections ``z0:z1`` in parallel into ``out`` (C, z1 - z0, Y, X)."""
+        """Decodes sections ``z0:z1`` in parallel into ``out`` (C, z1 - z0, Y, X), or
+        only their ``region`` (x0, x1, y0, y1) when given."""
 
         def load(index: int) -> None:
             path = self.paths[index]
             target = out[0, index - z0] if self.channels == 1 and transform is None else None
-            array = sections.read_section(path, self.format, grey=self.grey, out=target)
+            if region is not None:
+                array = sections.read_section_region(
+                    path, self.format, region, grey=self.grey, out=target
+                )
+            else:
+                array = sections.read_section(path, self.format, grey=self.grey, out=target)
             if target is not None and np.shares_memory(array, target):
                 return  # decoded in place
             plane = array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -129,15 +142,15 @@ class VolumeSource:
         stat = self.path.stat()
         return [[str(self.path), stat.st_size, stat.st_mtime_ns]]
 
-    def _planes(self, z0: int, z1: int) -> np.ndarray:
+    def _planes(self, z0: int, z1: int, region: Region | None = None) -> np.ndarray:
+        x0, x1, y0, y1 = region if region is not None else (None, None, None, None)
         try:
             if self._read_whole and self._whole is None:
                 self._whole = np.asanyarray(self.image.dataobj)
             source = self._whole if self._whole is not None else self.image.dataobj
+            data = np.asanyarray(source[x0:x1, y0:y1, z0:z1])
             if len(self.shape) == 3:
-                data = np.asanyarray(source[:, :, z0:z1])
                 return data.transpose(2, 1, 0)[np.newaxis]
-            data = np.asanyarray(source[:, :, z0:z1])
             data = data.reshape(data.shape[:3] + (self.channels,))
             return data.transpose(3, 2, 1, 0)
         except Exception as exc:
@@ -154,10 +167,17 @@ class VolumeSource:
         )
 
     def read(
-        self, z0: int, z1: int, out: np.ndarray, transform: Transform | None, executor: Executor
+        self,
+        z0: int,
+        z1: int,
+        out: np.ndarray,
+        transform: Transform | None,
+        executor: Executor,
+        region: Region | None = None,
     ) -> None:
-        """Reads planes ``z0:z1`` into ``out`` (C, z1 - z0, Y, X)."""
-        planes = self._planes(z0, z1)
+        """Reads planes ``z0:z1`` into ``out`` (C, z1 - z0, Y, X), or only their
+        ``region`` (x0, x1, y0, y1) when given."""
+        planes = self._planes(z0, z1, region)
         if transform is not None:
             planes = transform(planes)
         out[...] = planes
