@@ -86,6 +86,7 @@ class IngestOptions:
     upload: bool = True
     upload_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     jobs: int | None = None
+    memory_limit: int | None = None
     cleanup: bool = False
     restart: bool = False
     dry_run: bool = False
@@ -209,6 +210,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         stacks=args.stacks,
         filter_regex=args.filter,
         order_file=getattr(args, "order_file", None),
+        memory_limit=ingest_ngs.memory_limit_from(args),
         container=args.container,
         settings=settings,
         source_private=args.source_private,
@@ -509,6 +511,7 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
             show_progress=options.show_progress,
             should_stop=should_stop,
             order_file=options.order_file,
+            memory_limit=options.memory_limit,
         ),
     )
     uploaded = None

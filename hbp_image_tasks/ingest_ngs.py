@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import cli, errors
+from . import cli, errors, memory, unit_conversion, units
 from . import parameters as parameters_module
 from .atomic import write_json_atomically
 from .parameters import ConversionParameters, parse_parameters
@@ -167,6 +167,7 @@ def _remove_previous_output(destination: Path) -> None:
         target = destination / key
         if key and ".." not in key and target.is_dir():
             shutil.rmtree(target)
+    shutil.rmtree(destination / unit_conversion.UNITS_DIR, ignore_errors=True)
     for path in [
         destination / name for name in (COMPLETE_NAME, STATE_NAME, "info")
     ] + _checkpoint_files(destination):
@@ -208,12 +209,15 @@ def convert(
     show_progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     order_file: Path | None = None,
+    memory_limit: int | None = None,
 ) -> ConversionResult:
     """Converts ``source`` into a precomputed pyramid in ``destination``; returns the result.
 
     Raises InputError for unusable input, ConversionError when writing fails
     and Interrupted (after saving a checkpoint) when ``should_stop()`` turns
-    true; the same call then resumes.
+    true; the same call then resumes. When the single pass would hold more
+    than ``memory_limit`` bytes, the volume is converted unit by unit
+    (units.py) into the same files; UsageError if no unit fits the limit.
     """
     from neuroglancer_scripts import precomputed_io
     from neuroglancer_scripts.accessor import DataAccessError
@@ -256,6 +260,9 @@ def convert(
     sharded = shard_writer.add_sharding(info, params)
     transform = _value_transform(np.dtype(input_source.dtype), info["data_type"], params)
     fingerprint = _fingerprint(params, info, input_source)
+    plan = None
+    if memory_limit is not None and units.single_pass_memory(info, jobs) > memory_limit:
+        plan = units.plan_units(info, memory_limit, jobs)
     scales = [
         {
             "key": s["key"],
@@ -296,7 +303,6 @@ def convert(
         else ", no gzip",
     )
     total_chunks = pyramid.count_chunks(info)
-    depth_total = input_source.size[2]
     try:
         if state is None:
             # The state file first: it marks the directory as ours to resume.
@@ -312,59 +318,25 @@ def convert(
     progress = Progress("chunks", total=total_chunks, unit="chunks", enabled=show_progress)
     executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ingest")
     try:
-        builder = pyramid.PyramidBuilder(
+        context = unit_conversion.Context(
             info,
+            input_source,
+            transform,
             accessor,
             downscaler,
             executor,
             encoder_options={"jpeg_quality": params.jpeg_quality},
             on_chunk=lambda nbytes: progress.update(1, nbytes),
+            should_stop=should_stop,
         )
-        slab_depth = builder.slab_depth
-        slab_count = -(-depth_total // slab_depth)
-        next_slab = 0
-        resumed = False
         if state is not None:
             _remove_stale_temporaries(destination, info)
-        if state is not None and state.get("slabs_done"):
-            next_slab = _restore(destination, state, builder)
-            resumed = True
-            progress.update(builder.chunks_written, builder.bytes_written)
-            logger.info("resuming %s at slab %d/%d", destination, next_slab + 1, slab_count)
-        if state is not None and shard_writer.resume(accessor, builder):
-            next_slab, resumed = 0, False
-        last_checkpoint = time.monotonic()
-        for slab_index in range(next_slab, slab_count):
-            z0 = slab_index * slab_depth
-            z1 = min(z0 + slab_depth, depth_total)
-            slab_started = time.monotonic()
-            input_source.read(z0, z1, builder.slab(z1 - z0), transform, executor)
-            read_seconds = time.monotonic() - slab_started
-            builder.push(z1 - z0, last=slab_index == slab_count - 1)
-            logger.log(
-                logging.INFO if show_progress else logging.DEBUG,
-                "slab %d/%d (sections %d-%d): read %.1f s, written %.1f s; %s",
-                slab_index + 1,
-                slab_count,
-                z0,
-                z1 - 1,
-                read_seconds,
-                time.monotonic() - slab_started - read_seconds,
-                progress.line(),
+        if plan is not None:
+            counts, resumed = _convert_in_units(plan, context, destination, progress)
+        else:
+            counts, resumed = _convert_in_slabs(
+                context, destination, fingerprint, state, progress, show_progress
             )
-            stop = should_stop is not None and should_stop()
-            if slab_index + 1 < slab_count and (
-                stop
-                or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
-                or not any(level.filled for level in builder.levels)
-            ):
-                _checkpoint(destination, fingerprint, slab_index + 1, builder)
-                last_checkpoint = time.monotonic()
-            if stop and slab_index + 1 < slab_count:
-                raise errors.Interrupted(
-                    f"conversion into {destination} stopped after slab "
-                    f"{slab_index + 1}/{slab_count}; run the same command to resume"
-                )
     except DataAccessError as exc:
         raise errors.ConversionError(f"{destination}: {exc}") from None
     except OSError as exc:
@@ -378,8 +350,8 @@ def convert(
     shard_writer.check_finished(destination)
     result = ConversionResult(
         scales=scales,
-        chunks=builder.chunks_written,
-        bytes_written=builder.bytes_written,
+        chunks=counts.chunks,
+        bytes_written=counts.bytes,
         input_count=len(input_source.paths) if input_source.kind == "stack" else 1,
         input_bytes=input_source.input_bytes,
         wall_seconds=round(time.monotonic() - started, 3),
@@ -394,6 +366,7 @@ def convert(
             path.unlink()
         except FileNotFoundError:
             pass
+    shutil.rmtree(destination / unit_conversion.UNITS_DIR, ignore_errors=True)
     logger.info(
         "converted %s: %d chunks, %s in %s",
         destination,
@@ -404,9 +377,106 @@ def convert(
     return result
 
 
+def _convert_in_slabs(
+    context: unit_conversion.Context,
+    destination: Path,
+    fingerprint: str,
+    state: dict | None,
+    progress: Progress,
+    show_progress: bool,
+) -> tuple:
+    """Converts the whole volume slab by slab with checkpoints; returns (counts, resumed)."""
+    from . import pyramid, shard_writer
+
+    builder = pyramid.PyramidBuilder(
+        context.info,
+        context.accessor,
+        context.downscaler,
+        context.executor,
+        encoder_options=context.encoder_options,
+        on_chunk=context.on_chunk,
+    )
+    depth_total = context.info["scales"][0]["size"][2]
+    slab_depth = builder.slab_depth
+    slab_count = -(-depth_total // slab_depth)
+    next_slab = 0
+    resumed = False
+    if state is not None and state.get("slabs_done"):
+        next_slab = _restore(destination, state, builder)
+        resumed = True
+        progress.update(builder.chunks_written, builder.bytes_written)
+        logger.info("resuming %s at slab %d/%d", destination, next_slab + 1, slab_count)
+    if state is not None and shard_writer.resume(context.accessor, builder):
+        next_slab, resumed = 0, False
+    last_checkpoint = time.monotonic()
+    for slab_index in range(next_slab, slab_count):
+        z0 = slab_index * slab_depth
+        z1 = min(z0 + slab_depth, depth_total)
+        slab_started = time.monotonic()
+        context.source.read(z0, z1, builder.slab(z1 - z0), context.transform, context.executor)
+        read_seconds = time.monotonic() - slab_started
+        builder.push(z1 - z0, last=slab_index == slab_count - 1)
+        logger.log(
+            logging.INFO if show_progress else logging.DEBUG,
+            "slab %d/%d (sections %d-%d): read %.1f s, written %.1f s; %s",
+            slab_index + 1,
+            slab_count,
+            z0,
+            z1 - 1,
+            read_seconds,
+            time.monotonic() - slab_started - read_seconds,
+            progress.line(),
+        )
+        stop = context.should_stop is not None and context.should_stop()
+        if slab_index + 1 < slab_count and (
+            stop
+            or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
+            or not any(level.filled for level in builder.levels)
+        ):
+            _checkpoint(destination, fingerprint, slab_index + 1, builder)
+            last_checkpoint = time.monotonic()
+        if stop and slab_index + 1 < slab_count:
+            raise errors.Interrupted(
+                f"conversion into {destination} stopped after slab "
+                f"{slab_index + 1}/{slab_count}; run the same command to resume"
+            )
+    return unit_conversion.Counts(builder.chunks_written, builder.bytes_written), resumed
+
+
+def _convert_in_units(
+    plan: units.Plan, context: unit_conversion.Context, destination: Path, progress: Progress
+) -> tuple:
+    """Converts the volume unit by unit (see units.py); returns (counts, resumed)."""
+    from . import shard_writer
+
+    if isinstance(context.accessor, shard_writer.ShardedFileAccessor):
+        # Takes up the shard pieces of finished units; the others write theirs again.
+        context.accessor.resume({})
+    recorded = [unit_conversion.read_done(destination, unit) for unit in plan.units]
+    finished = [counts for counts in recorded if counts is not None]
+    progress.update(sum(c.chunks for c in finished), sum(c.bytes for c in finished))
+    if finished:
+        logger.info("resuming %s: %d of %d units done", destination, len(finished), len(plan.units))
+    logger.info(
+        "%d units of up to %dx%d voxels build scales 0-%d (%s each)%s",
+        len(plan.units),
+        plan.tile[0],
+        plan.tile[1],
+        plan.top_scale,
+        format_bytes(plan.unit_memory),
+        f", the finishing step the other {len(plan.finishing_scales)}"
+        if plan.finishing_scales
+        else "",
+    )
+    counts = unit_conversion.run_plan(plan, context, destination)
+    return counts, bool(finished)
+
+
 def _remove_stale_temporaries(destination: Path, info: dict) -> None:
     """Deletes the hidden temporary chunk files a killed run may have left."""
     for scale in info["scales"]:
+        if not (destination / scale["key"]).is_dir():
+            continue  # not started: the units build only the lower scales
         with os.scandir(destination / scale["key"]) as entries:
             for entry in entries:
                 if entry.name.startswith(".") and entry.name.endswith(".tmp"):
@@ -490,7 +560,23 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the effective parameters as JSON and exit",
     )
+    group.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        default=None,
+        help="memory budget of the conversion, e.g. 512M, 4G (binary units; a bare "
+        "number is MiB); above it the volume is converted in x-y tiles and z ranges "
+        "(the same files). Default: the Slurm allocation's memory less 256 MiB, "
+        "else half of the physical memory",
+    )
     cli.add_jobs_option(group, what="threads decoding sections and writing chunks")
+
+
+def memory_limit_from(args: argparse.Namespace) -> int:
+    """Returns the bytes of --memory-limit, or the default budget."""
+    if args.memory_limit is None:
+        return memory.default_memory_limit()
+    return memory.parse_size(args.memory_limit)
 
 
 EXAMPLES = """\
@@ -564,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                 show_progress=not args.no_progress and cli.verbosity(args) >= 0,
                 should_stop=stop,
                 order_file=args.order_file,
+                memory_limit=memory_limit_from(args),
             )
         print(
             f"{result.destination}: {len(result.scales)} scales, {result.chunks} "

@@ -1,0 +1,298 @@
+"""The plan of a conversion cut into work units: boxes of the volume, aligned to the pyramid.
+
+Pure functions over a pyramid's *info*: which boxes, which scales each box builds
+by itself, and how much memory a box or the finishing step needs. Running them is
+unit_conversion.py's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from neuroglancer_scripts.utils import ceil_div
+
+from .errors import UsageError
+from .pyramid import dyadic_factors, level_capacities
+
+Triple = tuple[int, int, int]
+
+# What a worker holds besides the pyramid buffers: the section region it decodes
+# (twice: samples converted or copied in place) and a task's row of up to 8 chunks
+# with its downscaling (3 chunks' worth each).
+REGION_COPIES = 2
+TASK_CHUNKS = 8
+TASK_COPIES = 3
+PLAN_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A box of scale-0 voxels, [start, stop) along x, y, z."""
+
+    start: Triple
+    stop: Triple
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", tuple(int(v) for v in self.start))
+        object.__setattr__(self, "stop", tuple(int(v) for v in self.stop))
+        if any(a >= b for a, b in zip(self.start, self.stop)) or min(self.start) < 0:
+            raise ValueError(f"empty or negative box {self.start}-{self.stop}")
+
+    @property
+    def shape(self) -> Triple:
+        """Returns the box's extent (x, y, z)."""
+        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    def scaled(self, factors: Sequence[int]) -> Box:
+        """Returns the box at a scale ``factors`` times coarser (ends rounded up)."""
+        return Box(
+            tuple(a // f for a, f in zip(self.start, factors)),
+            tuple(ceil_div(b, f) for b, f in zip(self.stop, factors)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One unit of work: build scales 0..top_scale of ``box``; with ``piece``, also
+    keep scale top_scale + 1 of the box for the finishing step."""
+
+    box: Box
+    top_scale: int
+    piece: bool
+
+    @property
+    def id(self) -> str:
+        """Returns a stable name from the box: ``x0-64_y0-64_z0-64``."""
+        (x0, y0, z0), (x1, y1, z1) = self.box.start, self.box.stop
+        return f"x{x0}-{x1}_y{y0}-{y1}_z{z0}-{z1}"
+
+    def to_dict(self) -> dict:
+        """Returns the unit as a JSON-ready dict."""
+        return {
+            "id": self.id,
+            "start": list(self.box.start),
+            "stop": list(self.box.stop),
+            "top_scale": self.top_scale,
+            "piece": self.piece,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Unit:
+        """Returns the unit that :meth:`to_dict` gave."""
+        return cls(Box(values["start"], values["stop"]), int(values["top_scale"]), values["piece"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Units in z, y, x order, and the scales the finishing step builds from their pieces."""
+
+    units: tuple[Unit, ...]
+    top_scale: int  # the units build scales 0..top_scale
+    scale_count: int
+    tile: tuple[int, int]  # x-y extent of a unit's box (the volume's when not tiled)
+    unit_memory: int  # estimated peak bytes of one unit, interpreter excluded
+    finishing_memory: int
+
+    @property
+    def finishing_scales(self) -> range:
+        """Returns the scales no unit builds alone (empty when the units build all)."""
+        return range(self.top_scale + 1, self.scale_count)
+
+    def to_dict(self) -> dict:
+        """Returns the plan as a JSON-ready dict."""
+        return {
+            "format": PLAN_FORMAT,
+            "top_scale": self.top_scale,
+            "scale_count": self.scale_count,
+            "tile": list(self.tile),
+            "unit_memory": self.unit_memory,
+            "finishing_memory": self.finishing_memory,
+            "units": [unit.to_dict() for unit in self.units],
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        """Returns the plan that :meth:`to_dict` gave."""
+        if values.get("format") != PLAN_FORMAT:
+            raise ValueError(f"unknown plan format {values.get('format')!r}")
+        return cls(
+            units=tuple(Unit.from_dict(u) for u in values["units"]),
+            top_scale=int(values["top_scale"]),
+            scale_count=int(values["scale_count"]),
+            tile=tuple(values["tile"]),  # type: ignore[arg-type]
+            unit_memory=int(values["unit_memory"]),
+            finishing_memory=int(values["finishing_memory"]),
+        )
+
+
+def scale_factors(info: dict) -> list[Triple]:
+    """Returns each scale's downscaling factors from the previous scale ((1, 1, 1) first)."""
+    return [tuple(f) for f in dyadic_factors([s["size"] for s in info["scales"]])]  # type: ignore[misc]
+
+
+def cumulative_factors(info: dict) -> list[Triple]:
+    """Returns each scale's factors from scale 0."""
+    result, total = [], (1, 1, 1)
+    for factors in scale_factors(info):
+        total = tuple(t * f for t, f in zip(total, factors))  # type: ignore[assignment]
+        result.append(total)
+    return result
+
+
+def alignment(info: dict, top_scale: int, extra: Sequence[int] = (1, 1, 1)) -> Triple:
+    """Returns the scale-0 grid that boxes building scales 0..top_scale snap to.
+
+    A box on it covers whole chunks of those scales and an even number of
+    voxels wherever the next scale halves an axis, so its pieces downscale
+    exactly as the whole volume does. ``extra`` adds a grid (e.g. shard boxes).
+    """
+    cumulative = cumulative_factors(info)
+    grid = [int(e) for e in extra]
+    last = min(top_scale + 1, len(cumulative) - 1)
+    for index in range(last + 1):
+        chunk = info["scales"][index]["chunk_sizes"][0] if index <= top_scale else (1, 1, 1)
+        for axis in range(3):
+            grid[axis] = math.lcm(grid[axis], int(chunk[axis]) * cumulative[index][axis])
+    return tuple(grid)  # type: ignore[return-value]
+
+
+def _sample_bytes(info: dict) -> int:
+    return np.dtype(info["data_type"]).itemsize * int(info["num_channels"])
+
+
+def builder_memory(info: dict, first: int, last: int, width: int, height: int, jobs: int) -> int:
+    """Returns the bytes a builder of scales first..last over a width x height box of
+    scale ``first`` holds, with ``jobs`` workers each decoding a region of it."""
+    factors = scale_factors(info)
+    sizes, chunks, total = [], [], [1, 1, 1]
+    depth = info["scales"][first]["size"][2]
+    for index in range(first, last + 1):
+        if index > first:
+            total = [t * f for t, f in zip(total, factors[index])]
+        sizes.append(
+            [ceil_div(width, total[0]), ceil_div(height, total[1]), ceil_div(depth, total[2])]
+        )
+        chunks.append(info["scales"][index]["chunk_sizes"][0])
+    step = [(1, 1, 1)] + [factors[i] for i in range(first + 1, last + 1)]
+    capacities = level_capacities(sizes, chunks, step)
+    sample = _sample_bytes(info)
+    buffers = sum(c * s[0] * s[1] * sample for c, s in zip(capacities, sizes))
+    chunk = int(np.prod(chunks[0])) * sample
+    task = min(TASK_CHUNKS, ceil_div(width, chunks[0][0])) * TASK_COPIES * chunk
+    return buffers + jobs * (REGION_COPIES * width * height * sample + task)
+
+
+def single_pass_memory(info: dict, jobs: int) -> int:
+    """Returns the bytes the single-pass conversion of the whole volume holds."""
+    width, height, _ = info["scales"][0]["size"]
+    return builder_memory(info, 0, len(info["scales"]) - 1, width, height, jobs)
+
+
+def finishing_memory(info: dict, top_scale: int, jobs: int) -> int:
+    """Returns the bytes of the finishing step after units built scales 0..top_scale."""
+    first = top_scale + 1
+    if first >= len(info["scales"]):
+        return 0
+    width, height, _ = info["scales"][first]["size"]
+    return builder_memory(info, first, len(info["scales"]) - 1, width, height, jobs)
+
+
+def _unit_memory(info: dict, top_scale: int, tile: Sequence[int], jobs: int) -> int:
+    last = min(top_scale + 1, len(info["scales"]) - 1)
+    return builder_memory(info, 0, last, tile[0], tile[1], jobs)
+
+
+def _fit_tile(info: dict, top_scale: int, grid: Triple, budget: int, jobs: int):
+    """Returns the largest x-y tile on ``grid`` whose unit fits ``budget``, else None."""
+    width, height, _ = info["scales"][0]["size"]
+    cells = [ceil_div(width, grid[0]), ceil_div(height, grid[1])]
+    while True:
+        tile = [min(cells[0] * grid[0], width), min(cells[1] * grid[1], height)]
+        if _unit_memory(info, top_scale, tile, jobs) <= budget:
+            return tile
+        if cells == [1, 1]:
+            return None
+        # Halve the longer side: tiles stay square-ish, whole rows while they fit.
+        axis = 0 if cells[0] * grid[0] >= cells[1] * grid[1] and cells[0] > 1 else 1
+        if cells[axis] == 1:
+            axis = 1 - axis
+        cells[axis] = ceil_div(cells[axis], 2)
+
+
+def plan_units(
+    info: dict,
+    memory_limit: int | None = None,
+    jobs: int = 1,
+    sections_per_unit: int | None = None,
+    extra_alignment: Sequence[int] = (1, 1, 1),
+) -> Plan:
+    """Returns the units that convert ``info``'s volume within ``memory_limit`` bytes.
+
+    The units build the fewest scales (0..k) for which the finishing step fits;
+    their boxes are the largest x-y tiles that fit, and z ranges of at least
+    ``sections_per_unit`` sections (one grid step by default). Raises UsageError
+    when no box fits the limit.
+    """
+    budget = memory_limit if memory_limit is not None else math.inf
+    count = len(info["scales"])
+    smallest = None
+    for top in range(count):
+        finishing = finishing_memory(info, top, jobs)
+        if finishing > budget:
+            continue
+        grid = alignment(info, top, extra_alignment)
+        tile = _fit_tile(info, top, grid, budget, jobs)
+        if tile is None:
+            need = _unit_memory(info, top, grid[:2], jobs)
+            smallest = need if smallest is None else min(smallest, need)
+            continue
+        return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment)
+    from .progress import format_bytes
+
+    raise UsageError(
+        f"--memory-limit {format_bytes(budget)} is below what the smallest unit of this "
+        f"conversion needs ({format_bytes(smallest or finishing_memory(info, 0, jobs))} "
+        f"with {jobs} job(s)); give a larger limit or fewer --jobs"
+    )
+
+
+def make_plan(
+    info: dict,
+    top_scale: int,
+    tile: Sequence[int] | None = None,
+    sections_per_unit: int | None = None,
+    jobs: int = 1,
+    extra_alignment: Sequence[int] = (1, 1, 1),
+) -> Plan:
+    """Returns the plan whose units build scales 0..top_scale of x-y tiles of ``tile``
+    voxels (rounded up to the grid; default: whole planes) and z ranges of at
+    least ``sections_per_unit`` sections (rounded up to the grid; default: one step)."""
+    width, height, depth = info["scales"][0]["size"]
+    grid = alignment(info, top_scale, extra_alignment)
+    tile = [
+        min(grid[axis] * ceil_div(t, grid[axis]), extent)
+        for axis, (t, extent) in enumerate(zip(tile or (width, height), (width, height)))
+    ]
+    step_z = grid[2] * max(1, ceil_div(sections_per_unit or 1, grid[2]))
+    piece = top_scale + 1 < len(info["scales"])
+    boxes = []
+    for z0 in range(0, depth, step_z):
+        for y0 in range(0, height, tile[1]):
+            for x0 in range(0, width, tile[0]):
+                stop = (
+                    min(x0 + tile[0], width),
+                    min(y0 + tile[1], height),
+                    min(z0 + step_z, depth),
+                )
+                boxes.append(Unit(Box((x0, y0, z0), stop), top_scale, piece))
+    return Plan(
+        units=tuple(boxes),
+        top_scale=top_scale,
+        scale_count=len(info["scales"]),
+        tile=tuple(tile),  # type: ignore[arg-type]
+        unit_memory=_unit_memory(info, top_scale, tile, jobs),
+        finishing_memory=finishing_memory(info, top_scale, jobs),
+    )

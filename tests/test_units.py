@@ -1,0 +1,325 @@
+"""Work units: the plan's boxes, and units + finishing step writing the single pass's bytes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from test_ingest_ngs import chunk_files, write_nifti, write_stack
+
+from hbp_image_tasks import (
+    errors,
+    ingest_ngs,
+    memory,
+    pyramid,
+    sections,
+    shard_writer,
+    sources,
+    unit_conversion,
+    units,
+)
+from hbp_image_tasks.ingest_ngs import convert
+from hbp_image_tasks.parameters import ConversionParameters
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "brain-stack"
+
+
+def brain_like(shape: tuple, dtype: str = "uint8", seed: int = 0) -> np.ndarray:
+    """Returns a smooth blob with faint noise and a zero background, (Z, Y, X)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    top = 255 if dtype == "uint8" else 60000
+    volume = np.clip(1.1 - radius, 0, 1) * top * 0.8 + rng.integers(0, top // 10, size=shape)
+    volume[radius > 0.95] = 0
+    return volume.astype(dtype)
+
+
+def write_tiff_stack(directory: Path, volume: np.ndarray, **options) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for z, plane in enumerate(volume):
+        tifffile.imwrite(directory / f"s{z:03d}.tif", plane, **options)
+
+
+# Each input: (writer of the stack into a directory, parameters).
+P = ConversionParameters
+INPUTS = {
+    "png8-odd": (
+        lambda d: write_stack(d, brain_like((37, 101, 77))),
+        P(chunk_size=16, voxel_size=(10, 10, 10)),
+    ),
+    "tiff16-tiled": (
+        lambda d: write_tiff_stack(d, brain_like((20, 70, 90), "uint16"), tile=(32, 32)),
+        P(chunk_size=16, voxel_size=(10, 10, 10)),
+    ),
+    "rgb-png": (
+        lambda d: write_stack(d, brain_like((18, 40, 52, 3))),
+        P(chunk_size=8, voxel_size=(10, 10, 10)),
+    ),
+    "anisotropic-tiff8-strips": (
+        lambda d: write_tiff_stack(d, brain_like((21, 66, 130)), rowsperstrip=5),
+        P(chunk_size=16, voxel_size=(10, 10, 40)),
+    ),
+    "thin-sections": (
+        lambda d: write_stack(d, brain_like((40, 50, 33))),
+        P(chunk_size=8, voxel_size=(40, 40, 10)),
+    ),
+    "segmentation": (
+        lambda d: write_nifti(
+            d / "labels.nii", (brain_like((30, 45, 28)) // 40).astype("uint32").T
+        ),
+        P(type="segmentation", chunk_size=8, voxel_size=(10, 10, 10)),
+    ),
+    "sharded": (
+        lambda d: write_stack(d, brain_like((40, 50, 70))),
+        P(chunk_size=8, voxel_size=(10, 10, 10), sharding=True, shard_size=8 << 10),
+    ),
+    "jpeg": (
+        lambda d: write_stack(d, brain_like((24, 48, 40))),
+        P(encoding="jpeg", chunk_size=16, voxel_size=(10, 10, 10)),
+    ),
+}
+
+
+def _source(directory: Path) -> Path:
+    volume = directory / "labels.nii"
+    return volume if volume.exists() else directory
+
+
+@pytest.fixture(scope="module")
+def single_pass(tmp_path_factory):
+    """Returns name -> (source, parameters, files of its single-pass conversion)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            base = tmp_path_factory.mktemp(name)
+            write, params = INPUTS[name]
+            (base / "in").mkdir()
+            write(base / "in")
+            convert(_source(base / "in"), base / "out", params, jobs=2, show_progress=False)
+            cache[name] = (_source(base / "in"), params, chunk_files(base / "out"))
+        return cache[name]
+
+    return get
+
+
+def _run(plan: units.Plan, source: Path, params: ConversionParameters, out: Path) -> dict:
+    """Runs ``plan`` with the same writers as convert, returns the files written."""
+    input_source = sources.open_source(source, None, params.channels)
+    info = json.loads((out / "info").read_text())
+    accessor = shard_writer.open_accessor(
+        out,
+        info,
+        shard_writer.add_sharding(info, params),
+        compresslevel=params.compression_level,
+        wide_samples=params.effective_encoding == "raw" and info["data_type"] != "uint8",
+    )
+    transform = ingest_ngs._value_transform(input_source.dtype, info["data_type"], params)
+    with ThreadPoolExecutor(2) as executor:
+        context = unit_conversion.Context(
+            info,
+            input_source,
+            transform,
+            accessor,
+            pyramid.make_downscaler(params.effective_downscaling_method, info),
+            executor,
+            encoder_options={"jpeg_quality": params.jpeg_quality},
+        )
+        unit_conversion.run_plan(plan, context, out)
+    shutil.rmtree(out / unit_conversion.UNITS_DIR)
+    shard_writer.check_finished(out)
+    return chunk_files(out)
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_units_and_finishing_write_the_single_pass_files_byte_for_byte(tmp_path, single_pass, name):
+    source, params, expected = single_pass(name)
+    assert any(path.endswith(".shard") for path in expected) == (params.sharding is True)
+    info = json.loads(expected["info"])
+    width, height, depth = info["scales"][0]["size"]
+    for top in range(len(info["scales"])):
+        grid = units.alignment(info, top)
+        # The smallest tiles and z ranges the grid allows: most unit edges inside.
+        plan = units.make_plan(info, top, tile=grid[:2], sections_per_unit=1)
+        out = tmp_path / f"top{top}"
+        out.mkdir()
+        (out / "info").write_bytes(expected["info"])
+        assert _run(plan, source, params, out) == expected, f"units building scales 0-{top}"
+
+
+def test_bundled_example_in_tiled_units_equals_its_single_pass(tmp_path):
+    params = ConversionParameters(chunk_size=32, voxel_size=(1, 1, 1), voxel_unit="mm")
+    convert(EXAMPLE, tmp_path / "one", params, jobs=2, show_progress=False)
+    expected = chunk_files(tmp_path / "one")
+    info = json.loads(expected["info"])
+    plan = units.make_plan(info, 1, tile=(64, 64), sections_per_unit=1)
+    assert len(plan.units) > 4 and plan.finishing_scales
+    out = tmp_path / "units"
+    out.mkdir()
+    (out / "info").write_bytes(expected["info"])
+    assert _run(plan, EXAMPLE, params, out) == expected
+
+
+def _infos() -> list:
+    shapes = [((300, 200, 70), (100, 100, 400)), ((77, 101, 37), (10, 10, 10))]
+    shapes += [((129, 65, 200), (40, 40, 10)), ((1000, 900, 9), (1, 1, 1))]
+    return [
+        pyramid.build_info("uint8", 1, size, voxel, (5, 0, 3), "image", "raw", 16, None)
+        for size, voxel in shapes
+    ]
+
+
+@pytest.mark.parametrize("info", _infos(), ids=lambda i: "x".join(map(str, i["scales"][0]["size"])))
+def test_plan_boxes_tile_the_volume_on_the_chunk_grid_of_every_unit_scale(info):
+    size = info["scales"][0]["size"]
+    cumulative = units.cumulative_factors(info)
+    for top, tile in itertools.product(range(len(info["scales"])), [(1, 1), (40, 90), size[:2]]):
+        plan = units.make_plan(info, top, tile=tile, sections_per_unit=20)
+        covered = np.zeros(size[::-1], np.uint8)
+        for unit in plan.units:
+            (x0, y0, z0), (x1, y1, z1) = unit.box.start, unit.box.stop
+            covered[z0:z1, y0:y1, x0:x1] += 1
+            for scale in range(top + 1):
+                chunk = info["scales"][scale]["chunk_sizes"][0]
+                for axis in range(3):
+                    step = chunk[axis] * cumulative[scale][axis]
+                    assert unit.box.start[axis] % step == 0
+                    assert unit.box.stop[axis] % step == 0 or unit.box.stop[axis] == size[axis]
+        assert covered.min() == covered.max() == 1
+        assert len({unit.id for unit in plan.units}) == len(plan.units)
+        assert units.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_plan_units_builds_the_fewest_scales_whose_finishing_step_fits():
+    info = pyramid.build_info(
+        "uint8", 1, (4096, 4096, 256), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
+    )
+    whole = units.single_pass_memory(info, jobs=2)
+    assert units.plan_units(info, whole, jobs=2).units[0].box.shape[:2] == (4096, 4096)
+    plan = units.plan_units(info, whole // 8, jobs=2)
+    assert plan.unit_memory <= whole // 8 and plan.finishing_memory <= whole // 8
+    assert plan.top_scale == 1 and len(plan.units) > 1
+    assert all(unit.box.shape[2] == 128 for unit in plan.units)
+    smaller = units.plan_units(info, whole // 64, jobs=2)
+    assert smaller.top_scale == 2 and smaller.unit_memory <= whole // 64
+
+
+def test_memory_limit_below_the_smallest_unit_is_one_line_before_any_output(tmp_path, capsys):
+    write_stack(tmp_path / "in", brain_like((8, 64, 64)))
+    code = ingest_ngs.main(
+        [str(tmp_path / "in"), "-d", str(tmp_path / "out"), "--memory-limit", "0.1M", "-q"]
+        + ["--parameters", '{"voxel_size": [1, 1, 1]}', "--jobs", "1"]
+    )
+    error = capsys.readouterr().err.strip()
+    assert code == errors.EXIT_USAGE
+    assert "--memory-limit 102.4 KiB is below what the smallest unit" in error
+    assert "\n" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_unit_conversion_resumes_skipping_finished_units(tmp_path, monkeypatch):
+    write_stack(tmp_path / "in", brain_like((40, 96, 96)))
+    params = ConversionParameters(chunk_size=16, voxel_size=(10, 10, 10))
+    convert(tmp_path / "in", tmp_path / "one", params, jobs=2, show_progress=False)
+    info = json.loads((tmp_path / "one" / "info").read_text())
+    limit = units.single_pass_memory(info, jobs=2) // 3
+    assert len(units.plan_units(info, limit, jobs=2).units) > 4
+    ran = []
+    real_run_unit = unit_conversion.run_unit
+
+    def counting(unit, context, destination):
+        ran.append(unit.id)
+        return real_run_unit(unit, context, destination)
+
+    monkeypatch.setattr(unit_conversion, "run_unit", counting)
+    with pytest.raises(errors.Interrupted):
+        convert(
+            tmp_path / "in",
+            tmp_path / "units",
+            params,
+            jobs=2,
+            show_progress=False,
+            should_stop=lambda: len(ran) > 3,
+            memory_limit=limit,
+        )
+    assert not ingest_ngs.is_complete(tmp_path / "units")
+    first = list(ran)
+    ran.clear()
+    result = convert(
+        tmp_path / "in", tmp_path / "units", params, jobs=2, show_progress=False, memory_limit=limit
+    )
+    assert result.resumed and len(first) == 4 and first[-1] in ran and not set(first[:3]) & set(ran)
+    assert chunk_files(tmp_path / "units") == chunk_files(tmp_path / "one")
+    assert not (tmp_path / "units" / unit_conversion.UNITS_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("512M", 512 << 20),
+        ("4G", 4 << 30),
+        ("1.5g", 3 << 29),
+        ("2048", 2048 << 20),
+        ("64KiB", 64 << 10),
+    ],
+)
+def test_memory_limit_sizes_are_binary_and_a_bare_number_is_mib(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1G", "4X", "G", "1.2.3M"])
+def test_bad_memory_limit_is_a_one_line_usage_error_naming_the_option(text):
+    with pytest.raises(errors.UsageError, match=r"^--memory-limit .*512M, 4G or 1.5G$"):
+        memory.parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({"SLURM_MEM_PER_NODE": "8192"}, (8 << 30) - memory.BASE_BYTES),
+        ({"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_PER_TASK": "4"}, (4 << 30) - memory.BASE_BYTES),
+        ({"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_ON_NODE": "2"}, (2 << 30) - memory.BASE_BYTES),
+        ({}, None),
+    ],
+)
+def test_default_memory_limit_is_the_slurm_allocation_else_half_the_machine(environ, expected):
+    if expected is None:
+        expected = memory.physical_memory() // 2
+    assert memory.default_memory_limit(environ) == expected
+
+
+TIFF_LAYOUTS = {
+    "tiled-8": ("uint8", 1, {"tile": (32, 48)}),
+    "tiled-16-deflate": ("uint16", 1, {"tile": (16, 16), "compression": "zlib"}),
+    "strips-rgb-lzw": ("uint8", 3, {"rowsperstrip": 7, "compression": "lzw"}),
+    "strips-16-predictor": (
+        "uint16",
+        1,
+        {"rowsperstrip": 3, "compression": "zlib", "predictor": True},
+    ),
+    "big-endian-16": ("uint16", 1, {"byteorder": ">", "rowsperstrip": 10}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TIFF_LAYOUTS))
+def test_tiff_region_reads_give_the_whole_sections_samples_cropped(tmp_path, monkeypatch, layout):
+    dtype, channels, options = TIFF_LAYOUTS[layout]
+    shape = (1, 83, 101) + ((3,) if channels == 3 else ())
+    plane = brain_like(shape, dtype)[0]
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, plane, photometric="rgb" if channels == 3 else "minisblack", **options)
+    expected = sections.probe_section(path)
+    whole = sections.read_section(path, expected)
+    # Only the segments the region touches are decoded, never the whole section.
+    monkeypatch.setattr(sections, "read_section", None)
+    for region in [(0, 101, 0, 83), (5, 40, 17, 18), (33, 101, 50, 83), (64, 65, 0, 83)]:
+        x0, x1, y0, y1 = region
+        part = sections.read_section_region(path, expected, region)
+        assert part.dtype == whole.dtype and np.array_equal(part, whole[y0:y1, x0:x1])
