@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
-from .atomic import temporary_name, write_bytes_atomically
+from .atomic import O_CLOEXEC, temporary_name, write_bytes_atomically
 from .errors import ConversionError
 from .pyramid import AtomicFileAccessor
 from .shards import ShardSpec
@@ -26,7 +26,6 @@ from .shards import ShardSpec
 logger = logging.getLogger(__name__)
 
 PIECES_DIR = ".hbp-shard-pieces"  # in a scale's directory: one sub-directory per shard
-COPY_BUFFER = 8 << 20
 
 
 class _Scale:
@@ -56,6 +55,26 @@ def unfinished_shards(destination: Path) -> list[Path]:
     for pieces in sorted(destination.glob(f"*/{PIECES_DIR}")):
         found.extend(p for p in sorted(pieces.iterdir()) if p.is_dir())
     return found
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view) :]
+
+
+def _copy_piece(out: int, path: str, size: int) -> None:
+    """Appends the ``size`` bytes of a piece file to ``out``, in the kernel."""
+    source = os.open(path, os.O_RDONLY | O_CLOEXEC)
+    try:
+        copied = 0
+        while copied < size:
+            sent = os.sendfile(out, source, copied, size - copied)
+            if sent == 0:
+                raise OSError(f"shard piece {path} is shorter than {size} bytes")
+            copied += sent
+    finally:
+        os.close(source)
 
 
 class ShardedFileAccessor(AtomicFileAccessor):
@@ -115,16 +134,15 @@ class ShardedFileAccessor(AtomicFileAccessor):
         path = os.path.join(self.base_path, key, spec.shard_name(shard))
         temporary = temporary_name(path)
         try:
-            with open(temporary, "wb", buffering=COPY_BUFFER) as stream:
+            out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o666)
+            try:
                 for part in shards.shard_layout(spec, sizes):
                     if isinstance(part, bytes):
-                        stream.write(part)
-                        continue
-                    with open(os.path.join(directory, f"{part:x}"), "rb", buffering=0) as piece:
-                        data = piece.read()
-                    if len(data) != sizes[part]:
-                        raise OSError(f"shard piece {directory}/{part:x} changed size")
-                    stream.write(data)
+                        _write_all(out, part)
+                    else:
+                        _copy_piece(out, os.path.join(directory, f"{part:x}"), sizes[part])
+            finally:
+                os.close(out)
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
@@ -144,9 +162,10 @@ class ShardedFileAccessor(AtomicFileAccessor):
         """
         for key, scale in self._scales.items():
             scale.pending.clear()
+            directory = os.path.join(self.base_path, key)
             scale.finished = {
                 int(name[: -len(".shard")], 16)
-                for name in os.listdir(os.path.join(self.base_path, key))
+                for name in (os.listdir(directory) if os.path.isdir(directory) else ())
                 if name.endswith(".shard") and not name.startswith(".")
             }
             root = os.path.join(self.base_path, key, PIECES_DIR)
@@ -192,6 +211,23 @@ class ShardedFileAccessor(AtomicFileAccessor):
                             f"{key}/{name}: {expected - present} of its written chunks are missing"
                         )
         return None
+
+    def assemble_ready(self) -> int:
+        """Assembles every shard whose pieces are all on disk, whichever processes wrote
+        them (units of a distributed conversion); returns how many it assembled."""
+        self.resume({})
+        assembled = 0
+        for key, scale in self._scales.items():
+            for shard, present in sorted(scale.pending.items()):
+                any_id = np.array([next(iter(present))], dtype=np.uint64)
+                position = shards.morton_positions(any_id, scale.grid)[0]
+                if len(present) < shards.box_chunk_count(position, scale.grid, scale.box):
+                    continue
+                del scale.pending[shard]
+                scale.finished.add(shard)
+                self._assemble(key, scale.spec, shard)
+                assembled += 1
+        return assembled
 
     def discard_pieces(self) -> None:
         """Removes every piece (the conversion starts over)."""

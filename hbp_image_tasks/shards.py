@@ -195,6 +195,17 @@ def plan_sharding(
     return specs
 
 
+def box_voxels(info: Mapping, index: int) -> tuple[int, int, int]:
+    """Returns the shard box of scale ``index`` of a sharded ``info`` in scale-0 voxels
+    (x, y, z): units of work aligned to it never share a shard of that scale."""
+    scale, full = info["scales"][index], info["scales"][0]
+    spec = ShardSpec.from_json(scale["sharding"])
+    chunk = scale["chunk_sizes"][0]
+    box = box_shape(grid_shape(scale["size"], chunk), spec.box_bits)
+    factors = [round(r / r0) for r, r0 in zip(scale["resolution"], full["resolution"])]
+    return tuple(int(b * c * f) for b, c, f in zip(box, chunk, factors))  # type: ignore[return-value]
+
+
 def box_chunk_count(position: Sequence[int], grid: Sequence[int], box: Sequence[int]) -> int:
     """Returns how many chunks of the grid lie in the box holding chunk ``position``."""
     count = 1

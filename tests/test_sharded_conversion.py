@@ -57,7 +57,7 @@ def write_kind(directory: Path, kind: str, shape=(21, 30, 37)) -> np.ndarray:
 def test_tensorstore_reads_every_sharded_scale_as_the_unsharded_conversion(tmp_path, kind):
     write_kind(tmp_path / "in", kind)
     extra = KINDS[kind][0]
-    # 2x2x2 chunks per shard: several shards per scale, one 0.shard for the small ones.
+    # 16 or 32 chunks per shard: several shards per scale, one 0.shard for the small ones.
     sharded = SMALL.replace(shard_size=8 * 8**3 * 4 * KINDS[kind][2], **extra)
     convert(tmp_path / "in", tmp_path / "sharded", sharded, jobs=2, show_progress=False)
     unsharded = sharded.replace(sharding=False)
@@ -146,7 +146,7 @@ def test_sharding_that_cannot_work_is_refused_before_anything_is_written(
 
 def test_missing_pieces_on_resume_rebuild_their_shard(tmp_path, caplog):
     write_kind(tmp_path / "in", "uint8", shape=(40, 24, 24))
-    params = SMALL.replace(shard_size=8 * 8**3 * 8)  # 2x2x2 chunks of 8 sections
+    params = SMALL.replace(shard_size=8**3 * 64)  # boxes of 4x4x4 chunks
     convert(tmp_path / "in", tmp_path / "whole", params, jobs=2, show_progress=False)
     calls = []
     with pytest.raises(errors.Interrupted):
@@ -174,7 +174,7 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_sharded_conversion_resumes_byte_identical_without_losing_a_shard(tmp_path, how):
     write_kind(tmp_path / "in", "uint8", shape=(192, 64, 64))
-    params = SMALL.replace(shard_size=8 * 8**3 * 8).to_json(indent=None)
+    params = SMALL.replace(shard_size=8**3 * 64).to_json(indent=None)
     argv = [str(BIN / "ingest_ngs"), str(tmp_path / "in"), "--parameters", params, "--jobs", "2"]
     subprocess.run(argv + ["-d", str(tmp_path / "whole")], check=True, capture_output=True)
     scale0 = tmp_path / "killed" / "10nm"
@@ -194,3 +194,35 @@ def test_killed_sharded_conversion_resumes_byte_identical_without_losing_a_shard
     assert chunk_files(tmp_path / "killed") == chunk_files(tmp_path / "whole")
     assert all((scale0 / name).read_bytes() == data for name, data in finished.items())
     assert not shard_writer.unfinished_shards(tmp_path / "killed")
+
+
+def test_pieces_of_separate_units_are_assembled_into_the_shards_of_one_process(tmp_path):
+    import gzip
+
+    write_kind(tmp_path / "in", "uint8", shape=(24, 40, 40))
+    params = SMALL.replace(shard_size=8**3 * 8)  # boxes of 2x2x2 chunks: 16 voxels
+    convert(tmp_path / "in", tmp_path / "whole", params, jobs=2, show_progress=False)
+    info = json.loads((tmp_path / "whole" / "info").read_text())
+    scale = info["scales"][0]
+    specs = [shards.ShardSpec.from_json(s["sharding"]) for s in info["scales"]]
+    grid = shards.grid_shape(scale["size"], scale["chunk_sizes"][0])
+    chunks = {}
+    for path in (tmp_path / "whole" / scale["key"]).iterdir():
+        chunks.update(shards.read_shard(specs[0], path.read_bytes()))
+    split = shards.box_voxels(info, 0)[0]
+    assert split == 16
+    units = [shard_writer.ShardedFileAccessor(tmp_path / "units", info, specs) for _ in range(3)]
+    for chunk_id, data in sorted(chunks.items()):
+        x, y, z = (int(p) * 8 for p in shards.morton_positions([chunk_id], grid)[0])
+        coords = [(v, min(v + 8, s)) for v, s in zip((x, y, z), scale["size"])]
+        # Unit 0 takes the first box column; units 1 and 2 share the others.
+        unit = 0 if x < split else 1 + (z // 8) % 2
+        block = np.frombuffer(gzip.decompress(data), np.uint8)
+        units[unit].store_chunk(block, scale["key"], [v for pair in coords for v in pair])
+    by_one_unit = sorted(p.name for p in (tmp_path / "units" / scale["key"]).glob("*.shard"))
+    assert by_one_unit and shard_writer.unfinished_shards(tmp_path / "units")
+    finisher = shard_writer.ShardedFileAccessor(tmp_path / "units", info, specs)
+    assert finisher.assemble_ready() > 0
+    assert not shard_writer.unfinished_shards(tmp_path / "units")
+    for path in (tmp_path / "whole" / scale["key"]).iterdir():
+        assert (tmp_path / "units" / scale["key"] / path.name).read_bytes() == path.read_bytes()

@@ -120,7 +120,7 @@ def test_unfinished_shards_are_refused_and_nothing_is_uploaded(
         convert(
             tmp_path / "in",
             tmp_path / "out",
-            SMALL.replace(shard_size=8 * 8**3 * 8),
+            SMALL.replace(shard_size=8**3 * 64),
             jobs=2,
             show_progress=False,
             should_stop=lambda: calls.append(1) or len(calls) >= 3,
