@@ -410,6 +410,40 @@ def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
     assert any("Access-Control-Allow-Origin" in p for p in from_elsewhere.problems)
 
 
+@pytest.mark.swift
+@pytest.mark.browser
+def test_sharded_dataset_renders_from_swift_through_range_requests(
+    browser, tmp_path, swift_settings_file, unique_container, proxy_log
+):
+    from hbp_image_tasks.ingest_ngs import convert as ingest_convert
+    from hbp_image_tasks.parameters import ConversionParameters
+    from hbp_image_tasks.settings import load_settings
+    from hbp_image_tasks.swift import SwiftConnection
+    from hbp_image_tasks.upload_results import upload
+
+    parameters = ConversionParameters(
+        voxel_size=(333, 333, 2000), voxel_unit="um", chunk_size=32, sharding=True
+    )
+    ingest_convert(EXAMPLE_STACK, tmp_path / "sharded", parameters, jobs=2, show_progress=False)
+    connection = SwiftConnection(load_settings(swift_settings_file))
+    try:
+        uploaded = upload(
+            tmp_path / "sharded", unique_container(), connection, jobs=2, show_progress=False
+        )
+    finally:
+        connection.close()
+    proxy_log.mark()
+
+    report = browser.check(uploaded.public_url, screenshot=ARTIFACTS / "swift-sharded.png")
+
+    assert report.ok, report.summary()
+    assert report.signal_fraction >= 0.05
+    chunks = report.chunk_requests
+    assert chunks and all(r.path.endswith(".shard") and r.status == 206 for r in chunks)
+    served = [e for e in proxy_log.entries("GET") if e.path.endswith(".shard")]
+    assert served and all(e.status == 206 for e in served)
+
+
 # ------------------------------------------------------- tests without browser
 
 
