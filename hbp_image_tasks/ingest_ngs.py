@@ -262,7 +262,9 @@ def convert(
     fingerprint = _fingerprint(params, info, input_source)
     plan = None
     if memory_limit is not None and units.single_pass_memory(info, jobs) > memory_limit:
-        plan = units.plan_units(info, memory_limit, jobs)
+        plan = units.plan_units(
+            info, memory_limit, jobs, whole_sections=not input_source.reads_regions
+        )
     scales = [
         {
             "key": s["key"],

@@ -296,6 +296,20 @@ def read_section_region(
     return array
 
 
+def reads_regions(path: Path, expected: SectionFormat) -> bool:
+    """Returns whether :func:`read_section_region` reads a region of ``path`` without
+    decoding the whole section (plain tiled or stripped TIFF)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            return len(tiff.pages) == 1 and _plain_tiff_page(tiff.pages[0], expected)
+    except Exception:  # unreadable here: read_section names the problem later
+        return False
+
+
 def _read_tiff_region(path: Path, expected: SectionFormat, region, out) -> np.ndarray | None:
     """Returns a region of a plain TIFF read segment by segment, None for other TIFFs."""
     with _open(path) as image:

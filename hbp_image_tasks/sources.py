@@ -43,6 +43,12 @@ class StackSource:
             f"{len(paths)} sections of {self.format.describe()} from {paths[0].parent}"
         )
 
+    @property
+    def reads_regions(self) -> bool:
+        """Returns whether a region of a section is read without decoding it whole
+        (judged from the first section)."""
+        return not self.grey and sections.reads_regions(self.paths[0], self.format)
+
     def identity(self) -> list:
         """Returns what identifies the input for resuming (names, sizes, mtimes)."""
         result = []
@@ -136,6 +142,11 @@ class VolumeSource:
         )
         self.paths = [path]
         self.description = f"volume {path.name} {'x'.join(map(str, shape))} {self.dtype}"
+
+    @property
+    def reads_regions(self) -> bool:
+        """Returns whether planes are read region by region (uncompressed files)."""
+        return not self._read_whole
 
     def identity(self) -> list:
         """Returns what identifies the input for resuming."""

@@ -163,9 +163,18 @@ def _sample_bytes(info: dict) -> int:
     return np.dtype(info["data_type"]).itemsize * int(info["num_channels"])
 
 
-def builder_memory(info: dict, first: int, last: int, width: int, height: int, jobs: int) -> int:
+def builder_memory(
+    info: dict,
+    first: int,
+    last: int,
+    width: int,
+    height: int,
+    jobs: int,
+    decoded: Sequence[int] | None = None,
+) -> int:
     """Returns the bytes a builder of scales first..last over a width x height box of
-    scale ``first`` holds, with ``jobs`` workers each decoding a region of it."""
+    scale ``first`` holds, with ``jobs`` workers each decoding the box's region of a
+    section (or ``decoded``: the x-y extent they decode to get it)."""
     factors = scale_factors(info)
     sizes, chunks, total = [], [], [1, 1, 1]
     depth = info["scales"][first]["size"][2]
@@ -182,7 +191,8 @@ def builder_memory(info: dict, first: int, last: int, width: int, height: int, j
     buffers = sum(c * s[0] * s[1] * sample for c, s in zip(capacities, sizes))
     chunk = int(np.prod(chunks[0])) * sample
     task = min(TASK_CHUNKS, ceil_div(width, chunks[0][0])) * TASK_COPIES * chunk
-    return buffers + jobs * (REGION_COPIES * width * height * sample + task)
+    region = decoded[0] * decoded[1] if decoded is not None else width * height
+    return buffers + jobs * (REGION_COPIES * region * sample + task)
 
 
 def single_pass_memory(info: dict, jobs: int) -> int:
@@ -200,18 +210,19 @@ def finishing_memory(info: dict, top_scale: int, jobs: int) -> int:
     return builder_memory(info, first, len(info["scales"]) - 1, width, height, jobs)
 
 
-def _unit_memory(info: dict, top_scale: int, tile: Sequence[int], jobs: int) -> int:
+def _unit_memory(info: dict, top_scale: int, tile: Sequence[int], jobs: int, whole: bool) -> int:
     last = min(top_scale + 1, len(info["scales"]) - 1)
-    return builder_memory(info, 0, last, tile[0], tile[1], jobs)
+    decoded = info["scales"][0]["size"][:2] if whole else None
+    return builder_memory(info, 0, last, tile[0], tile[1], jobs, decoded)
 
 
-def _fit_tile(info: dict, top_scale: int, grid: Triple, budget: int, jobs: int):
+def _fit_tile(info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, whole: bool):
     """Returns the largest x-y tile on ``grid`` whose unit fits ``budget``, else None."""
     width, height, _ = info["scales"][0]["size"]
     cells = [ceil_div(width, grid[0]), ceil_div(height, grid[1])]
     while True:
         tile = [min(cells[0] * grid[0], width), min(cells[1] * grid[1], height)]
-        if _unit_memory(info, top_scale, tile, jobs) <= budget:
+        if _unit_memory(info, top_scale, tile, jobs, whole) <= budget:
             return tile
         if cells == [1, 1]:
             return None
@@ -228,13 +239,15 @@ def plan_units(
     jobs: int = 1,
     sections_per_unit: int | None = None,
     extra_alignment: Sequence[int] = (1, 1, 1),
+    whole_sections: bool = False,
 ) -> Plan:
     """Returns the units that convert ``info``'s volume within ``memory_limit`` bytes.
 
     The units build the fewest scales (0..k) for which the finishing step fits;
     their boxes are the largest x-y tiles that fit, and z ranges of at least
-    ``sections_per_unit`` sections (one grid step by default). Raises UsageError
-    when no box fits the limit.
+    ``sections_per_unit`` sections (one grid step by default). With
+    ``whole_sections``, each worker decodes whole sections to get a region (PNG).
+    Raises UsageError when no box fits the limit.
     """
     budget = memory_limit if memory_limit is not None else math.inf
     count = len(info["scales"])
@@ -244,12 +257,12 @@ def plan_units(
         if finishing > budget:
             continue
         grid = alignment(info, top, extra_alignment)
-        tile = _fit_tile(info, top, grid, budget, jobs)
+        tile = _fit_tile(info, top, grid, budget, jobs, whole_sections)
         if tile is None:
-            need = _unit_memory(info, top, grid[:2], jobs)
+            need = _unit_memory(info, top, grid[:2], jobs, whole_sections)
             smallest = need if smallest is None else min(smallest, need)
             continue
-        return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment)
+        return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections)
     from .progress import format_bytes
 
     raise UsageError(
@@ -266,6 +279,7 @@ def make_plan(
     sections_per_unit: int | None = None,
     jobs: int = 1,
     extra_alignment: Sequence[int] = (1, 1, 1),
+    whole_sections: bool = False,
 ) -> Plan:
     """Returns the plan whose units build scales 0..top_scale of x-y tiles of ``tile``
     voxels (rounded up to the grid; default: whole planes) and z ranges of at
@@ -293,6 +307,6 @@ def make_plan(
         top_scale=top_scale,
         scale_count=len(info["scales"]),
         tile=tuple(tile),  # type: ignore[arg-type]
-        unit_memory=_unit_memory(info, top_scale, tile, jobs),
+        unit_memory=_unit_memory(info, top_scale, tile, jobs, whole_sections),
         finishing_memory=finishing_memory(info, top_scale, jobs),
     )

@@ -323,3 +323,21 @@ def test_tiff_region_reads_give_the_whole_sections_samples_cropped(tmp_path, mon
         x0, x1, y0, y1 = region
         part = sections.read_section_region(path, expected, region)
         assert part.dtype == whole.dtype and np.array_equal(part, whole[y0:y1, x0:x1])
+
+
+def test_only_plain_tiff_sections_are_read_by_region_and_planned_so(tmp_path):
+    plane = brain_like((1, 64, 64))[0]
+    tifffile.imwrite(tmp_path / "tiled.tif", plane, tile=(16, 16))
+    write_stack(tmp_path / "png", plane[np.newaxis])
+    tiff = sources.StackSource([tmp_path / "tiled.tif"])
+    png = sources.StackSource(sorted((tmp_path / "png").iterdir()))
+    assert tiff.reads_regions and not png.reads_regions
+    info = pyramid.build_info(
+        "uint8", 1, (8192, 8192, 64), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
+    )
+    limit = 1 << 30
+    by_region = units.plan_units(info, limit, jobs=4)
+    whole = units.plan_units(info, limit, jobs=4, whole_sections=True)
+    # Four workers decoding whole 64 MiB sections leave less room for the tiles.
+    assert whole.unit_memory <= limit and by_region.unit_memory <= limit
+    assert len(whole.units) > len(by_region.units)
