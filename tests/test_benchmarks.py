@@ -45,3 +45,24 @@ def test_convert_benchmark_compares_both_tools_at_each_job_count(tmp_path):
         }
         assert row["plain"]["bytes"] > 0 and row["ours/j2"]["bytes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+TILES = BENCHMARK.parent / "bench_tiles.py"
+
+
+def test_tiles_benchmark_converts_within_the_limit_and_matches_the_single_pass(tmp_path):
+    # 2048 x 2048 x 16 sections: a 64 MiB slab in one pass, 16 MiB allowed.
+    done = subprocess.run(
+        [sys.executable, str(TILES), "--size", "2048", "--reference-size", "512"]
+        + ["--sections", "16", "--limit", "16M", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "identical bytes" in done.stdout and "(within)" in done.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows["identical"]
+    assert rows["tiled-large"]["rss_mb"] <= 16 + rows["base_rss_mb"]
+    assert rows["tiled-large"]["voxels"] == 2048 * 2048 * 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

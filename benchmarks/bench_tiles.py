@@ -1,0 +1,182 @@
+"""Benchmark: a conversion bounded by --memory-limit (x-y tiles) against the single pass.
+
+Generates brain-like 8-bit sections as tiled, deflated TIFF: a large stack whose
+single-pass slab exceeds the limit, and a reference stack that fits. In the same
+run it converts the reference in one pass and in tiles (checking that both write
+the same bytes), then the large stack within the limit, and prints wall time, CPU
+time, peak RSS and the speed per voxel of each against the single pass, and the
+interpreter's own base RSS (imports only).
+
+    python benchmarks/bench_tiles.py --quick       # seconds
+    python benchmarks/bench_tiles.py --size 16384 --sections 64 --limit 1G   # 16 GiB slab
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import BIN, measure  # noqa: E402
+
+IMPORTS = (
+    "import hbp_image_tasks.ingest_ngs, hbp_image_tasks.unit_conversion, imagecodecs, "
+    "tifffile, PIL.Image, neuroglancer_scripts.chunk_encoding, isal, zlib_ng"
+)
+
+
+def brain_plane(z: int, depth: int, size: int, noise: np.ndarray) -> np.ndarray:
+    """Returns a size x size uint8 section: a smooth head-like blob over a zero
+    background, at 1/16 resolution upsampled, with faint noise."""
+    low = max(size // 16, 1)
+    axis = np.linspace(-1, 1, low, dtype=np.float32)
+    zz = (2 * z / max(depth - 1, 1) - 1) * 0.8
+    radius = np.sqrt(axis[:, None] ** 2 + axis[None, :] ** 2 + zz**2)
+    small = np.clip(1.05 - radius, 0, 1) * 200 + 20 * np.cos(9 * axis)[None, :] ** 2
+    small[radius > 0.95] = 0
+    plane = np.repeat(np.repeat(small.astype(np.uint8), size // low, 0), size // low, 1)
+    repeats = size // noise.shape[0]
+    plane += np.tile(noise, (repeats, repeats)) * (plane > 0)
+    return plane
+
+
+def write_stack(directory: Path, size: int, sections: int, tile: int) -> None:
+    """Writes ``sections`` tiled TIFF sections of size x size (deflate level 1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 8, (min(size, 1024),) * 2, dtype=np.uint8)
+    for z in range(sections):
+        tifffile.imwrite(
+            directory / f"s{z:04d}.tif",
+            brain_plane(z, sections, size, noise),
+            tile=(tile, tile),
+            compression="zlib",
+            compressionargs={"level": 1},
+            maxworkers=2,
+        )
+
+
+def convert(stack: Path, out: Path, limit: str, jobs: int) -> dict:
+    """Runs ingest_ngs with a memory limit in a fresh process; returns its measures."""
+    params = '{"voxel_size": [1, 1, 1], "voxel_unit": "um"}'
+    command = [str(BIN / "ingest_ngs"), str(stack), "-d", str(out), "--parameters", params]
+    result = measure(command + ["--jobs", str(jobs), "--memory-limit", limit, "-q"])
+    info = json.loads((out / "info").read_text())
+    result["voxels"] = int(np.prod(info["scales"][0]["size"]))
+    result["mvoxel_per_s"] = result["voxels"] / result["wall"] / 1e6
+    return result
+
+
+def same_files(one: Path, other: Path) -> bool:
+    """Returns whether two outputs hold the same files with the same bytes (the tools'
+    dotfiles, which record timings, aside)."""
+
+    def names(root: Path) -> list:
+        return sorted(
+            p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name[0] != "."
+        )
+
+    if names(one) != names(other):
+        return False
+    return all(filecmp.cmp(one / n, other / n, shallow=False) for n in names(one))
+
+
+def tiling_limit(size: int, sections: int, jobs: int) -> int:
+    """Returns a memory limit that cuts a size x size stack into several x-y tiles."""
+    from hbp_image_tasks import pyramid, units
+
+    info = pyramid.build_info(
+        "uint8", 1, (size, size, sections), (1e3,) * 3, (0, 0, 0), "image", "raw", 64, None
+    )
+    limit = units.single_pass_memory(info, jobs) // 4
+    while True:
+        try:
+            plan = units.plan_units(info, limit, jobs)
+        except Exception:
+            limit = limit * 5 // 4
+            continue
+        if len(plan.units) > 1:
+            return limit
+        limit = limit * 3 // 4
+
+
+def parse_size(text: str) -> int:
+    from hbp_image_tasks.memory import parse_size as parse
+
+    return parse(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=16384, help="large sections' edge")
+    parser.add_argument("--sections", type=int, default=64, help="sections per stack")
+    parser.add_argument("--reference-size", type=int, default=4096, help="edge that fits")
+    parser.add_argument("--limit", default="1G", help="--memory-limit of the large stack")
+    parser.add_argument("--jobs", type=int, default=2, help="ingest_ngs --jobs")
+    parser.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
+    parser.add_argument("--quick", action="store_true", help="1024 / 256 pixels, 16 sections")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.reference_size, args.sections, args.limit = 1024, 256, 16, "24M"
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tiles-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = run(args, work)
+    finally:
+        for name in ("large", "reference", "one-pass", "tiled-reference", "tiled-large"):
+            shutil.rmtree(work / name, ignore_errors=True)
+    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def run(args, work: Path) -> dict:
+    write_stack(work / "reference", args.reference_size, args.sections, min(args.tile, 256))
+    write_stack(work / "large", args.size, args.sections, args.tile)
+    base = measure([sys.executable, "-c", IMPORTS])["rss_mb"]
+    tiling = tiling_limit(args.reference_size, args.sections, args.jobs)
+    rows = {
+        "base_rss_mb": base,
+        "one-pass": convert(work / "reference", work / "one-pass", "64G", args.jobs),
+        # The reference again, with a limit that forces tiles: a same-data speed ratio.
+        "tiled-reference": convert(
+            work / "reference", work / "tiled-reference", f"{tiling >> 10}K", args.jobs
+        ),
+    }
+    rows["identical"] = same_files(work / "one-pass", work / "tiled-reference")
+    shutil.rmtree(work / "one-pass")
+    rows["tiled-large"] = convert(work / "large", work / "tiled-large", args.limit, args.jobs)
+    limit_mb = parse_size(args.limit) / (1 << 20)
+    print(f"interpreter base RSS (imports only): {base:.0f} MB; --jobs {args.jobs}")
+    print("| run | voxels | wall | CPU | peak RSS | Mvoxel/s | speed / one pass |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    one = rows["one-pass"]["mvoxel_per_s"]
+    for name in ("one-pass", "tiled-reference", "tiled-large"):
+        row = rows[name]
+        print(
+            f"| {name} | {row['voxels']:,} | {row['wall']:.1f} s | {row['cpu']:.1f} s | "
+            f"{row['rss_mb']:.0f} MB | {row['mvoxel_per_s']:.1f} | "
+            f"{row['mvoxel_per_s'] / one:.2f} |"
+        )
+    large = rows["tiled-large"]
+    print(
+        f"tiled and one-pass outputs of the reference: "
+        f"{'identical bytes' if rows['identical'] else 'DIFFERENT'}"
+    )
+    print(
+        f"large stack: peak RSS {large['rss_mb']:.0f} MB against the limit {limit_mb:.0f} MB "
+        f"+ base {base:.0f} MB = {limit_mb + base:.0f} MB "
+        f"({'within' if large['rss_mb'] <= limit_mb + base else 'ABOVE'})"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
