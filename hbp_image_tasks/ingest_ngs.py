@@ -575,10 +575,15 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def memory_limit_from(args: argparse.Namespace) -> int:
-    """Returns the bytes of --memory-limit, or the default budget."""
+    """Returns the bytes of --memory-limit, or the default budget; UsageError when
+    no conversion with these parameters and jobs could fit it (the exact check,
+    which needs the input's size, comes before the conversion starts)."""
     if args.memory_limit is None:
         return memory.default_memory_limit()
-    return memory.parse_size(args.memory_limit)
+    limit = memory.parse_size(args.memory_limit)
+    chunk_size = parse_parameters(args.parameters).chunk_size
+    units.check_memory_floor(limit, chunk_size, args.jobs or cli.default_jobs())
+    return limit
 
 
 EXAMPLES = """\

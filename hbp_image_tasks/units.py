@@ -233,6 +233,25 @@ def _fit_tile(info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, 
         cells[axis] = ceil_div(cells[axis], 2)
 
 
+def check_memory_floor(memory_limit: int, chunk_size: int, jobs: int) -> None:
+    """Raises UsageError when ``memory_limit`` is below what a unit of a single chunk
+    of 8-bit grey samples needs: no input could be converted within it."""
+    from .pyramid import build_info
+
+    info = build_info(
+        "uint8", 1, (chunk_size,) * 3, (1, 1, 1), (0, 0, 0), "image", "raw", chunk_size, 1
+    )
+    floor = _unit_memory(info, 0, (chunk_size, chunk_size), jobs, False)
+    if memory_limit < floor:
+        from .progress import format_bytes
+
+        raise UsageError(
+            f"--memory-limit {format_bytes(memory_limit)} is below one chunk of "
+            f"{chunk_size}^3 voxels and the buffers of {jobs} job(s) "
+            f"({format_bytes(floor)}); give a larger limit or fewer --jobs"
+        )
+
+
 def plan_units(
     info: dict,
     memory_limit: int | None = None,

@@ -15,6 +15,7 @@ from test_ingest_ngs import chunk_files, write_nifti, write_stack
 
 from hbp_image_tasks import (
     errors,
+    ingest,
     ingest_ngs,
     memory,
     pyramid,
@@ -212,16 +213,30 @@ def test_plan_units_builds_the_fewest_scales_whose_finishing_step_fits():
 
 
 def test_memory_limit_below_the_smallest_unit_is_one_line_before_any_output(tmp_path, capsys):
-    write_stack(tmp_path / "in", brain_like((8, 64, 64)))
+    # 16-bit samples: above the 8-bit floor of one chunk, below this input's smallest unit.
+    write_tiff_stack(tmp_path / "in", brain_like((8, 64, 64), "uint16"))
     code = ingest_ngs.main(
-        [str(tmp_path / "in"), "-d", str(tmp_path / "out"), "--memory-limit", "0.1M", "-q"]
+        [str(tmp_path / "in"), "-d", str(tmp_path / "out"), "--memory-limit", "1.2M", "-q"]
         + ["--parameters", '{"voxel_size": [1, 1, 1]}', "--jobs", "1"]
     )
     error = capsys.readouterr().err.strip()
     assert code == errors.EXIT_USAGE
-    assert "--memory-limit 102.4 KiB is below what the smallest unit" in error
+    assert "--memory-limit 1.2 MiB is below what the smallest unit" in error
     assert "\n" not in error
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_limit_below_one_chunk_is_refused_by_ingest_before_fetching(tmp_path, capsys):
+    code = ingest.main(
+        ["--source", "http://127.0.0.1:9/never.nii", "--download-dir", str(tmp_path / "in")]
+        + ["--results-dir", str(tmp_path / "out"), "--no-upload", "--memory-limit", "512K"]
+        + ["--jobs", "2", "-q"]
+    )
+    error = capsys.readouterr().err.strip()
+    assert code == errors.EXIT_USAGE
+    assert "--memory-limit 512.0 KiB is below one chunk of 64^3 voxels" in error
+    assert "\n" not in error
+    assert not (tmp_path / "in").exists() and not (tmp_path / "out").exists()
 
 
 def test_interrupted_unit_conversion_resumes_skipping_finished_units(tmp_path, monkeypatch):
