@@ -65,9 +65,10 @@ class Unit:
 
     @property
     def id(self) -> str:
-        """Returns a stable name from the box: ``x0-64_y0-64_z0-64``."""
+        """Returns a stable name from the box and the scales it builds:
+        ``s1_x0-128_y0-128_z0-128`` builds scales 0-1 of that box."""
         (x0, y0, z0), (x1, y1, z1) = self.box.start, self.box.stop
-        return f"x{x0}-{x1}_y{y0}-{y1}_z{z0}-{z1}"
+        return f"s{self.top_scale}_x{x0}-{x1}_y{y0}-{y1}_z{z0}-{z1}"
 
     def to_dict(self) -> dict:
         """Returns the unit as a JSON-ready dict."""

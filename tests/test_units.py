@@ -181,6 +181,7 @@ def _infos() -> list:
 def test_plan_boxes_tile_the_volume_on_the_chunk_grid_of_every_unit_scale(info):
     size = info["scales"][0]["size"]
     cumulative = units.cumulative_factors(info)
+    seen = {}  # unit id -> (box, scales): a rerun under another plan never takes a stranger's
     for top, tile in itertools.product(range(len(info["scales"])), [(1, 1), (40, 90), size[:2]]):
         plan = units.make_plan(info, top, tile=tile, sections_per_unit=20)
         covered = np.zeros(size[::-1], np.uint8)
@@ -195,6 +196,8 @@ def test_plan_boxes_tile_the_volume_on_the_chunk_grid_of_every_unit_scale(info):
                     assert unit.box.stop[axis] % step == 0 or unit.box.stop[axis] == size[axis]
         assert covered.min() == covered.max() == 1
         assert len({unit.id for unit in plan.units}) == len(plan.units)
+        for unit in plan.units:
+            assert seen.setdefault(unit.id, (unit.box, top)) == (unit.box, top)
         assert units.Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
