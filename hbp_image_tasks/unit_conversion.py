@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Callable
@@ -220,19 +221,31 @@ def run_plan(plan: units.Plan, context: Context, destination: Path) -> Counts:
     """Runs every unfinished unit of ``plan`` here, in order, then the finishing
     step; returns the counts of all the output (recorded units included)."""
     total = Counts()
-    done = 0
-    for unit in plan.units:
+    for number, unit in enumerate(plan.units, 1):
         counts = read_done(destination, unit)
         if counts is None:
+            started = time.monotonic()
             counts = run_unit(unit, context, destination)
-        else:
-            done += 1
+            logger.info(
+                "unit %d/%d (%s): %d chunks in %.1f s",
+                number,
+                len(plan.units),
+                unit.id,
+                counts.chunks,
+                time.monotonic() - started,
+            )
         total.chunks += counts.chunks
         total.bytes += counts.bytes
-        logger.debug("unit %s: %d chunks", unit.id, counts.chunks)
-    if done:
-        logger.info("%d of %d units were already done", done, len(plan.units))
-    finishing = run_finishing(plan, context, destination)
-    total.chunks += finishing.chunks
-    total.bytes += finishing.bytes
+    if plan.finishing_scales:
+        started = time.monotonic()
+        finishing = run_finishing(plan, context, destination)
+        logger.info(
+            "finishing step (scales %d-%d): %d chunks in %.1f s",
+            plan.finishing_scales[0],
+            plan.finishing_scales[-1],
+            finishing.chunks,
+            time.monotonic() - started,
+        )
+        total.chunks += finishing.chunks
+        total.bytes += finishing.bytes
     return total
