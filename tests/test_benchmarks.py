@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_convert.py"
 
 
@@ -66,3 +68,43 @@ def test_tiles_benchmark_converts_within_the_limit_and_matches_the_single_pass(t
     assert rows["tiled-large"]["rss_mb"] <= 16 + rows["base_rss_mb"]
     assert rows["tiled-large"]["voxels"] == 2048 * 2048 * 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+PUBLISH = BENCHMARK.parent / "bench_publish.py"
+
+
+@pytest.mark.swift
+def test_publish_benchmark_ingests_unsharded_and_sharded_to_the_local_swift(tmp_path, local_swift):
+    env = tmp_path / "swift-env.json"
+    env.write_text(json.dumps(local_swift.env))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(PUBLISH),
+            "--sections",
+            "3",
+            "--size",
+            "700x300",
+            "--jobs",
+            "2",
+            "--swift-env",
+            str(env),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(tmp_path / "rows.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    plain, sharded = json.loads((tmp_path / "rows.json").read_text())
+    assert (plain["label"], sharded["label"]) == ("unsharded", "sharded")
+    # info and every chunk, against info and one 0.shard per (small) scale.
+    assert plain["objects"] == 1 + plain["chunks"] and plain["chunks"] > 11 * 5
+    assert sharded["objects"] == 1 + sharded["scales"] and sharded["scales"] >= 3
+    assert abs(plain["bytes"] - sharded["bytes"]) < 0.05 * plain["bytes"]
+    assert all(row[step] >= 0 for row in (plain, sharded) for step in ("fetch", "upload"))
+    assert "projection to BigBrain, 7404 sections" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == []
