@@ -65,11 +65,11 @@ class JobRequest:
             )
 
 
-def array_spec(count: int) -> str:
-    """Returns sbatch's --array value for tasks 0..count-1."""
+def array_spec(count: int, at_once: int | None = None) -> str:
+    """Returns sbatch's --array value for tasks 0..count-1, at most ``at_once`` running."""
     if count < 1:
         raise ValueError(f"an array needs at least one task, not {count}")
-    return f"0-{count - 1}"
+    return f"0-{count - 1}" + (f"%{at_once}" if at_once else "")
 
 
 def sbatch_argv(request: JobRequest, sbatch: str = "sbatch") -> list[str]:
@@ -166,10 +166,12 @@ def wait(
 ) -> str:
     """Waits until job ``job_id`` (all its tasks) ended or can never run; returns its state.
 
+    Polls every 0.5 s at first, then less often, up to every ``poll_seconds``.
     Returns ``UNKNOWN`` when Slurm forgot the job (MinJobAge passed): the caller
     then decides from the files the job left.
     """
     last = None
+    delay = min(0.5, poll_seconds)
     while True:
         state = job_state(show_job(job_id))
         if state != last:
@@ -179,7 +181,8 @@ def wait(
             return state
         if should_stop and should_stop():
             raise Interrupted(f"stopped waiting for job {job_id} (it keeps running)")
-        sleep(poll_seconds)
+        sleep(delay)
+        delay = min(poll_seconds, delay * 1.5)
 
 
 def cancel(job_id: str) -> None:
