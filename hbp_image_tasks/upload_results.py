@@ -857,6 +857,45 @@ def _write_manifest(
     )
 
 
+def upload_objects(
+    connection: SwiftConnection,
+    container: str,
+    objects: list[LocalObject],
+    *,
+    prefix: str = "",
+    jobs: int | None = None,
+    public: bool = True,
+    cors_origin: str = "*",
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Digest]:
+    """Uploads part of a dataset (no listing, no verification); returns name -> digest.
+
+    For the units of a job array: each uploads its own files, and :func:`upload`
+    of the whole results directory verifies them all at the end.
+    """
+    headers = (
+        {
+            "X-Container-Read": PUBLIC_READ_ACL,
+            "X-Container-Meta-Access-Control-Allow-Origin": cors_origin,
+        }
+        if public
+        else {}
+    )
+    if connection.head_container(container) is None:
+        connection.ensure_container(container, headers)
+    uploader = _Uploader(connection, container, normalize_prefix(prefix), segment_size, headers)
+    digests: dict[str, Digest] = {}
+
+    def record(local: LocalObject, outcome: tuple[Digest, int]) -> None:
+        digests[local.name] = outcome[0]
+
+    run_bounded(
+        objects, uploader.upload, record, jobs or default_upload_jobs(), should_stop, "uploading"
+    )
+    return digests
+
+
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `upload_results`."""
     parser = argparse.ArgumentParser(
