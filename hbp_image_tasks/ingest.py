@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_jobs_option(
         job, "parallel workers in each step (downloads, decoding and encoding, uploads)"
     )
+    from . import array_job
+
+    array_job.add_array_options(parser)
     cli.add_logging_options(parser)
     for action in parser._actions:
         # --container is required by upload_results but not with --no-upload.
@@ -644,6 +647,31 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"Neuroglancer link: {report['neuroglancer_link']}")
 
 
+def submit_array(args: argparse.Namespace, argv: list[str] | None, options: IngestOptions) -> int:
+    """Runs ``ingest --array``: plans and submits (array_job.py); returns the exit code."""
+    from . import array_job
+
+    if args.array is None:
+        raise errors.UsageError("--wait and --sbatch-option need --array N")
+    array = array_job.array_options_from_args(args)
+    with cli.stop_on_signals() as stop:
+        summary = array_job.submit(options, array, sys.argv[1:] if argv is None else argv, stop)
+    if summary.get("status") == "success":
+        print_array_report(summary)
+    else:
+        array_job.print_summary(summary)
+    return errors.EXIT_OK
+
+
+def print_array_report(report: dict[str, Any]) -> None:
+    """Prints the end of an array run that was waited for."""
+    array = report["array"]
+    print(f"ingest --array finished: {array['units']} units, {array['unit_files']} unit files")
+    if report.get("public_url"):
+        print(f"public URL:        {report['public_url']}")
+        print(f"Neuroglancer link: {report['neuroglancer_link']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``ingest``; returns the exit code."""
     args = parse_command_line(argv)
@@ -655,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         if options.settings is not None:
             redactor.add(options.settings.os_password.reveal())
+        if args.array is not None or args.wait or args.sbatch_option:
+            return submit_array(args, argv, options)
         with cli.stop_on_signals() as stop:
             try:
                 report = ingest(options, should_stop=stop)

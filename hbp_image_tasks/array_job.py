@@ -1,0 +1,423 @@
+"""``ingest --array N``: plan the conversion once, then submit it to Slurm as a job array.
+
+The submitting command lists the source, fetches one section to learn the stack's
+shape, writes the dataset's info and the plan of units (units.py) to the results
+directory, and submits N tasks that run the units (array_task.py) and a finishing
+job that builds the upper scales, uploads and verifies. A rerun submits only the
+units that are not recorded as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from . import array_state, errors, fetch_input, ingest, slurm, sources, unit_setup, units
+from .array_state import ArrayRun, split_evenly
+
+logger = logging.getLogger(__name__)
+
+# The options that steer the submission itself; the tasks get the rest of the argv.
+SUBMIT_ONLY = {"--array": 1, "--wait": 0, "--sbatch-option": 1, "--dry-run": 0, "--restart": 0}
+ERROR_BY_EXIT_CODE: dict[int, type[errors.HbpError]] = {
+    errors.EXIT_USAGE: errors.UsageError,
+    errors.EXIT_SOURCE: errors.FetchError,
+    errors.EXIT_CONVERSION: errors.ConversionError,
+    errors.EXIT_UPLOAD: errors.UploadError,
+    errors.EXIT_INTERRUPTED: errors.Interrupted,
+}
+# Asked of Slurm beyond a job's planned work: the interpreter, libraries, upload buffers.
+JOB_BASE_BYTES = 512 << 20
+# How Slurm ended a task that could not say why itself.
+EXIT_CODE_OF_STATE = {
+    "CANCELLED": errors.EXIT_INTERRUPTED,
+    "TIMEOUT": errors.EXIT_INTERRUPTED,
+    "PREEMPTED": errors.EXIT_INTERRUPTED,
+    "NODE_FAIL": errors.EXIT_INTERRUPTED,
+    "OUT_OF_MEMORY": errors.EXIT_CONVERSION,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayOptions:
+    """How ``ingest --array`` submits: tasks, sbatch options, unit size, waiting."""
+
+    tasks: int
+    at_once: int | None = None  # at most this many tasks running (sbatch --array=...%M)
+    sbatch_options: tuple[str, ...] = ()
+    sections_per_unit: int | None = None
+    wait: bool = False
+    poll_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.tasks < 1 or (self.at_once is not None and self.at_once < 1):
+            raise errors.UsageError(f"--array {self.tasks}: give at least one task")
+
+
+def add_array_options(parser) -> None:
+    """Adds the options of ``ingest --array`` (a Slurm job array instead of one process)."""
+    group = parser.add_argument_group(
+        "job array (Slurm)",
+        "Run the conversion as N Slurm array tasks plus a finishing job; "
+        "this command only plans and submits (run it on the login node).",
+    )
+    group.add_argument(
+        "--array",
+        default=None,
+        metavar="N[%M]",
+        help="submit a job array of N tasks (at most M running at once), each "
+        "fetching, converting and uploading its share of the units, and a finishing "
+        "job that builds the upper scales, verifies the container and writes the "
+        "report (needs --stacks and sbatch)",
+    )
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --array: wait for the finishing job and exit with the run's exit code",
+    )
+    group.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="with --array: pass OPT to sbatch for every job (repeatable), e.g. "
+        "--sbatch-option=--partition=batch --sbatch-option=--time=2:00:00",
+    )
+    group.add_argument(
+        "--sections-per-unit",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --array: units of at least K sections (rounded up to the chunk "
+        "grid; default: one grid step, e.g. 64 sections)",
+    )
+
+
+def array_options_from_args(args) -> ArrayOptions:
+    """Returns the --array options, checked."""
+    if args.sections_per_unit is not None and args.sections_per_unit < 1:
+        raise errors.UsageError("--sections-per-unit must be at least 1")
+    tasks, percent, at_once = args.array.partition("%")
+    if not tasks.isdigit() or (percent and not at_once.isdigit()):
+        raise errors.UsageError(f"--array {args.array!r}: give a task count N or N%M, e.g. 16%4")
+    return ArrayOptions(
+        tasks=int(tasks),
+        at_once=int(at_once) if at_once else None,
+        sbatch_options=tuple(args.sbatch_option),
+        sections_per_unit=args.sections_per_unit,
+        wait=args.wait,
+    )
+
+
+def task_argv(argv: list[str]) -> list[str]:
+    """Returns ingest's argv without the options that only steer the submission."""
+    result, skip = [], 0
+    for word in argv:
+        if skip:
+            skip -= 1
+            continue
+        name, has_value, _ = word.partition("=")
+        if name in SUBMIT_ONLY:
+            skip = 0 if has_value else SUBMIT_ONLY[name]
+            continue
+        result.append(word)
+    return result
+
+
+def _job_command(verb: str, results_dir: Path, submission: int) -> tuple[str, ...]:
+    """Returns the argv a job runs: this interpreter, the task module, its arguments."""
+    return (
+        sys.executable,
+        "-m",
+        "hbp_image_tasks.array_task",
+        verb,
+        str(results_dir.resolve()),
+        "--submission",
+        str(submission),
+    )
+
+
+def memory_option(user_options: tuple[str, ...], work_bytes: int) -> tuple[str, ...]:
+    """Returns sbatch's --mem for a job whose work holds ``work_bytes``, unless the
+    user's options already say how much memory to allocate."""
+    if any(option.startswith("--mem") for option in user_options):
+        return ()
+    return (f"--mem={-(-(work_bytes + JOB_BASE_BYTES) // (1 << 20))}M",)
+
+
+def job_requests(
+    run: ArrayRun,
+    submission: int,
+    task_count: int,
+    array: ArrayOptions,
+    name: str,
+    plan: units.Plan,
+) -> tuple[slurm.JobRequest | None, slurm.JobRequest]:
+    """Returns the array's request (None when no unit is left) and the finishing job's."""
+    tasks = None
+    if task_count:
+        tasks = slurm.JobRequest(
+            f"{name}-units",
+            _job_command("task", run.results_dir, submission),
+            run.logs / "task-%A_%a.log",
+            array=slurm.array_spec(task_count, array.at_once),
+            options=memory_option(array.sbatch_options, plan.unit_memory) + array.sbatch_options,
+        )
+    finish = slurm.JobRequest(
+        f"{name}-finish",
+        _job_command("finish", run.results_dir, submission),
+        run.logs / "finish-%j.log",
+        options=memory_option(array.sbatch_options, plan.finishing_memory) + array.sbatch_options,
+    )
+    return tasks, finish
+
+
+def load_or_make_plan(
+    options: ingest.IngestOptions, checked: ingest.Preflight, run: ArrayRun, array: ArrayOptions
+) -> dict:
+    """Returns the saved plan for these inputs, or makes, writes and returns a new one."""
+    saved = run.read_plan()
+    if saved is not None and saved.get("inputs") == checked.inputs:
+        return saved
+    if saved is not None:
+        changed = ", ".join(ingest.differing_inputs(saved.get("inputs", {}), checked.inputs))
+        raise errors.UsageError(
+            f"{options.results_dir} holds the plan of an --array run with other inputs "
+            f"(changed: {changed}); rerun with --restart to delete it and start over"
+        )
+    sections = unit_setup.ordered_sections(checked.objects, options.order_file)
+    # The first section tells the stack's shape and sample type; a dry run reads
+    # it into a temporary directory and writes nothing.
+    with contextlib.ExitStack() as stack:
+        directory = options.download_dir / "first-section"
+        if options.dry_run:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        first = fetch_sections(options, sections[:1], directory)
+        info = unit_setup.stack_info(first[0], len(sections), options.parameters)
+        whole_sections = not sources.StackSource(first).reads_regions
+    plan = units.plan_units(
+        info,
+        options_memory_limit(options),
+        options.jobs or 1,
+        sections_per_unit=array.sections_per_unit,
+        whole_sections=whole_sections,
+    )
+    document = {
+        "inputs": checked.inputs,
+        "sections": [[item.name, item.bytes, item.hash] for item in sections],
+        "info": info,
+        "plan": plan.to_dict(),
+    }
+    if not options.dry_run:
+        unit_setup.write_info(options.results_dir, info, options.parameters)
+        run.write_plan(document)
+    return document
+
+
+def options_memory_limit(options: ingest.IngestOptions) -> int | None:
+    """Returns the memory budget of one unit (None: no limit, whole-plane units)."""
+    return getattr(options, "memory_limit", None)
+
+
+def fetch_sections(options: ingest.IngestOptions, objects: list, directory: Path) -> list[Path]:
+    """Fetches ``objects`` (listing entries) into ``directory``; returns their paths."""
+    fetch_input.fetch(
+        options.source,
+        directory,
+        stacks=True,
+        filter_regex=options.filter_regex,
+        jobs=options.jobs,
+        settings=ingest.fetch_settings(options),
+        show_progress=False,
+        objects=objects,
+    )
+    return [directory / item.name for item in objects]
+
+
+def check_no_active_jobs(run: ArrayRun) -> None:
+    """Refuses to submit while jobs of an earlier submission still run or wait."""
+    numbers = run.submissions()
+    if not numbers:
+        return
+    record = run.read_submission(numbers[-1])
+    for key in ("array_job", "finish_job"):
+        job = record.get(key)
+        if not job:
+            continue
+        state = slurm.job_state(slurm.show_job(job))
+        if state not in slurm.FINAL_STATES and state not in (slurm.NEVER_RUNS, "UNKNOWN"):
+            raise errors.UsageError(
+                f"job {job} of the earlier submission is still {state}: wait for it "
+                f"(squeue -j {job}) or cancel it (scancel {job}) before submitting again"
+            )
+
+
+def submit(
+    options: ingest.IngestOptions,
+    array: ArrayOptions,
+    argv: list[str],
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Plans and submits the array and its finishing job; returns what was submitted.
+
+    With ``array.wait`` also waits for the finishing job and returns the run report.
+    """
+    if not options.stacks:
+        raise errors.UsageError("--array needs --stacks: a single volume is converted by one job")
+    if not options.dry_run:
+        slurm.find_command("sbatch")
+    checked = ingest.preflight(options)
+    run = ArrayRun(options.results_dir)
+    if options.restart and not options.dry_run:
+        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
+        ingest.clear_directory(options.results_dir)
+    plan_document = load_or_make_plan(options, checked, run, array)
+    plan = units.Plan.from_dict(plan_document["plan"])
+    if array.tasks > len(plan.units):
+        raise errors.UsageError(
+            f"--array {array.tasks}: the plan has only {len(plan.units)} unit(s); give "
+            f"--array {len(plan.units)} or less (or smaller units: --sections-per-unit)"
+        )
+    finished = run.finished_units()
+    remaining = [unit.id for unit in plan.units if unit.id not in finished]
+    task_count = min(array.tasks, len(remaining))
+    number = (run.submissions() or [0])[-1] + 1
+    name = f"hbp-ingest-{options.results_dir.resolve().name}"
+    tasks, finish = job_requests(run, number, task_count, array, name, plan)
+    record: dict[str, Any] = {
+        "argv": task_argv(argv),
+        "cwd": str(Path.cwd()),
+        "report": str(Path(options.report_path).resolve()),
+        "tasks": split_evenly(remaining, task_count) if task_count else [],
+        "array_job": None,
+        "finish_job": None,
+    }
+    logger.info(
+        "plan: %d unit(s) of up to %s, %d finished, %d left for %d task(s); the "
+        "finishing job builds scale(s) %s",
+        len(plan.units),
+        "x".join(map(str, plan.units[0].box.shape)),
+        len(finished),
+        len(remaining),
+        task_count,
+        ", ".join(map(str, plan.finishing_scales)) or "none",
+    )
+    if options.dry_run:
+        return dry_run_summary(plan, remaining, tasks, finish, record)
+    check_no_active_jobs(run)
+    run.write_submission(number, record)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    if tasks is not None:
+        record["array_job"] = slurm.submit(tasks)
+        finish = dataclasses.replace(finish, after_ok=record["array_job"])
+    record["finish_job"] = slurm.submit(finish)
+    run.write_submission(number, record)
+    summary = {
+        "status": "submitted",
+        "submission": number,
+        "array_job": record["array_job"],
+        "finish_job": record["finish_job"],
+        "units": len(plan.units),
+        "units_left": len(remaining),
+        "tasks": task_count,
+        "logs": str(run.logs),
+    }
+    if array.wait:
+        return wait_for_run(run, number, array.poll_seconds, should_stop)
+    return summary
+
+
+def dry_run_summary(
+    plan: units.Plan,
+    remaining: list[str],
+    tasks: slurm.JobRequest | None,
+    finish: slurm.JobRequest,
+    record: dict,
+) -> dict[str, Any]:
+    """Returns the plan and the sbatch command lines a real run would submit."""
+    commands = []
+    if tasks is not None:
+        commands.append(shlex.join(slurm.sbatch_argv(tasks)))
+        finish = dataclasses.replace(finish, after_ok="<array job id>")
+    commands.append(shlex.join(slurm.sbatch_argv(finish)))
+    return {
+        "status": "dry-run",
+        "units": [unit.to_dict() for unit in plan.units],
+        "units_left": remaining,
+        "finishing_scales": list(plan.finishing_scales),
+        "tasks": record["tasks"],
+        "sbatch": commands,
+    }
+
+
+def wait_for_run(
+    run: ArrayRun, number: int, poll_seconds: float, should_stop: Callable[[], bool] | None
+) -> dict[str, Any]:
+    """Waits for the finishing job; returns its report or raises the error that ended the run."""
+    record = run.read_submission(number)
+    state = slurm.wait(record["finish_job"], poll_seconds, should_stop)
+    if state == "COMPLETED":
+        # The report, not the outcome file: --cleanup deleted the results directory.
+        return json.loads(Path(record["report"]).read_text(encoding="utf-8"))
+    outcome = run.outcomes(f"finish-{record['finish_job']}").get(f"finish-{record['finish_job']}")
+    if outcome is not None:
+        raise _error(
+            outcome["exit_code"], f"finishing job {record['finish_job']}: {outcome['message']}"
+        )
+    if record.get("array_job"):
+        failure = task_failure(run, record["array_job"])
+        if failure is not None:
+            raise failure
+    raise errors.ConversionError(
+        f"finishing job {record['finish_job']} ended {state} without a report; see "
+        f"{run.logs}/finish-{record['finish_job']}.log"
+    )
+
+
+def task_failure(run: ArrayRun, array_job: str) -> errors.HbpError | None:
+    """Returns the error of the first failed task of ``array_job``, None when none failed."""
+    for job, outcome in run.outcomes(f"task-{array_job}_").items():
+        if outcome and outcome.get("exit_code") != errors.EXIT_OK:
+            return _error(outcome["exit_code"], f"{job}: {outcome['message']}{RERUN_HINT}")
+    for task in slurm.show_job(array_job):
+        state = task.get("JobState", "")
+        if state in slurm.FINAL_STATES and state != "COMPLETED":
+            code = EXIT_CODE_OF_STATE.get(state, errors.EXIT_CONVERSION)
+            where = f"task-{array_job}_{task.get('ArrayTaskId', '?')}"
+            return _error(code, f"{where} ended {state}{RERUN_HINT}")
+    return None
+
+
+RERUN_HINT = "; the other units' work is kept: run the same command again to resubmit the rest"
+
+
+def _error(code: int, message: str) -> errors.HbpError:
+    """Returns the package error that exits with ``code``."""
+    error_type = ERROR_BY_EXIT_CODE.get(code, errors.ConversionError)
+    return error_type(message)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Prints what was submitted and how to follow it (or the dry run's plan)."""
+    if summary.get("status") == "dry-run":
+        print(json.dumps(summary, indent=2))
+        return
+    jobs = [job for job in (summary["array_job"], summary["finish_job"]) if job]
+    print(
+        f"submitted {summary['tasks']} task(s) for {summary['units_left']} of "
+        f"{summary['units']} unit(s): array job {summary['array_job'] or '-'}, "
+        f"finishing job {summary['finish_job']}"
+    )
+    print(f"follow them:  squeue -j {','.join(jobs)}")
+    print(f"their output: {summary['logs']}/")
+    print("after a failure, run the same command again: finished units are kept")
+
+
+__all__ = ["ArrayOptions", "array_state", "print_summary", "submit", "task_argv"]

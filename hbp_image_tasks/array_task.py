@@ -1,0 +1,327 @@
+"""The jobs that ``ingest --array`` submits: ``task`` runs units, ``finish`` completes the run.
+
+``python -m hbp_image_tasks.array_task task RESULTS_DIR --submission K`` (one per
+array index) fetches, converts and uploads the units its submission gave it and
+records each finished unit; ``finish`` builds the upper scales from the units'
+pieces, uploads and verifies the whole dataset, writes the run report and only
+then applies --cleanup. Both read everything from RESULTS_DIR/.hbp-array/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from . import cli, errors, ingest, unit_conversion, unit_setup, units, upload_results
+from .array_state import ArrayRun
+from .atomic import write_json_atomically
+from .progress import format_duration
+from .swift import ObjectInfo, SwiftConnection
+from .upload_plan import MANIFEST_FILE, read_manifest_digests
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_KEYS = ("prefix", "public", "cors_origin", "segment_size")
+
+
+class Job:
+    """One job's view of the run: the plan, its submission and ingest's options."""
+
+    def __init__(self, results_dir: Path, submission: int):
+        self.run = ArrayRun(results_dir)
+        document = self.run.read_plan()
+        if document is None:
+            raise errors.UsageError(f"{self.run.plan_path()} is missing: nothing to run")
+        self.document = document
+        self.record = self.run.read_submission(submission)
+        self.info: dict = document["info"]
+        self.plan = units.Plan.from_dict(document["plan"])
+        self.units = {unit.id: unit for unit in self.plan.units}
+        # The ingest command line's relative paths are the submitter's.
+        os.chdir(self.record["cwd"])
+        self.options = ingest.options_from_args(ingest.parse_command_line(self.record["argv"]))
+        self.connection = None
+        if self.options.upload:
+            self.connection = SwiftConnection(self.options.settings, error_type=errors.UploadError)
+
+    def upload_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.options.upload_options.items() if k in UPLOAD_KEYS}
+
+    def section_objects(self, unit: units.Unit) -> list[ObjectInfo]:
+        """Returns the listing entries of a unit's sections."""
+        z0, z1 = unit.box.start[2], unit.box.stop[2]
+        return [ObjectInfo(name, size, md5) for name, size, md5 in self.document["sections"][z0:z1]]
+
+
+@contextlib.contextmanager
+def locked(directory: Path):
+    """Holds an exclusive lock on ``directory`` (units of one z range share its sections)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".hbp-array-lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], bool]) -> dict:
+    """Fetches, converts and uploads one unit; returns its record."""
+    started = time.monotonic()
+    options = job.options
+    objects = job.section_objects(unit)
+    z0, z1 = unit.box.start[2], unit.box.stop[2]
+    directory = options.download_dir / f"sections-{z0}-{z1}"
+    with locked(directory):
+        ingest.fetch_input.fetch(
+            options.source,
+            directory,
+            stacks=True,
+            filter_regex=options.filter_regex,
+            jobs=options.jobs,
+            settings=ingest.fetch_settings(options),
+            show_progress=False,
+            should_stop=should_stop,
+            objects=objects,
+        )
+    results_dir = options.results_dir
+    if unit_conversion.read_done(results_dir, unit) is None:
+        source = unit_setup.UnitSource(
+            [directory / item.name for item in objects], z0, options.parameters.channels
+        )
+        context = unit_setup.make_context(
+            job.info, source, options.parameters, results_dir, executor, should_stop
+        )
+        unit_conversion.run_unit(unit, context, results_dir)
+    files = unit_setup.unit_files(results_dir, job.info, unit)
+    digests = {}
+    if job.connection is not None:
+        digests = upload_results.upload_objects(
+            job.connection,
+            options.container,
+            files,
+            jobs=options.jobs,
+            should_stop=should_stop,
+            **job.upload_options(),
+        )
+    return {
+        "id": unit.id,
+        "seconds": round(time.monotonic() - started, 3),
+        "files": [
+            {
+                "name": local.name,
+                "bytes": local.size,
+                "mtime_ns": local.mtime_ns,
+                "md5": digests[local.name].md5 if local.name in digests else None,
+            }
+            for local in files
+        ],
+    }
+
+
+def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
+    """Runs the units of array task ``index`` that are not finished; returns how many ran."""
+    unit_ids = job.record["tasks"][index]
+    ran = 0
+    with ThreadPoolExecutor(max_workers=job.options.jobs or 1) as executor:
+        for number, unit_id in enumerate(unit_ids, 1):
+            if job.run.unit_record(unit_id) is not None:
+                logger.info("unit %s: finished in an earlier run", unit_id)
+                continue
+            if should_stop():
+                raise errors.Interrupted(f"stopped before unit {unit_id}")
+            logger.info("unit %s (%d/%d of this task): starting", unit_id, number, len(unit_ids))
+            record = run_unit(job, job.units[unit_id], executor, should_stop)
+            job.run.record_unit(unit_id, record)
+            ran += 1
+            logger.info(
+                "unit %s (%d/%d of this task): %d files in %s",
+                unit_id,
+                number,
+                len(unit_ids),
+                len(record["files"]),
+                format_duration(record["seconds"]),
+            )
+    return ran
+
+
+def seed_upload_manifest(job: Job, records: list[dict]) -> None:
+    """Adds the units' uploaded MD5s to the upload manifest, so the verifying upload
+    trusts them (same size and mtime) instead of reading every file again."""
+    path = job.options.results_dir / MANIFEST_FILE
+    prefix = job.upload_options().get("prefix") or ""
+    known = {
+        name: {"name": name, "bytes": size, "mtime_ns": mtime, "md5": md5}
+        for name, (size, mtime, md5) in read_manifest_digests(path).items()
+    }
+    for record in records:
+        for entry in record["files"]:
+            if entry.get("md5"):
+                name = f"{prefix.strip('/')}/{entry['name']}" if prefix else entry["name"]
+                known[name] = {**entry, "name": name}
+    write_json_atomically(path, {"objects": list(known.values())})
+
+
+def check_unit_files(job: Job, records: list[dict]) -> None:
+    """Refuses a results directory whose unit files changed since they were recorded."""
+    for record in records:
+        for entry in record["files"]:
+            path = job.options.results_dir / Path(entry["name"] + ".gz")
+            if not path.exists():
+                path = job.options.results_dir / entry["name"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = None
+            if size != entry["bytes"]:
+                raise errors.ConversionError(
+                    f"{path}: recorded by unit {record['id']} with {entry['bytes']} bytes, "
+                    f"now {'missing' if size is None else f'{size} bytes'}; run with --restart"
+                )
+
+
+def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
+    """Builds the upper scales, uploads and verifies everything; returns the run report."""
+    started = time.monotonic()
+    missing = [unit_id for unit_id in job.units if job.run.unit_record(unit_id) is None]
+    if missing:
+        raise errors.ConversionError(
+            f"{len(missing)} unit(s) not finished (e.g. {missing[0]}); run the same "
+            "ingest --array command again to resubmit them"
+        )
+    records = [job.run.unit_record(unit_id) for unit_id in job.units]
+    check_unit_files(job, records)
+    options = job.options
+    with ThreadPoolExecutor(max_workers=options.jobs or 1) as executor:
+        context = unit_setup.make_context(
+            job.info, None, options.parameters, options.results_dir, executor, should_stop
+        )
+        counts = unit_conversion.run_finishing(job.plan, context, options.results_dir)
+    logger.info("finishing step: %d chunks of the upper scales", counts.chunks)
+    uploaded = None
+    if job.connection is not None:
+        seed_upload_manifest(job, records)
+        uploaded = upload_results.upload(
+            options.results_dir,
+            options.container,
+            job.connection,
+            jobs=options.jobs,
+            show_progress=False,
+            should_stop=should_stop,
+            **{k: v for k, v in options.upload_options.items()},
+        ).to_dict()
+    return finish_report(job, records, counts, uploaded, time.monotonic() - started, job_id)
+
+
+def finish_report(
+    job: Job, records: list[dict], counts, uploaded: dict | None, seconds: float, job_id: str
+) -> dict:
+    """Returns the run report of an array run."""
+    unit_files = sum(len(record["files"]) for record in records)
+    return {
+        "status": "success",
+        "finished": ingest.now(),
+        "mode": "array",
+        "inputs": {
+            "source": job.options.source,
+            "stacks": True,
+            "filter": job.options.filter_regex,
+            "listing_fingerprint": job.document["inputs"].get("listing"),
+            "files": len(job.document["sections"]),
+        },
+        "parameters": job.document["inputs"].get("parameters"),
+        "array": {
+            "units": len(records),
+            "unit_seconds": round(sum(record["seconds"] for record in records), 3),
+            "unit_files": unit_files,
+            "finishing_job": job_id,
+            "finishing_seconds": round(seconds, 3),
+            "finishing_chunks": counts.chunks,
+        },
+        "upload": uploaded,
+        "public_url": uploaded.get("public_url") if uploaded else None,
+        "neuroglancer_link": uploaded.get("neuroglancer_link") if uploaded else None,
+        "versions": ingest.versions(),
+    }
+
+
+def cleanup(options: ingest.IngestOptions) -> None:
+    """Deletes the download and results directories (after a verified upload only)."""
+    for directory in (options.download_dir, options.results_dir):
+        logger.info("--cleanup: deleting %s", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """Parses a job's command line (written by ``ingest --array``, not by hand)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hbp_image_tasks.array_task", description=__doc__
+    )
+    parser.add_argument("verb", choices=["task", "finish"])
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("--submission", type=int, required=True)
+    cli.add_logging_options(parser)
+    return parser.parse_args(argv)
+
+
+def job_name(verb: str, environ: dict) -> str:
+    """Returns the name of this job's outcome file: task-<array>_<index> or finish-<id>."""
+    if verb == "task":
+        return f"task-{environ.get('SLURM_ARRAY_JOB_ID', 'local')}_{task_index(environ)}"
+    return f"finish-{environ.get('SLURM_JOB_ID', 'local')}"
+
+
+def task_index(environ: dict) -> int:
+    """Returns this array task's index."""
+    try:
+        return int(environ["SLURM_ARRAY_TASK_ID"])
+    except (KeyError, ValueError):
+        raise errors.UsageError(
+            "SLURM_ARRAY_TASK_ID is not set: run as a Slurm array task"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one job of an array run; returns the exit code."""
+    args = parse_command_line(argv)
+    environ = dict(os.environ)
+    name = job_name(args.verb, environ)
+    run = ArrayRun(args.results_dir)
+
+    def work(redactor: cli.RedactingFilter) -> int:
+        job = Job(args.results_dir, args.submission)
+        if job.options.settings is not None:
+            redactor.add(job.options.settings.os_password.reveal())
+        with cli.stop_on_signals() as stop:
+            if args.verb == "task":
+                run_task(job, task_index(environ), stop)
+                return errors.EXIT_OK
+            report = run_finish(job, stop, environ.get("SLURM_JOB_ID", "local"))
+        write_json_atomically(job.options.report_path, report)
+        run.write_outcome(name, {"exit_code": errors.EXIT_OK, "report": report})
+        if job.options.cleanup:
+            cleanup(job.options)
+        return errors.EXIT_OK
+
+    def recorded(redactor: cli.RedactingFilter) -> int:
+        try:
+            return work(redactor)
+        except errors.HbpError as exc:
+            run.write_outcome(name, {"exit_code": exc.exit_code, "message": str(exc)})
+            raise
+        except Exception as exc:
+            message = redactor.redact(f"unexpected error: {type(exc).__name__}: {exc}")
+            run.write_outcome(name, {"exit_code": errors.EXIT_INTERNAL, "message": message})
+            raise
+
+    return cli.run_command(recorded, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""What the units of a job array need around the unit engine (unit_conversion.py).
+
+The stack's z order from the source listing, the dataset's info from one section,
+a unit's own sections as a source, the writers, and the files a unit produced.
+The same choices as ``ingest_ngs.convert``, so the output is the single pass's.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import errors, ingest_ngs, pyramid, sections, sources, units
+from .parameters import DEFAULT_STACK_VOXEL_SIZE_NM, ConversionParameters
+from .upload_plan import LocalObject, content_type_for, object_name_for
+
+
+def ordered_sections(objects: list, order_file: Path | None = None) -> list:
+    """Returns the listing entries that are sections, in the stack's z order.
+
+    The order ``sections.list_sections`` gives the fetched stack: natural order
+    of the object names.
+    """
+    if order_file is not None:
+        raise errors.UsageError(
+            "--array does not take --order-file yet: name the sections in order"
+        )
+    chosen = [item for item in objects if sections.is_section_name(Path(item.name).name)]
+    if not chosen:
+        raise errors.InputError("the selected objects hold no image section")
+    return sorted(chosen, key=lambda item: sections.natural_key(item.name))
+
+
+def stack_info(first_section: Path, depth: int, params: ConversionParameters) -> dict:
+    """Returns the pyramid's info of a stack of ``depth`` sections shaped like the first."""
+    source = sources.StackSource([first_section], params.channels)
+    if params.type == "segmentation" and source.channels != 1:
+        raise errors.InputError(f"{first_section}: RGB input cannot be a segmentation")
+    if params.encoding == "jpeg" and source.channels not in (1, 3):
+        raise errors.InputError(f"{first_section}: jpeg needs 1 or 3 channels")
+    data_type = ingest_ngs._output_dtype(source, params)
+    voxel_size = params.voxel_size_nm() or (DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
+    info = pyramid.build_info(
+        data_type,
+        source.channels,
+        (source.size[0], source.size[1], depth),
+        voxel_size,
+        params.voxel_offset,
+        params.type,
+        params.effective_encoding,
+        params.chunk_size,
+        params.max_scales,
+    )
+    if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
+        raise errors.UsageError(
+            f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
+        )
+    from . import shard_writer
+
+    if any(spec is not None for spec in shard_writer.add_sharding(info, params)):
+        raise errors.UsageError(
+            '--array does not write sharded scales yet: give "sharding": false in --parameters'
+        )
+    return info
+
+
+def accessor_for(destination: Path, info: dict, params: ConversionParameters):
+    """Returns the chunk writer ``ingest_ngs.convert`` would use for ``info``."""
+    return pyramid.AtomicFileAccessor(
+        destination,
+        gzip=params.gzip,
+        compresslevel=params.compression_level,
+        wide_samples=(
+            params.effective_encoding == "raw" and np.dtype(info["data_type"]).itemsize > 1
+        ),
+    )
+
+
+def write_info(destination: Path, info: dict, params: ConversionParameters) -> None:
+    """Writes the dataset's info file as the single-pass conversion does."""
+    from neuroglancer_scripts import precomputed_io
+
+    destination.mkdir(parents=True, exist_ok=True)
+    precomputed_io.get_IO_for_new_dataset(
+        info, accessor_for(destination, info, params), overwrite_info=True
+    )
+
+
+class UnitSource:
+    """A unit's sections as a source indexed in the whole stack's z."""
+
+    def __init__(self, paths: list[Path], first_z: int, channels: int | None):
+        self.stack = sources.StackSource(paths, channels)
+        self.first_z = first_z
+
+    def read(self, z0: int, z1: int, out, transform, executor: Executor, region=None) -> None:
+        """Reads the stack's sections ``z0:z1`` (all within the unit) into ``out``."""
+        start, stop = z0 - self.first_z, z1 - self.first_z
+        if start < 0 or stop > len(self.stack.paths):
+            raise errors.ConversionError(f"sections {z0}-{z1} are outside this unit's")
+        self.stack.read(start, stop, out, transform, executor, region=region)
+
+
+def make_context(
+    info: dict,
+    source,
+    params: ConversionParameters,
+    destination: Path,
+    executor: Executor,
+    should_stop: Callable[[], bool] | None,
+):
+    """Returns the unit engine's context: writers, downscaler and sample transform."""
+    from . import unit_conversion
+
+    transform = None
+    if source is not None:  # the finishing step reads pieces, not the input
+        first = source.stack if isinstance(source, UnitSource) else source
+        transform = ingest_ngs._value_transform(np.dtype(first.dtype), info["data_type"], params)
+    return unit_conversion.Context(
+        info,
+        source,
+        transform,
+        accessor_for(destination, info, params),
+        pyramid.make_downscaler(params.effective_downscaling_method, info),
+        executor,
+        encoder_options={"jpeg_quality": params.jpeg_quality},
+        should_stop=should_stop,
+    )
+
+
+def unit_chunk_names(info: dict, unit: units.Unit) -> list[str]:
+    """Returns the chunk file names (before any .gz) of scales 0..top_scale of a unit."""
+    names = []
+    cumulative = units.cumulative_factors(info)
+    for index in range(unit.top_scale + 1):
+        scale = info["scales"][index]
+        box = unit.box.scaled(cumulative[index])
+        chunk, size = scale["chunk_sizes"][0], scale["size"]
+        ranges = []
+        for axis in range(3):
+            first = box.start[axis] // chunk[axis] * chunk[axis]
+            ranges.append(
+                [
+                    (a, min(a + chunk[axis], size[axis]))
+                    for a in range(first, min(box.stop[axis], size[axis]), chunk[axis])
+                ]
+            )
+        for z0, z1 in ranges[2]:
+            for y0, y1 in ranges[1]:
+                for x0, x1 in ranges[0]:
+                    names.append(f"{scale['key']}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}")
+    return names
+
+
+def unit_files(destination: Path, info: dict, unit: units.Unit) -> list[LocalObject]:
+    """Returns the files a finished unit wrote, as the uploader's local objects."""
+    found = []
+    for name in unit_chunk_names(info, unit):
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(destination, candidate)
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue
+            object_name, encoding = object_name_for(candidate.split("/"))
+            found.append(
+                LocalObject(
+                    path,
+                    object_name,
+                    stat.st_size,
+                    content_type_for(object_name),
+                    encoding,
+                    stat.st_mtime_ns,
+                )
+            )
+            break
+        else:
+            raise errors.ConversionError(f"unit {unit.id}: chunk {name} was not written")
+    return found

@@ -1,0 +1,81 @@
+"""The plan-side pieces of ``ingest --array`` that need no cluster: the tasks' argv,
+the split of units among tasks, the jobs' memory and the files of a unit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hbp_image_tasks import array_job, array_state, errors, pyramid, unit_setup, units
+
+
+def test_tasks_get_the_ingest_argv_without_the_submission_options():
+    argv = ["--source", "u", "--array", "4", "--wait", "--sbatch-option=--time=1:00:00"]
+    argv += ["--sbatch-option", "--qos=high", "--dry-run", "--restart", "--jobs", "2"]
+    assert array_job.task_argv(argv) == ["--source", "u", "--jobs", "2"]
+
+
+@pytest.mark.parametrize(
+    "count, parts, lengths",
+    [(4, 4, [1, 1, 1, 1]), (10, 4, [3, 3, 2, 2]), (3, 1, [3]), (5, 5, [1] * 5)],
+)
+def test_units_are_split_into_contiguous_runs_of_nearly_equal_length(count, parts, lengths):
+    items = list(range(count))
+    runs = array_state.split_evenly(items, parts)
+    assert [len(run) for run in runs] == lengths
+    assert [item for run in runs for item in run] == items
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [((), ("--mem=513M",)), (("--mem=2G",), ()), (("--mem-per-cpu=1G",), ())],
+)
+def test_jobs_ask_for_their_planned_memory_unless_the_user_says(options, expected):
+    assert array_job.memory_option(options, 1 << 20) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "x", "4%0", "4%", "-1"])
+def test_bad_array_counts_are_usage_errors(text):
+    class Args:
+        array, sbatch_option, sections_per_unit, wait = text, [], None, False
+
+    with pytest.raises(errors.UsageError):
+        array_job.array_options_from_args(Args())
+
+
+def test_array_with_at_most_m_running_tasks():
+    class Args:
+        array, sbatch_option, sections_per_unit, wait = "16%4", [], None, False
+
+    options = array_job.array_options_from_args(Args())
+    assert (options.tasks, options.at_once) == (16, 4)
+
+
+def test_a_units_chunk_names_cover_its_box_at_every_scale_it_builds():
+    info = pyramid.build_info(
+        "uint8", 1, (100, 70, 16), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
+    )
+    plan = units.plan_units(info, None, 1)
+    names = [name for unit in plan.units for name in unit_setup.unit_chunk_names(info, unit)]
+    # The units together name every chunk of the scales they build, each once.
+    expected = set()
+    for scale in info["scales"][: plan.top_scale + 1]:
+        (cx, cy, cz), (sx, sy, sz) = scale["chunk_sizes"][0], scale["size"]
+        for z in range(0, sz, cz):
+            for y in range(0, sy, cy):
+                for x in range(0, sx, cx):
+                    expected.add(
+                        f"{scale['key']}/{x}-{min(x + cx, sx)}_{y}-{min(y + cy, sy)}_"
+                        f"{z}-{min(z + cz, sz)}"
+                    )
+    assert len(names) == len(set(names)) and set(names) == expected
+
+
+def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path):
+    info = pyramid.build_info(
+        "uint8", 1, (32, 32, 16), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
+    )
+    unit = units.plan_units(info, None, 1).units[0]
+    with pytest.raises(errors.ConversionError, match="was not written"):
+        unit_setup.unit_files(tmp_path, info, unit)

@@ -1,0 +1,222 @@
+"""``ingest --array N`` on the local Slurm and Swift: the same objects as a single ingest,
+whatever the split, and a rerun after a cancelled task finishes the run.
+
+The bundled example (examples/brain-stack, 16 sections) is the source; small
+chunks make several units of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hbp_image_tasks import array_state, ingest
+
+pytestmark = pytest.mark.swift
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "brain-stack"
+FILTER = r"brain-stack/brain_s\d+\.png"
+PARAMETERS = {"chunk_size": 16, "voxel_size": [20, 20, 20], "voxel_unit": "um"}
+
+
+@pytest.fixture(scope="module")
+def example_source(local_swift):
+    """A public container holding the bundled example stack; returns its URL."""
+    import uuid
+
+    from conftest import bulk_delete
+
+    name = f"array-example-{uuid.uuid4().hex[:8]}"
+    objects = {f"brain-stack/{p.name}": p.read_bytes() for p in sorted(EXAMPLE.glob("*.png"))}
+    url = local_swift.create_container(name, objects)
+    yield url
+    connection = local_swift.connection()
+    bulk_delete(connection, name)
+    connection.close()
+
+
+def argv_for(source: str, work: Path, container: str, *extra: str) -> list[str]:
+    return [
+        "--source",
+        source,
+        "--stacks",
+        "--filter",
+        FILTER,
+        "--download-dir",
+        str(work / "source"),
+        "--results-dir",
+        str(work / "results"),
+        "--parameters",
+        json.dumps(PARAMETERS),
+        "--container",
+        container,
+        "--jobs",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def cluster_env(local_slurm, swift_settings_file, monkeypatch):
+    """The environment the jobs inherit: this cluster, the test Swift, this package."""
+    monkeypatch.setenv("SLURM_CONF", str(local_slurm.slurm_conf))
+    monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
+    package_root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    )
+    return local_slurm
+
+
+def listing(connection, container: str) -> dict[str, str]:
+    """Returns name -> MD5 of every object in ``container``."""
+    _, objects = connection.get_container(container, full_listing=True)
+    return {o["name"]: o["hash"] for o in objects}
+
+
+@pytest.fixture(scope="module")
+def single_ingest_listing(local_swift, example_source, tmp_path_factory, swift_settings_file):
+    """What one ``ingest`` process publishes from the example (the reference)."""
+    import uuid
+
+    from conftest import bulk_delete
+
+    container = f"array-reference-{uuid.uuid4().hex[:8]}"
+    work = tmp_path_factory.mktemp("single")
+    os.environ["SWIFT_SETTINGS"] = str(swift_settings_file)
+    try:
+        assert ingest.main(argv_for(example_source, work, container)) == 0
+    finally:
+        del os.environ["SWIFT_SETTINGS"]
+    connection = local_swift.connection()
+    result = listing(connection, container)
+    bulk_delete(connection, container)
+    connection.close()
+    return result
+
+
+def test_array_publishes_the_same_objects_as_a_single_ingest(
+    cluster_env,
+    example_source,
+    single_ingest_listing,
+    unique_container,
+    swift_client,
+    tmp_path,
+    capsys,
+):
+    container = unique_container("array")
+    # A unit budget of 512 KiB cuts the example into 4 tiles of 112 x 128 x 16 voxels.
+    argv = argv_for(
+        example_source, tmp_path, container, "--memory-limit", "512K", "--array", "4", "--wait"
+    )
+    assert ingest.main(argv) == 0
+    assert listing(swift_client, container) == single_ingest_listing
+    run = array_state.ArrayRun(tmp_path / "results")
+    assert len(run.finished_units()) == 4
+    assert "ingest --array finished: 4 units" in capsys.readouterr().out
+
+
+def wait_until(condition, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_rerun_after_a_cancelled_task_resubmits_only_unfinished_units(
+    cluster_env, example_source, single_ingest_listing, unique_container, swift_client, tmp_path
+):
+    from hbp_image_tasks import slurm
+
+    container = unique_container("array")
+    argv = argv_for(example_source, tmp_path, container, "--memory-limit", "512K", "--array", "4")
+    assert ingest.main(argv) == 0
+    run = array_state.ArrayRun(tmp_path / "results")
+    first = run.read_submission(1)
+    assert len(first["tasks"]) == 4
+
+    def running_unfinished_task():
+        for task in slurm.show_job(first["array_job"]):
+            index = task.get("ArrayTaskId", "")
+            if task.get("JobState") == "RUNNING" and index.isdigit():
+                if not set(first["tasks"][int(index)]) & run.finished_units():
+                    return index
+        return None
+
+    index = wait_until(running_unfinished_task, what="a running task")
+    subprocess.run(["scancel", f"{first['array_job']}_{index}"], check=True)
+    # afterok can no longer hold: the finishing job never runs.
+    assert slurm.wait(first["finish_job"], poll_seconds=0.5) in ("CANCELLED", slurm.NEVER_RUNS)
+    slurm.wait(first["array_job"], poll_seconds=0.5)
+    finished = run.finished_units()
+    assert len(finished) < 4
+
+    assert ingest.main(argv + ["--wait"]) == 0
+    second = run.read_submission(2)
+    resubmitted = [unit for task in second["tasks"] for unit in task]
+    assert sorted(resubmitted) == sorted(set(first_units(first)) - finished)
+    assert listing(swift_client, container) == single_ingest_listing
+
+
+def first_units(record: dict) -> list[str]:
+    return [unit for task in record["tasks"] for unit in task]
+
+
+@pytest.fixture
+def no_slurm_path(monkeypatch, tmp_path):
+    """A PATH with Python but without sbatch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_no_sbatch_on_path_fails_before_anything_is_written(
+    example_source, swift_settings_file, monkeypatch, no_slurm_path, tmp_path, caplog
+):
+    monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
+    argv = argv_for(example_source, tmp_path, "never-made", "--array", "2")
+    assert ingest.main(argv) == 2
+    assert "sbatch not found on PATH" in caplog.text
+    assert not (tmp_path / "results" / array_state.DIRECTORY).exists()
+
+
+def test_more_tasks_than_units_or_a_plan_of_other_inputs_are_refused_before_submitting(
+    cluster_env, example_source, tmp_path, caplog
+):
+    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "512K")
+    assert ingest.main(argv + ["--array", "5"]) == 2
+    assert "--array 5: the plan has only 4 unit(s)" in caplog.text
+    run = array_state.ArrayRun(tmp_path / "results")
+    assert run.read_plan() is not None and run.submissions() == []
+
+    other = [a.replace('"chunk_size": 16', '"chunk_size": 32') for a in argv]
+    assert ingest.main(other + ["--array", "2"]) == 2
+    assert "holds the plan of an --array run with other inputs (changed: parameters)" in (
+        caplog.text
+    )
+    assert run.submissions() == []
+
+
+def test_dry_run_prints_the_units_and_sbatch_lines_and_writes_nothing(
+    example_source, swift_settings_file, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
+    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "512K")
+    argv += ["--array", "3", "--dry-run", "--sbatch-option=--time=0:10:00"]
+    assert ingest.main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["units"]) == 4 and [len(t) for t in plan["tasks"]] == [2, 1, 1]
+    array_line, finish_line = plan["sbatch"]
+    assert "--array=0-2" in array_line and "--time=0:10:00" in array_line
+    assert "--dependency=afterok:" in finish_line and "array_task finish" in finish_line
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
