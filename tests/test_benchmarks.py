@@ -108,3 +108,25 @@ def test_publish_benchmark_ingests_unsharded_and_sharded_to_the_local_swift(tmp_
     assert all(row[step] >= 0 for row in (plain, sharded) for step in ("fetch", "upload"))
     assert "projection to BigBrain, 7404 sections" in done.stdout
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == []
+
+
+ARRAY_BENCHMARK = BENCHMARK.parent / "bench_array.py"
+
+
+@pytest.mark.swift
+def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
+    tmp_path, local_swift, local_slurm
+):
+    done = subprocess.run(
+        [sys.executable, str(ARRAY_BENCHMARK), "--size", "64", "--sections", "16"]
+        + ["--chunk", "8", "--nodes", "1", "--work-dir", str(tmp_path)]
+        + ["--swift-dir", local_swift.env["state_dir"]]
+        + ["--slurm-dir", str(local_slurm.slurm_conf.parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 concurrent tasks vs 1:" in done.stdout and "BigBrain 20 um" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["units"]) == 2 and results["finishing"]["units"] == 2

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Benchmark: ``ingest --array`` on the local one-node Slurm against a single ``ingest``.
+
+Puts a brain-like stack of PNG sections in the local Swift, then converts it
+(--no-upload unless --upload) three ways, each as a user runs it: one ``ingest``
+process with --jobs 2, and ``ingest --array U --wait`` with one core per task,
+one task at a time (U%1) and two at a time (U%2). Prints the time per unit, the
+array's overhead against the single process, the speed-up of two concurrent
+tasks, and a linear projection for the full BigBrain and for 1 um sections.
+
+examples:
+  benchmarks/bench_array.py                       # 1024 x 1024 x 256, 4 units
+  benchmarks/bench_array.py --size 256 --sections 32 --chunk 16 --work-dir /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIGBRAIN = (6572, 5711, 7404)  # x, y, sections at 20 um
+ONE_MICRON_SECTION = (130000, 110000)
+
+
+def running(script: str, state: Path) -> bool:
+    """Returns True when scripts/local-<script> already runs in ``state``."""
+    command = [sys.executable, str(REPO / "scripts" / f"local_{script}.py"), "status"]
+    return subprocess.run(command + ["--dir", str(state)], capture_output=True).returncode == 0
+
+
+def start(script: str, state: Path) -> dict:
+    """Starts scripts/local-<script> in ``state`` (or finds it running); returns its env."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / f"local_{script}.py"),
+            "start",
+            "--dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"local {script} did not start: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def stop(script: str, state: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / f"local_{script}.py"), "stop", "--dir", str(state)],
+        capture_output=True,
+    )
+
+
+def brain_sections(size: int, count: int) -> dict[str, bytes]:
+    """Returns PNG sections s1..sN of a smooth brain-like uint8 volume."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    sections = {}
+    for z in range(count):
+        depth = (2 * z / max(1, count - 1) - 1) ** 2
+        brain = np.clip(1.2 - (x**2 + y**2 + 0.5 * depth), 0, 1)
+        texture = rng.integers(0, 40, size=brain.shape)
+        plane = np.where(brain > 0, 60 + 150 * brain + texture, 0).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(plane).save(buffer, format="PNG")
+        sections[f"stack/s{z + 1}.png"] = buffer.getvalue()
+    return sections
+
+
+def put_source(swift: dict, objects: dict[str, bytes]) -> str:
+    """Uploads the sections to a new public container; returns its URL."""
+    import swiftclient
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(
+        auth_url=swift["auth_url"],
+        username=swift["username"],
+        password=swift["password"],
+        project_id=swift["project_id"],
+        user_domain_name="Default",
+    )
+    connection = swiftclient.Connection(session=session.Session(auth=auth))
+    name = f"bench-array-{uuid.uuid4().hex[:8]}"
+    connection.put_container(name, headers={"X-Container-Read": ".r:*,.rlistings"})
+    for key, data in objects.items():
+        connection.put_object(name, key, data)
+    connection.close()
+    return f"{swift['storage_url']}/{name}"
+
+
+def ingest(argv: list[str], env: dict, cwd: Path) -> float:
+    """Runs ingest to completion; returns its wall-clock seconds."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "hbp_image_tasks.ingest", *argv, "-q"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"ingest {' '.join(argv[-6:])} failed:\n{done.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def unit_seconds(results: Path) -> list[float]:
+    """Returns the seconds each unit took (fetch, convert, upload) in an array run."""
+    records = sorted((results / ".hbp-array" / "units").glob("*.json"))
+    return [json.loads(p.read_text())["seconds"] for p in records]
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s"
+
+
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=1024, help="section width and height")
+    parser.add_argument("--sections", type=int, default=256, help="number of sections")
+    parser.add_argument("--chunk", type=int, default=64, help="chunk_size (a unit: its z grid)")
+    parser.add_argument("--upload", action="store_true", help="also upload (default: --no-upload)")
+    parser.add_argument(
+        "--nodes", type=int, nargs="+", default=[1, 10, 100], help="node counts to project to"
+    )
+    parser.add_argument("--cores-per-node", type=int, default=128, help="cores of one node")
+    parser.add_argument("--work-dir", type=Path, default=None, help="kept when given")
+    parser.add_argument(
+        "--swift-dir", type=Path, default=None, help="state dir of a local Swift to use"
+    )
+    parser.add_argument(
+        "--slurm-dir", type=Path, default=None, help="state dir of a local Slurm to use"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_command_line(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-array-"))
+    work.mkdir(parents=True, exist_ok=True)
+    states = {
+        "swift": args.swift_dir or work / "local-swift",
+        "slurm": args.slurm_dir or work / "local-slurm",
+    }
+    ours = [name for name, state in states.items() if not running(name, state)]
+    try:
+        swift, slurm = (start(name, state) for name, state in states.items())
+        return run_benchmark(args, work, swift, slurm)
+    finally:
+        for name in ours:  # stops only what this run started
+            stop(name, states[name])
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict) -> int:
+    source = put_source(swift, brain_sections(args.size, args.sections))
+    units = -(-args.sections // args.chunk)
+    env = {
+        **os.environ,
+        "SLURM_CONF": slurm["slurm_conf"],
+        "SWIFT_SETTINGS": swift["settings_file"],
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    parameters = {"chunk_size": args.chunk, "voxel_size": [20, 20, 20], "voxel_unit": "um"}
+
+    def argv(name: str, *extra: str) -> list[str]:
+        target = ["--container", f"bench-{name}-{uuid.uuid4().hex[:6]}"]
+        return [
+            "--source", source, "--stacks", "--filter", r"stack/s\d+\.png",
+            "--download-dir", str(work / name / "source"),
+            "--results-dir", str(work / name / "results"),
+            "--parameters", json.dumps(parameters),
+            *(target if args.upload else ["--no-upload"]), *extra,
+        ]  # fmt: skip
+
+    walls = {
+        "single ingest --jobs 2": ingest(argv("single", "--jobs", "2"), env, work),
+        "array, 1 task at a time": ingest(
+            argv("array1", "--jobs", "1", "--array", f"{units}%1", "--wait"), env, work
+        ),
+        "array, 2 tasks at a time": ingest(
+            argv("array2", "--jobs", "1", "--array", f"{units}%2", "--wait"), env, work
+        ),
+    }
+    results = work / "array1" / "results"
+    per_unit = unit_seconds(results)
+    finishing = json.loads((results / ".hbp-ingest-report.json").read_text())["array"]
+    voxels = args.size * args.size * args.sections
+    report(args, walls, per_unit, finishing["finishing_seconds"], voxels, units)
+    (work / "results.json").write_text(
+        json.dumps({"walls": walls, "units": per_unit, "finishing": finishing}, indent=1)
+    )
+    return 0
+
+
+def report(
+    args, walls: dict, per_unit: list[float], finishing: float, voxels: int, units: int
+) -> None:
+    """Prints the measurements, the ratios and the projection."""
+    single, one, two = walls.values()
+    print(f"stack: {args.sections} sections of {args.size} x {args.size}, {units} units")
+    for name, seconds in walls.items():
+        print(f"  {name:28s} {seconds:7.1f} s")
+    mean = sum(per_unit) / len(per_unit)
+    print(f"time per unit (1 core, fetch + convert): {mean:.1f} s, {len(per_unit)} units")
+    fixed = max(0.0, one - sum(per_unit) - finishing)
+    print(
+        f"array overhead: {fixed:.1f} s per run (submission, scheduling, job starts), "
+        f"finishing job {finishing:.1f} s"
+    )
+    print(f"array (2 at a time) / single ingest (2 cores): {two / single:.2f} (target <= 1.15)")
+    print(f"2 concurrent tasks vs 1: {one / two:.2f}x (target >= 1.7x)")
+    unit_cost, finish_cost = sum(per_unit) / voxels, finishing / voxels
+    bigbrain = BIGBRAIN[0] * BIGBRAIN[1] * BIGBRAIN[2]
+    section = ONE_MICRON_SECTION[0] * ONE_MICRON_SECTION[1]
+    print(
+        "projection (linear in voxels from this machine's one-core times; units spread "
+        f"over all cores, the finishing job on one node; {args.cores_per_node} cores a node):"
+    )
+    for nodes in args.nodes:
+        cores = nodes * args.cores_per_node
+        whole, one_section, full_1um = (
+            duration(count * unit_cost / cores + count * finish_cost / args.cores_per_node + fixed)
+            for count in (bigbrain, section, section * BIGBRAIN[2])
+        )
+        print(
+            f"  {nodes:4d} node(s): BigBrain 20 um {whole}; 1 um: one section "
+            f"{one_section}, {BIGBRAIN[2]} sections {full_1um}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
