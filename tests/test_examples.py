@@ -70,3 +70,32 @@ def test_sbatch_script_runs_ingest_with_the_allocated_cpus(tmp_path):
     argv = argv_file.read_bytes().decode().split("\0")[:-1]
     check_seed_arguments(ingest.parse_command_line(argv))
     assert Path(f"{argv_file}.settings").read_text() == "../.os_settings"
+
+
+def check_array_arguments(args) -> None:
+    check_seed_arguments(args)
+    assert args.array == "64" and not args.wait
+    assert "--cpus-per-task=16" in args.sbatch_option
+    assert any(option.startswith("--time=") for option in args.sbatch_option)
+
+
+def test_unicore_array_job_submits_from_the_login_node_with_arguments_that_parse(tmp_path):
+    job = json.loads((EXAMPLES / "unicore-array-job.json").read_text())
+    assert job["Job type"] == "ON_LOGIN_NODE" and job["Executable"] == "ingest"
+    argv = shell_words(" ".join(job["Arguments"]), {})
+    check_array_arguments(ingest.parse_command_line(argv))
+
+
+def test_array_script_runs_ingest_array_with_sbatch_options(tmp_path):
+    recorder = tmp_path / "bin" / "ingest"
+    recorder.parent.mkdir()
+    recorder.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n')
+    recorder.chmod(recorder.stat().st_mode | stat.S_IXUSR)
+    argv_file = tmp_path / "argv"
+    subprocess.run(
+        ["bash", str(EXAMPLES / "ingest-array.sh")],
+        check=True,
+        env={"PATH": f"{recorder.parent}:{os.environ['PATH']}", "ARGV_FILE": str(argv_file)},
+    )
+    argv = argv_file.read_bytes().decode().split("\0")[:-1]
+    check_array_arguments(ingest.parse_command_line(argv))
