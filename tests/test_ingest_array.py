@@ -220,3 +220,24 @@ def test_dry_run_prints_the_units_and_sbatch_lines_and_writes_nothing(
     assert "--array=0-2" in array_line and "--time=0:10:00" in array_line
     assert "--dependency=afterok:" in finish_line and "array_task finish" in finish_line
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_a_rerun_while_the_earlier_jobs_wait_is_refused(
+    cluster_env, example_source, unique_container, tmp_path, caplog
+):
+    from hbp_image_tasks import slurm
+
+    argv = argv_for(example_source, tmp_path, unique_container("array"), "--memory-limit", "512K")
+    argv += ["--array", "2", "--sbatch-option=--begin=now+1hour"]
+    assert ingest.main(argv) == 0
+    run = array_state.ArrayRun(tmp_path / "results")
+    first = run.read_submission(1)
+    try:
+        assert ingest.main(argv) == 2
+        assert f"job {first['array_job']} of the earlier submission is still PENDING" in (
+            caplog.text
+        )
+        assert run.submissions() == [1]
+    finally:
+        slurm.cancel(first["array_job"])
+        slurm.cancel(first["finish_job"])
