@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cli, errors, ingest, unit_conversion, unit_setup, units, upload_results
+from . import cli, errors, ingest, shard_writer, unit_conversion, unit_setup, units, upload_results
 from .array_state import ArrayRun
 from .atomic import write_json_atomically
 from .progress import format_duration
@@ -203,6 +203,11 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             job.info, None, options.parameters, options.results_dir, executor, should_stop
         )
         counts = unit_conversion.run_finishing(job.plan, context, options.results_dir)
+        if isinstance(context.accessor, shard_writer.ShardedFileAccessor):
+            # The shards that several units share: their pieces are all on disk now.
+            assembled = context.accessor.assemble_ready()
+            logger.info("finishing step: assembled %d shards the units shared", assembled)
+            shard_writer.check_finished(options.results_dir)
     logger.info("finishing step: %d chunks of the upper scales", counts.chunks)
     uploaded = None
     if job.connection is not None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import errors, ingest_ngs, pyramid, sections, sources, units
+from . import errors, ingest_ngs, pyramid, sections, shards, sources, units
 from .parameters import DEFAULT_STACK_VOXEL_SIZE_NM, ConversionParameters
 from .upload_plan import LocalObject, content_type_for, object_name_for
 
@@ -61,17 +61,26 @@ def stack_info(first_section: Path, depth: int, params: ConversionParameters) ->
         )
     from . import shard_writer
 
-    if any(spec is not None for spec in shard_writer.add_sharding(info, params)):
-        raise errors.UsageError(
-            '--array does not write sharded scales yet: give "sharding": false in --parameters'
-        )
+    shard_writer.add_sharding(info, params)
     return info
+
+
+def sharding_specs(info: dict) -> list:
+    """Returns each scale's ShardSpec (None: one file per chunk) from a sharded info."""
+    return [
+        shards.ShardSpec.from_json(scale["sharding"]) if "sharding" in scale else None
+        for scale in info["scales"]
+    ]
 
 
 def accessor_for(destination: Path, info: dict, params: ConversionParameters):
     """Returns the chunk writer ``ingest_ngs.convert`` would use for ``info``."""
-    return pyramid.AtomicFileAccessor(
+    from . import shard_writer
+
+    return shard_writer.open_accessor(
         destination,
+        info,
+        sharding_specs(info),
         gzip=params.gzip,
         compresslevel=params.compression_level,
         wide_samples=(
@@ -132,34 +141,69 @@ def make_context(
     )
 
 
-def unit_chunk_names(info: dict, unit: units.Unit) -> list[str]:
-    """Returns the chunk file names (before any .gz) of scales 0..top_scale of a unit."""
+def _chunk_ranges(scale: dict, box: units.Box) -> list[range]:
+    """Returns the chunk grid positions along x, y, z that ``box`` (of this scale) covers."""
+    chunk, size = scale["chunk_sizes"][0], scale["size"]
+    return [
+        range(box.start[axis] // chunk[axis], -(-min(box.stop[axis], size[axis]) // chunk[axis]))
+        for axis in range(3)
+    ]
+
+
+def _chunk_names(scale: dict, ranges: list[range]) -> list[str]:
+    chunk, size = scale["chunk_sizes"][0], scale["size"]
+    bounds = [
+        [(p * chunk[axis], min((p + 1) * chunk[axis], size[axis])) for p in ranges[axis]]
+        for axis in range(3)
+    ]
+    return [
+        f"{scale['key']}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+        for z0, z1 in bounds[2]
+        for y0, y1 in bounds[1]
+        for x0, x1 in bounds[0]
+    ]
+
+
+def _whole_shard_names(scale: dict, ranges: list[range]) -> list[str]:
+    """Returns the shard files whose whole box lies in ``ranges``: the unit assembles
+    those itself; the finishing job assembles the shards that several units share."""
+    spec = shards.ShardSpec.from_json(scale["sharding"])
+    grid = shards.grid_shape(scale["size"], scale["chunk_sizes"][0])
+    box = shards.box_shape(grid, spec.box_bits)
+    starts = [range(r.start // b * b, r.stop, b) for r, b in zip(ranges, box)]
+    names = []
+    for z in starts[2]:
+        for y in starts[1]:
+            for x in starts[0]:
+                origin = (x, y, z)
+                if all(
+                    o >= r.start and min(o + b, n) <= r.stop
+                    for o, r, b, n in zip(origin, ranges, box, grid)
+                ):
+                    shard = spec.shard_of(shards.compressed_morton(origin, grid))
+                    names.append(f"{scale['key']}/{spec.shard_name(shard)}")
+    return names
+
+
+def unit_file_names(info: dict, unit: units.Unit) -> list[str]:
+    """Returns the files (before any .gz) a finished unit wrote for scales 0..top_scale:
+    its chunks, or in a sharded scale the shards that lie wholly in its box."""
     names = []
     cumulative = units.cumulative_factors(info)
     for index in range(unit.top_scale + 1):
         scale = info["scales"][index]
-        box = unit.box.scaled(cumulative[index])
-        chunk, size = scale["chunk_sizes"][0], scale["size"]
-        ranges = []
-        for axis in range(3):
-            first = box.start[axis] // chunk[axis] * chunk[axis]
-            ranges.append(
-                [
-                    (a, min(a + chunk[axis], size[axis]))
-                    for a in range(first, min(box.stop[axis], size[axis]), chunk[axis])
-                ]
-            )
-        for z0, z1 in ranges[2]:
-            for y0, y1 in ranges[1]:
-                for x0, x1 in ranges[0]:
-                    names.append(f"{scale['key']}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}")
+        ranges = _chunk_ranges(scale, unit.box.scaled(cumulative[index]))
+        if "sharding" in scale:
+            names += _whole_shard_names(scale, ranges)
+        else:
+            names += _chunk_names(scale, ranges)
     return names
 
 
 def unit_files(destination: Path, info: dict, unit: units.Unit) -> list[LocalObject]:
     """Returns the files a finished unit wrote, as the uploader's local objects."""
     found = []
-    for name in unit_chunk_names(info, unit):
+    for name in unit_file_names(info, unit):
         for candidate in (name, name + ".gz"):
             path = os.path.join(destination, candidate)
             try:

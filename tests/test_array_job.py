@@ -57,7 +57,7 @@ def test_a_units_chunk_names_cover_its_box_at_every_scale_it_builds():
         "uint8", 1, (100, 70, 16), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
     )
     plan = units.plan_units(info, None, 1)
-    names = [name for unit in plan.units for name in unit_setup.unit_chunk_names(info, unit)]
+    names = [name for unit in plan.units for name in unit_setup.unit_file_names(info, unit)]
     # The units together name every chunk of the scales they build, each once.
     expected = set()
     for scale in info["scales"][: plan.top_scale + 1]:

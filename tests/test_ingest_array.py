@@ -41,7 +41,9 @@ def example_source(local_swift):
     connection.close()
 
 
-def argv_for(source: str, work: Path, container: str, *extra: str) -> list[str]:
+def argv_for(
+    source: str, work: Path, container: str, *extra: str, parameters: dict = PARAMETERS
+) -> list[str]:
     return [
         "--source",
         source,
@@ -53,7 +55,7 @@ def argv_for(source: str, work: Path, container: str, *extra: str) -> list[str]:
         "--results-dir",
         str(work / "results"),
         "--parameters",
-        json.dumps(PARAMETERS),
+        json.dumps(parameters),
         "--container",
         container,
         "--jobs",
@@ -81,42 +83,62 @@ def listing(connection, container: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def single_ingest_listing(local_swift, example_source, tmp_path_factory, swift_settings_file):
-    """What one ``ingest`` process publishes from the example (the reference)."""
+def reference_listings(local_swift, example_source, tmp_path_factory, swift_settings_file):
+    """Returns what one ``ingest`` process publishes from the example, per parameters."""
     import uuid
 
     from conftest import bulk_delete
 
-    container = f"array-reference-{uuid.uuid4().hex[:8]}"
-    work = tmp_path_factory.mktemp("single")
-    os.environ["SWIFT_SETTINGS"] = str(swift_settings_file)
-    try:
-        assert ingest.main(argv_for(example_source, work, container)) == 0
-    finally:
-        del os.environ["SWIFT_SETTINGS"]
-    connection = local_swift.connection()
-    result = listing(connection, container)
-    bulk_delete(connection, container)
-    connection.close()
-    return result
+    made: dict[str, dict[str, str]] = {}
+
+    def listing_for(parameters: dict) -> dict[str, str]:
+        key = json.dumps(parameters, sort_keys=True)
+        if key not in made:
+            container = f"array-reference-{uuid.uuid4().hex[:8]}"
+            work = tmp_path_factory.mktemp("single")
+            os.environ["SWIFT_SETTINGS"] = str(swift_settings_file)
+            try:
+                argv = argv_for(example_source, work, container, parameters=parameters)
+                assert ingest.main(argv) == 0
+            finally:
+                del os.environ["SWIFT_SETTINGS"]
+            connection = local_swift.connection()
+            made[key] = listing(connection, container)
+            bulk_delete(connection, container)
+            connection.close()
+        return made[key]
+
+    return listing_for
 
 
+@pytest.fixture
+def single_ingest_listing(reference_listings):
+    return reference_listings(PARAMETERS)
+
+
+# Shards of 4 chunks: each unit assembles the shards inside its tile, the
+# finishing job those on the tiles' borders.
+SHARDED = {**PARAMETERS, "sharding": True, "shard_size": 16384}
+
+
+@pytest.mark.parametrize("parameters", [PARAMETERS, SHARDED], ids=["chunk-files", "sharded"])
 def test_array_publishes_the_same_objects_as_a_single_ingest(
     cluster_env,
     example_source,
-    single_ingest_listing,
+    reference_listings,
     unique_container,
     swift_client,
     tmp_path,
     capsys,
+    parameters,
 ):
     container = unique_container("array")
     # A unit budget of 512 KiB cuts the example into 4 tiles of 112 x 128 x 16 voxels.
-    argv = argv_for(
-        example_source, tmp_path, container, "--memory-limit", "512K", "--array", "4", "--wait"
-    )
-    assert ingest.main(argv) == 0
-    assert listing(swift_client, container) == single_ingest_listing
+    argv = argv_for(example_source, tmp_path, container, parameters=parameters)
+    assert ingest.main(argv + ["--memory-limit", "512K", "--array", "4", "--wait"]) == 0
+    published = listing(swift_client, container)
+    assert published == reference_listings(parameters)
+    assert any(name.endswith(".shard") for name in published) == ("sharding" in parameters)
     run = array_state.ArrayRun(tmp_path / "results")
     assert len(run.finished_units()) == 4
     assert "ingest --array finished: 4 units" in capsys.readouterr().out
