@@ -20,12 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
-from . import cli, errors
-from .atomic import write_json_atomically
+from . import cli, errors, layout
 from .download import DEFAULT_RETRY, RetryPolicy, download, file_md5, stated_md5
 from .errors import FetchError, InputError, UsageError
 from .object_names import (
-    MANIFEST_NAME,
     check_layout,
     check_object_name,
     compile_filter,
@@ -43,11 +41,10 @@ from .swift import (
     open_url,
     parse_container_url,
 )
-from .verified_files import STATE_NAME, VerifiedFiles
+from .verified_files import VerifiedFiles
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 # Downloads wait on the network, not the CPU: more streams than cores pay off.
 DEFAULT_JOBS = 16
 
@@ -126,18 +123,6 @@ def listing_fingerprint(entries: Iterable[tuple[str, int, str | None]]) -> str:
     for name, size, md5 in sorted(entries):
         digest.update(f"{name}\0{size}\0{md5 or ''}\n".encode())
     return digest.hexdigest()
-
-
-def write_manifest(
-    destination: Path, source: str, filter_regex: str | None, objects: list[dict[str, Any]]
-) -> Path:
-    """Writes ``fetch_manifest.json`` atomically; returns its path."""
-    path = destination / MANIFEST_NAME
-    write_json_atomically(
-        path,
-        {"version": MANIFEST_VERSION, "source": source, "filter": filter_regex, "objects": objects},
-    )
-    return path
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +243,7 @@ def _fetch_stack(
     total_bytes = sum(info.bytes for info in objects)
     _, _, opener = _open_container(source, settings, jobs, policy)
     cancel = threading.Event()
-    manifest = destination / MANIFEST_NAME
+    manifest = destination / layout.FETCH_MANIFEST_NAME
     # An old manifest would describe an input set that is not complete any more.
     if manifest.exists():
         manifest.unlink()
@@ -266,7 +251,7 @@ def _fetch_stack(
     def stopping() -> bool:
         return cancel.is_set() or should_stop()
 
-    state = VerifiedFiles(destination / STATE_NAME)
+    state = VerifiedFiles(destination / layout.FETCH_STATE_NAME)
     made_directories: set[Path] = set()
 
     def fetch_one(info: ObjectInfo, progress: Progress) -> _Done | None:
@@ -382,7 +367,7 @@ def _fetch_stack(
         }
         for index, info in enumerate(objects)
     ]
-    manifest_path = write_manifest(destination, source, filter_regex, entries)
+    manifest_path = layout.write_fetch_manifest(destination, source, filter_regex, entries)
     state.compact({info.name for info in objects})
     downloaded = sum(1 for done in results.values() if done.downloaded)
     return FetchResult(
@@ -480,7 +465,7 @@ def _fetch_url(
             )
 
         def manifest_for(file_md5_hex: str) -> Path:
-            return write_manifest(
+            return layout.write_fetch_manifest(
                 destination,
                 url,
                 None,

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cli, errors, fetch_input, ingest_ngs, upload_results
+from . import cli, errors, fetch_input, ingest_ngs, layout, upload_results
 from .atomic import write_json_atomically
 from .parameters import SCHEMA_HELP, ConversionParameters, parse_parameters
 from .progress import format_bytes, format_duration
@@ -31,9 +31,6 @@ from .swift import SwiftConnection
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = ".hbp-ingest-state.json"
-REPORT_FILE = ".hbp-ingest-report.json"
-STATE_VERSION = 1
 STEPS = ("fetch", "convert", "upload")
 DISK_MARGIN = 1.05  # free space asked for beyond the bytes still to download
 REPORTED_DEPENDENCIES = (
@@ -60,7 +57,7 @@ example (the image service's job):
     --results-dir out --parameters '{{"type": "segmentation"}}' --container colin
 
 resuming:
-  The state of the run is kept in RESULTS_DIR/{STATE_FILE}. After a kill
+  The state of the run is kept in RESULTS_DIR/{layout.INGEST_STATE_NAME}. After a kill
   (walltime, node failure) submit the same command again: finished steps are
   skipped and unfinished ones continue. Different inputs or parameters for the
   same RESULTS_DIR are refused; --restart starts over.
@@ -128,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="where the precomputed dataset is written, with the job's state "
-        f"({STATE_FILE}) and report ({REPORT_FILE})",
+        f"({layout.INGEST_STATE_NAME}) and report ({layout.INGEST_REPORT_NAME})",
     )
     job.add_argument(
         "--source-private",
@@ -159,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help=f"where to write the JSON run report (default: RESULTS_DIR/"
-        f"{REPORT_FILE}, or ./ingest-report.json with --cleanup)",
+        f"{layout.INGEST_REPORT_NAME}, or ./ingest-report.json with --cleanup)",
     )
     job.add_argument(
         "--dry-run",
@@ -203,7 +200,9 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
     report = args.report
     if report is None:
         report = (
-            Path("ingest-report.json").resolve() if args.cleanup else args.results_dir / REPORT_FILE
+            Path("ingest-report.json").resolve()
+            if args.cleanup
+            else layout.ingest_report_path(args.results_dir)
         )
     return IngestOptions(
         source=args.source,
@@ -287,23 +286,20 @@ def inputs_fingerprint(options: IngestOptions, listing: str) -> dict[str, Any]:
 class RunState:
     """The job's progress through its steps, saved atomically after each one."""
 
-    def __init__(self, path: Path, inputs: dict[str, Any], steps: dict[str, Any] | None = None):
-        self.path = path
+    def __init__(
+        self, results_dir: Path, inputs: dict[str, Any], steps: dict[str, Any] | None = None
+    ):
+        self.results_dir = results_dir
         self.inputs = inputs
         self.steps: dict[str, Any] = steps or {}
 
     @classmethod
-    def load(cls, path: Path) -> RunState | None:
-        """Returns the saved state, or None when there is none."""
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+    def load(cls, results_dir: Path) -> RunState | None:
+        """Returns the state saved in ``results_dir``, or None when there is none."""
+        data = layout.read_ingest_state(results_dir)
+        if data is None:
             return None
-        except (OSError, ValueError) as exc:
-            raise errors.UsageError(
-                f"state file {path} is unreadable ({exc}); rerun with --restart to start over"
-            ) from None
-        return cls(path, data.get("inputs", {}), data.get("steps", {}))
+        return cls(results_dir, data["inputs"], data["steps"])
 
     def done(self, step: str, target: Any = None) -> bool:
         """True when ``step`` finished, for the same ``target``, in this or an earlier run."""
@@ -328,9 +324,7 @@ class RunState:
 
     def save(self) -> None:
         """Writes the state atomically."""
-        write_json_atomically(
-            self.path, {"version": STATE_VERSION, "inputs": self.inputs, "steps": self.steps}
-        )
+        layout.write_ingest_state(self.results_dir, self.inputs, self.steps)
 
 
 def now() -> str:
@@ -420,7 +414,7 @@ def fetch_settings(options: IngestOptions) -> SwiftSettings | None:
 
 def open_state(options: IngestOptions, inputs: dict[str, Any]) -> RunState | None:
     """Returns the run's state, refusing other inputs; None when there is none yet."""
-    state = RunState.load(options.results_dir / STATE_FILE)
+    state = RunState.load(options.results_dir)
     if state is not None and state.inputs != inputs:
         if not options.restart:
             raise errors.UsageError(
@@ -482,7 +476,7 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
         clear_directory(options.results_dir)
         state = None
     if state is None:
-        state = RunState(options.results_dir / STATE_FILE, checked.inputs)
+        state = RunState(options.results_dir, checked.inputs)
         state.save()
 
     runner = StepRunner(state, ["fetch", "convert"] + (["upload"] if options.upload else []))
@@ -606,10 +600,8 @@ def conversion_source(options: IngestOptions) -> Path:
     """Returns what the converter reads: the download dir (stack) or the one file."""
     if options.stacks:
         return options.download_dir
-    manifest = json.loads(
-        (options.download_dir / fetch_input.MANIFEST_NAME).read_text(encoding="utf-8")
-    )
-    return options.download_dir / manifest["objects"][0]["path"]
+    manifest = options.download_dir / layout.FETCH_MANIFEST_NAME
+    return layout.read_fetch_manifest(manifest)[0][1]
 
 
 def dry_run_report(options: IngestOptions, objects, state: RunState | None) -> dict[str, Any]:
@@ -690,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = ingest(options, should_stop=stop)
             except errors.Interrupted as exc:
                 raise errors.Interrupted(
-                    f"{exc}; state saved in {options.results_dir / STATE_FILE}: "
+                    f"{exc}; state saved in {options.results_dir / layout.INGEST_STATE_NAME}: "
                     f"submit the same command again to resume"
                 ) from None
         print_summary(report)

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import cli, errors, memory, unit_conversion, units
+from . import cli, errors, layout, memory, unit_conversion, units
 from . import parameters as parameters_module
 from .atomic import write_json_atomically
 from .parameters import ConversionParameters, parse_parameters
@@ -33,9 +33,6 @@ from .progress import Progress, format_bytes, format_duration
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = ".hbp-conversion-state.json"
-CHECKPOINT_PREFIX = ".hbp-conversion-checkpoint-"  # + slabs done + ".npz"
-COMPLETE_NAME = ".hbp-conversion-complete.json"
 CHECKPOINT_INTERVAL = 30.0  # seconds of work a hard kill may cost at most
 
 
@@ -64,14 +61,9 @@ class ConversionResult:
 def is_complete(destination: Path) -> bool:
     """Returns whether ``destination`` holds a finished conversion."""
     destination = Path(destination)
-    return (destination / COMPLETE_NAME).is_file() and (destination / "info").is_file()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return (destination / layout.COMPLETE_MARKER_NAME).is_file() and (
+        destination / "info"
+    ).is_file()
 
 
 def _output_dtype(source, params: ConversionParameters) -> str:
@@ -161,7 +153,7 @@ def _fingerprint(params: ConversionParameters, info: dict, source) -> str:
 
 def _remove_previous_output(destination: Path) -> None:
     """Removes what an earlier, different conversion left in ``destination``."""
-    old_info = _read_json(destination / "info") or {}
+    old_info = layout.read_json(destination / "info") or {}
     for scale in old_info.get("scales", []):
         key = str(scale.get("key", ""))
         target = destination / key
@@ -169,8 +161,9 @@ def _remove_previous_output(destination: Path) -> None:
             shutil.rmtree(target)
     shutil.rmtree(destination / unit_conversion.UNITS_DIR, ignore_errors=True)
     for path in [
-        destination / name for name in (COMPLETE_NAME, STATE_NAME, "info")
-    ] + _checkpoint_files(destination):
+        destination / name
+        for name in (layout.COMPLETE_MARKER_NAME, layout.CONVERSION_STATE_NAME, "info")
+    ] + layout.checkpoint_files(destination):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -180,8 +173,8 @@ def _remove_previous_output(destination: Path) -> None:
 def _prepare_destination(destination: Path, fingerprint: str) -> dict | None:
     """Returns the resumable state for ``fingerprint``, cleaning stale output."""
     destination.mkdir(parents=True, exist_ok=True)
-    state = _read_json(destination / STATE_NAME)
-    complete = _read_json(destination / COMPLETE_NAME)
+    state = layout.read_json(destination / layout.CONVERSION_STATE_NAME)
+    complete = layout.read_json(destination / layout.COMPLETE_MARKER_NAME)
     ours = state is not None or complete is not None
     if not ours:
         entries = [e for e in destination.iterdir() if not e.name.startswith(".")]
@@ -277,7 +270,7 @@ def convert(
 
     state = _prepare_destination(destination, fingerprint)
     if state is None and is_complete(destination):
-        previous = _read_json(destination / COMPLETE_NAME) or {}
+        previous = layout.read_json(destination / layout.COMPLETE_MARKER_NAME) or {}
         if previous.get("fingerprint") == fingerprint:
             logger.info("%s is already complete", destination)
             return ConversionResult(**previous["result"])
@@ -309,7 +302,8 @@ def convert(
         if state is None:
             # The state file first: it marks the directory as ours to resume.
             write_json_atomically(
-                destination / STATE_NAME, {"fingerprint": fingerprint, "slabs_done": 0}
+                destination / layout.CONVERSION_STATE_NAME,
+                {"fingerprint": fingerprint, "slabs_done": 0},
             )
         if state is None or not (destination / "info").is_file():
             precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
@@ -361,9 +355,10 @@ def convert(
         resumed=resumed,
     )
     write_json_atomically(
-        destination / COMPLETE_NAME, {"fingerprint": fingerprint, "result": result.to_dict()}
+        destination / layout.COMPLETE_MARKER_NAME,
+        {"fingerprint": fingerprint, "result": result.to_dict()},
     )
-    for path in [destination / STATE_NAME] + _checkpoint_files(destination):
+    for path in [destination / layout.CONVERSION_STATE_NAME] + layout.checkpoint_files(destination):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -485,10 +480,6 @@ def _remove_stale_temporaries(destination: Path, info: dict) -> None:
                     os.unlink(entry.path)
 
 
-def _checkpoint_files(destination: Path) -> list:
-    return sorted(destination.glob(CHECKPOINT_PREFIX + "*.npz"))
-
-
 def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -> None:
     """Saves the lower scales' pending planes, then the state that points to them.
 
@@ -496,14 +487,14 @@ def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -
     the previous state with its own planes.
     """
     positions, pending = builder.state()
-    name = f"{CHECKPOINT_PREFIX}{slabs_done}.npz"
+    name = layout.checkpoint_name(slabs_done)
     if pending:
         temporary = destination / (name + ".tmp")
         with open(temporary, "wb") as stream:
             np.savez(stream, **pending)
         os.replace(temporary, destination / name)
     write_json_atomically(
-        destination / STATE_NAME,
+        destination / layout.CONVERSION_STATE_NAME,
         {
             "fingerprint": fingerprint,
             "slabs_done": slabs_done,
@@ -515,7 +506,7 @@ def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -
             "saved": time.time(),
         },
     )
-    for old in _checkpoint_files(destination):
+    for old in layout.checkpoint_files(destination):
         if old.name != name:
             old.unlink()
 
@@ -619,7 +610,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         metavar="SOURCE",
         help="directory of sections, fetch manifest (or the directory "
-        "holding fetch_manifest.json), or a volume file",
+        f"holding {layout.FETCH_MANIFEST_NAME}), or a volume file",
     )
     parser.add_argument(
         "--destination",

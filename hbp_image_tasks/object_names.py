@@ -8,9 +8,8 @@ import re
 from pathlib import PurePosixPath
 
 from .errors import InputError, UsageError
+from .layout import FETCH_MANIFEST_NAME
 from .swift import ObjectInfo
-
-MANIFEST_NAME = "fetch_manifest.json"
 
 _REGEX_META = set(".^$*+?{}[]\\|()")
 _OPTIONAL_QUANTIFIERS = set("*?{")
@@ -121,7 +120,8 @@ def check_layout(objects: list[ObjectInfo]) -> None:
                     f"objects {parent!r} and {info.name!r} cannot both be "
                     f"written: {parent!r} would be a file and a directory"
                 )
-    if MANIFEST_NAME in names:
+    if FETCH_MANIFEST_NAME in names:
         raise InputError(
-            f"object {MANIFEST_NAME!r} would be overwritten by the fetch manifest of the same name"
+            f"object {FETCH_MANIFEST_NAME!r} would be overwritten by the fetch manifest "
+            "of the same name"
         )

@@ -8,16 +8,15 @@ ordered by natural sort (``s2`` before ``s10``) and read with Pillow (plain
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from . import layout
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-MANIFEST_NAME = "fetch_manifest.json"
 
 # Pillow mode -> (numpy dtype, channels)
 _MODES = {
@@ -48,29 +47,13 @@ def is_section_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def find_manifest(source: Path) -> Path | None:
-    """Returns the fetch manifest that ``source`` is or contains, else None."""
-    if source.is_file() and source.name == MANIFEST_NAME:
-        return source
-    if source.is_dir() and (source / MANIFEST_NAME).is_file():
-        return source / MANIFEST_NAME
-    return None
-
-
 def sections_from_manifest(manifest: Path) -> list[Path]:
     """Returns the image sections listed by a fetch manifest, naturally sorted."""
-    try:
-        document = json.loads(manifest.read_text(encoding="utf-8"))
-        objects = document["objects"]
-        paths = [(str(entry["name"]), str(entry["path"])) for entry in objects]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{manifest}: not a valid fetch manifest ({exc})") from None
     base = manifest.parent
     result = []
-    for _name, relative in paths:
-        if not is_section_name(Path(relative).name):
+    for _name, path in layout.read_fetch_manifest(manifest):
+        if not is_section_name(path.name):
             continue
-        path = base / relative
         if not path.is_file():
             raise InputError(f"{path}: listed in {manifest} but missing")
         result.append(path)
@@ -99,7 +82,7 @@ def sections_from_order_file(order_file: Path, base: Path) -> list[Path]:
 
 def list_sections(source: Path, order_file: Path | None = None) -> list[Path]:
     """Returns the section files of a stack, in z order."""
-    manifest = find_manifest(source)
+    manifest = layout.find_fetch_manifest(source)
     if order_file is not None:
         base = source.parent if source.is_file() else source
         sections = sections_from_order_file(order_file, base)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import sections
+from . import layout, sections
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def open_source(source: Path, order_file: Path | None = None, channels: int | No
     """Returns a StackSource or VolumeSource for a directory, manifest or volume file."""
     if not source.exists():
         raise InputError(f"{source}: no such file or directory")
-    if source.is_dir() or sections.find_manifest(source) is not None:
+    if source.is_dir() or layout.find_fetch_manifest(source) is not None:
         return StackSource(sections.list_sections(source, order_file), channels)
     if order_file is not None:
         raise InputError(f"{source}: --order-file only applies to section stacks")

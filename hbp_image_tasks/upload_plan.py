@@ -17,12 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from . import layout
 from .errors import InputError, UsageError
 
 logger = logging.getLogger(__name__)
 
-CONVERSION_STATE_FILE = ".hbp-conversion-state.json"
-MANIFEST_FILE = ".hbp-upload-manifest.json"
 MAX_CONTAINER_NAME_BYTES = 256
 MAX_OBJECT_NAME_BYTES = 1024
 READ_SIZE = 1 << 20
@@ -133,7 +132,7 @@ def check_conversion_complete(results_dir: Path) -> None:
             f"{left[0]}: {len(left)} shard(s) not assembled: the conversion is not complete; "
             "finish it by running the same ingest_ngs command again before uploading"
         )
-    state_path = results_dir / CONVERSION_STATE_FILE
+    state_path = results_dir / layout.CONVERSION_STATE_NAME
     try:
         text = state_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -150,7 +149,7 @@ def check_conversion_complete(results_dir: Path) -> None:
     if isinstance(state, dict) and state.get("complete") is False:
         raise InputError(
             f"{results_dir}: the conversion is not complete (according to "
-            f"{CONVERSION_STATE_FILE}); finish it by running the same ingest_ngs "
+            f"{layout.CONVERSION_STATE_NAME}); finish it by running the same ingest_ngs "
             f"command again before uploading"
         )
 
@@ -311,17 +310,17 @@ class SegmentReader:
         self.close()
 
 
-def read_manifest_digests(path: Path) -> dict[str, tuple[int, int, str]]:
-    """Returns object name -> (bytes, mtime_ns, md5) from an earlier verified manifest.
+def read_manifest_digests(results_dir: Path) -> dict[str, tuple[int, int, str]]:
+    """Returns object name -> (bytes, mtime_ns, md5) from the last verified upload manifest.
 
     An unreadable or foreign manifest gives an empty map: it is only a cache.
     """
+    manifest = layout.read_upload_manifest(results_dir)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
         return {
             entry["name"]: (int(entry["bytes"]), int(entry["mtime_ns"]), str(entry["md5"]))
             for entry in manifest["objects"]
             if "mtime_ns" in entry and "slo_etag" not in entry
         }
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return {}

@@ -28,15 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
-from . import cli, errors
-from .atomic import write_json_atomically
+from . import cli, errors, layout
 from .errors import InputError, Interrupted, RemoteError, UploadError, UsageError
 from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
 from .progress import Progress, format_bytes, format_duration
 from .settings import add_settings_option, load_settings_from
 from .swift import PUBLIC_READ_ACL, ObjectInfo, SwiftConnection, http_session
 from .upload_plan import (
-    MANIFEST_FILE,
     Digest,
     LocalObject,
     SegmentReader,
@@ -656,7 +654,7 @@ def upload(
     ]
     # A file unchanged (size, mtime) since the last verified upload keeps its
     # MD5: an unchanged rerun then reads no file at all.
-    known = read_manifest_digests(results_dir / MANIFEST_FILE) if candidates else {}
+    known = read_manifest_digests(results_dir) if candidates else {}
     for local in candidates:
         cached = known.get(full_name(local.name))
         if cached and local.size <= segment_size and cached[:2] == (local.size, local.mtime_ns):
@@ -748,8 +746,7 @@ def upload(
     _verify(connection, container, prefix, objects, digests)
     if public:
         _check_public_access(public_url, cors_origin)
-    manifest_path = results_dir / MANIFEST_FILE
-    _write_manifest(manifest_path, container, prefix, public_url, objects, digests)
+    manifest_path = _write_manifest(results_dir, container, prefix, public_url, objects, digests)
     elapsed = time.monotonic() - started
     logger.info(
         "uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
@@ -824,14 +821,14 @@ def _verify(
 
 
 def _write_manifest(
-    path: Path,
+    results_dir: Path,
     container: str,
     prefix: str,
     public_url: str,
     objects: list[LocalObject],
     digests: Mapping[str, Digest],
-) -> None:
-    """Writes the verified manifest (name, bytes, MD5 per object) atomically."""
+) -> Path:
+    """Writes the verified manifest (name, bytes, MD5 per object); returns its path."""
     entries = []
     for local in objects:
         digest = digests[local.name]
@@ -845,8 +842,8 @@ def _write_manifest(
         if digest.segments:
             entry["slo_etag"] = digest.slo_etag
         entries.append(entry)
-    write_json_atomically(
-        path,
+    return layout.write_upload_manifest(
+        results_dir,
         {
             "container": container,
             "prefix": prefix,

@@ -15,8 +15,6 @@ from .download import temporary_path
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = ".fetch_state.jsonl"
-
 
 class VerifiedFiles:
     """The sidecar ``.fetch_state.jsonl``: files already verified, so reruns skip hashing.

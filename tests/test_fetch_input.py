@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 import responses
 
-from hbp_image_tasks import errors, fetch_input, object_names
+from hbp_image_tasks import errors, fetch_input, layout, object_names
 from hbp_image_tasks.download import RetryPolicy
 from hbp_image_tasks.settings import load_settings
 
@@ -35,12 +35,12 @@ def local_files(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != fetch_input.STATE_NAME
+        if p.is_file() and p.name != layout.FETCH_STATE_NAME
     }
 
 
 def read_manifest(root: Path) -> dict:
-    return json.loads((root / fetch_input.MANIFEST_NAME).read_text())
+    return json.loads((root / layout.FETCH_MANIFEST_NAME).read_text())
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_single_url_is_written_with_manifest_and_rerun_does_nothing(file_server,
     assert fetch_input.main(["--destination", str(destination), "-q", url]) == 0
     assert local_files(destination) == {
         "colin27T1_seg.nii.gz": VOLUME,
-        fetch_input.MANIFEST_NAME: (destination / fetch_input.MANIFEST_NAME).read_bytes(),
+        layout.FETCH_MANIFEST_NAME: (destination / layout.FETCH_MANIFEST_NAME).read_bytes(),
     }
     assert read_manifest(destination) == {
         "version": 1,
@@ -457,7 +457,7 @@ def test_stack_object_with_wrong_content_fails_and_leaves_no_partial_file(tmp_pa
             url, tmp_path, stacks=True, jobs=1, show_progress=False, policy=FAST_RETRY
         )
     assert local_files(tmp_path) == {"a.png": good}
-    assert not (tmp_path / fetch_input.MANIFEST_NAME).exists()
+    assert not (tmp_path / layout.FETCH_MANIFEST_NAME).exists()
 
 
 # --------------------------------------------------------------------------
@@ -522,8 +522,8 @@ def test_filter_selects_whole_names_exactly_across_listing_pages(
     } == {"data/raw/original/pm31"}
     assert sorted(object_gets(proxy_log, local_swift, container.name)) == sorted(PM31)
     expected = {name: objects[name] for name in PM31}
-    manifest = (destination / fetch_input.MANIFEST_NAME).read_bytes()
-    assert local_files(destination) == {**expected, fetch_input.MANIFEST_NAME: manifest}
+    manifest = (destination / layout.FETCH_MANIFEST_NAME).read_bytes()
+    assert local_files(destination) == {**expected, layout.FETCH_MANIFEST_NAME: manifest}
     assert read_manifest(destination) == {
         "version": 1,
         "source": container.url,
@@ -549,7 +549,7 @@ def test_without_filter_every_object_is_fetched_with_nested_paths(
     assert result.files == result.downloaded == 131
     assert result.bytes == sum(map(len, objects.values()))
     assert {
-        k: v for k, v in local_files(tmp_path).items() if k != fetch_input.MANIFEST_NAME
+        k: v for k, v in local_files(tmp_path).items() if k != layout.FETCH_MANIFEST_NAME
     } == objects
 
 
@@ -646,7 +646,7 @@ def test_interrupted_stack_resumes_fetching_only_the_rest(
     assert 0 < len(first) < 120
     assert all(objects[name] == data for name, data in first.items())
     assert not list(tmp_path.rglob(".*.part"))
-    assert not (tmp_path / fetch_input.MANIFEST_NAME).exists()
+    assert not (tmp_path / layout.FETCH_MANIFEST_NAME).exists()
 
     proxy_log.mark()
     result = fetch_input.fetch(container.url, tmp_path, stacks=True, jobs=4, show_progress=False)
@@ -654,7 +654,7 @@ def test_interrupted_stack_resumes_fetching_only_the_rest(
     assert sorted(fetched) == sorted(set(objects) - set(first))
     assert (result.downloaded, result.skipped) == (120 - len(first), len(first))
     assert {
-        k: v for k, v in local_files(tmp_path).items() if k != fetch_input.MANIFEST_NAME
+        k: v for k, v in local_files(tmp_path).items() if k != layout.FETCH_MANIFEST_NAME
     } == objects
 
 
@@ -680,7 +680,7 @@ def test_corrupted_or_missing_local_files_are_detected_and_fetched_again(
     assert (second.downloaded, second.skipped) == (3, 17)
     assert second.listing_fingerprint == first.listing_fingerprint
     assert {
-        k: v for k, v in local_files(tmp_path).items() if k != fetch_input.MANIFEST_NAME
+        k: v for k, v in local_files(tmp_path).items() if k != layout.FETCH_MANIFEST_NAME
     } == objects
 
 
@@ -706,7 +706,7 @@ def test_private_container_needs_the_settings(
     )
     assert code == 0
     assert {
-        k: v for k, v in local_files(tmp_path / "b").items() if k != fetch_input.MANIFEST_NAME
+        k: v for k, v in local_files(tmp_path / "b").items() if k != layout.FETCH_MANIFEST_NAME
     } == objects
     settings = load_settings(swift_settings_file)
     assert settings.os_password.reveal() not in caplog.text
@@ -744,7 +744,7 @@ def test_rerun_of_a_complete_stack_reads_no_file_again(
     assert (result.downloaded, result.skipped) == (0, 15)
     assert hashed == [] and object_gets(proxy_log, local_swift, container.name) == []
     # Without the sidecar every file is hashed once, and nothing is fetched either.
-    (tmp_path / fetch_input.STATE_NAME).unlink()
+    (tmp_path / layout.FETCH_STATE_NAME).unlink()
     result = fetch_input.fetch(container.url, tmp_path, stacks=True, show_progress=False)
     assert result.skipped == 15 and len(hashed) == 15
 
@@ -805,5 +805,5 @@ def test_sigterm_stops_after_files_in_flight_with_exit_143_and_rerun_completes(
     assert fetch_input.main(argv) == 0
     assert len(calls) == 6  # the rerun fetched only the rest
     assert {
-        k: v for k, v in local_files(tmp_path).items() if k != fetch_input.MANIFEST_NAME
+        k: v for k, v in local_files(tmp_path).items() if k != layout.FETCH_MANIFEST_NAME
     } == objects

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from precomputed_reference import assert_pyramid
 
-from hbp_image_tasks import errors, ingest
+from hbp_image_tasks import errors, ingest, layout
 
 pytestmark = pytest.mark.swift
 
@@ -179,7 +179,7 @@ def test_cleanup_keeps_everything_after_a_failure(
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "s4.png" in message and "truncated" in message
     assert len(list((tmp_path / "source").rglob("s*.png"))) == 6
-    assert (tmp_path / "results" / ingest.STATE_FILE).is_file()
+    assert (tmp_path / "results" / layout.INGEST_STATE_NAME).is_file()
 
 
 # ------------------------------------------------------- resuming
@@ -278,7 +278,7 @@ def test_killed_during_conversion_resumes_at_the_last_saved_slab_with_the_same_o
     argv = ingest_argv(source, tmp_path / "killed", None)
     argv[argv.index("--jobs") + 1] = "1"
     results = tmp_path / "killed" / "results"
-    state = results / ".hbp-conversion-state.json"
+    state = results / layout.CONVERSION_STATE_NAME
 
     def some_slabs_saved() -> bool:
         try:
@@ -361,7 +361,7 @@ def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
     assert process.returncode == errors.EXIT_INTERRUPTED, output
     assert "submit the same command again to resume" in output
     assert not list(downloaded.glob(".*.part"))  # nothing half-written left
-    state = json.loads((tmp_path / "results" / ingest.STATE_FILE).read_text())
+    state = json.loads((tmp_path / "results" / layout.INGEST_STATE_NAME).read_text())
     assert not state["steps"].get("fetch", {}).get("done")
     finish(argv, swift_settings_file)
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from precomputed_reference import assert_pyramid, factors_between, read_scale
 
-from hbp_image_tasks import errors, ingest_ngs
+from hbp_image_tasks import errors, ingest_ngs, layout
 from hbp_image_tasks.ingest_ngs import convert, is_complete
 from hbp_image_tasks.parameters import DEFAULT_COMPRESSION_LEVEL, ConversionParameters
 
@@ -281,7 +281,7 @@ def test_fetch_manifest_gives_the_exact_input_set(tmp_path):
             }
         )
     Image.fromarray(np.zeros((5, 6), np.uint8)).save(download / "data" / "extra.png")
-    (download / "fetch_manifest.json").write_text(
+    (download / layout.FETCH_MANIFEST_NAME).write_text(
         json.dumps(
             {"version": 1, "source": "https://example.org/c", "filter": None, "objects": objects}
         )
@@ -407,14 +407,14 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_run(tmp_pat
     key = json.loads((tmp_path / "resumed" / "info").read_text())["scales"][0]["key"]
     stale = tmp_path / "resumed" / key / ".0-16_0-16_0-16.123.456.tmp"
     stale.write_bytes(b"half a chunk from a killed run")
-    state = json.loads((tmp_path / "resumed" / ingest_ngs.STATE_NAME).read_text())
+    state = json.loads((tmp_path / "resumed" / layout.CONVERSION_STATE_NAME).read_text())
     assert state["slabs_done"] == 2
     assert state["pending"] and (tmp_path / "resumed" / state["checkpoint"]).is_file()
     result = convert(tmp_path / "in", tmp_path / "resumed", params, jobs=2, show_progress=False)
     assert result.resumed
     assert is_complete(tmp_path / "resumed")
     assert chunk_files(tmp_path / "resumed") == chunk_files(tmp_path / "whole")
-    assert not list((tmp_path / "resumed").glob(ingest_ngs.CHECKPOINT_PREFIX + "*"))
+    assert not list((tmp_path / "resumed").glob(layout.CHECKPOINT_PREFIX + "*"))
     assert not stale.exists()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hbp_image_tasks import sections
+from hbp_image_tasks import layout, sections
 from hbp_image_tasks.errors import InputError
 
 
@@ -50,7 +50,7 @@ def test_directory_listing_skips_non_images_and_hidden_files(tmp_path):
 def test_manifest_in_the_directory_gives_the_exact_input_set(tmp_path):
     for z in range(3):
         save(tmp_path / f"s{z}.png", np.zeros((4, 4), np.uint8))
-    (tmp_path / "fetch_manifest.json").write_text(
+    (tmp_path / layout.FETCH_MANIFEST_NAME).write_text(
         json.dumps(
             {
                 "version": 1,
@@ -63,12 +63,12 @@ def test_manifest_in_the_directory_gives_the_exact_input_set(tmp_path):
             }
         )
     )
-    for source in (tmp_path, tmp_path / "fetch_manifest.json"):
+    for source in (tmp_path, tmp_path / layout.FETCH_MANIFEST_NAME):
         assert [p.name for p in sections.list_sections(source)] == ["s0.png", "s2.png"]
 
 
 def test_manifest_entry_missing_on_disk_is_named(tmp_path):
-    (tmp_path / "fetch_manifest.json").write_text(
+    (tmp_path / layout.FETCH_MANIFEST_NAME).write_text(
         json.dumps(
             {
                 "version": 1,

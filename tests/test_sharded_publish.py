@@ -14,7 +14,7 @@ from precomputed_reference import read_scale
 from swiftclient.exceptions import ClientException
 from test_sharded_conversion import KINDS, SMALL, write_kind
 
-from hbp_image_tasks import errors, shard_writer
+from hbp_image_tasks import errors, layout, shard_writer
 from hbp_image_tasks.errors import InputError
 from hbp_image_tasks.ingest_ngs import convert
 from hbp_image_tasks.settings import load_settings
@@ -126,7 +126,7 @@ def test_unfinished_shards_are_refused_and_nothing_is_uploaded(
             should_stop=lambda: calls.append(1) or len(calls) >= 3,
         )
     assert shard_writer.unfinished_shards(tmp_path / "out")
-    (tmp_path / "out" / ".hbp-conversion-state.json").unlink()  # even without its state file
+    (tmp_path / "out" / layout.CONVERSION_STATE_NAME).unlink()  # even without its state file
     container = unique_container()
     code = main(
         [str(tmp_path / "out"), "--container", container, "--settings", str(swift_settings_file)]

@@ -23,11 +23,11 @@ from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 
 from hbp_image_tasks import errors, upload_results
 from hbp_image_tasks.errors import InputError, Interrupted, UploadError, UsageError
+from hbp_image_tasks.layout import CONVERSION_STATE_NAME, UPLOAD_MANIFEST_NAME
 from hbp_image_tasks.neuroglancer_link import neuroglancer_link
 from hbp_image_tasks.settings import Secret, SwiftSettings, load_settings
 from hbp_image_tasks.swift import SwiftConnection
 from hbp_image_tasks.upload_plan import (
-    MANIFEST_FILE,
     content_type_for,
     normalize_prefix,
     object_name_for,
@@ -180,7 +180,7 @@ def test_dotfiles_and_symlinks_are_never_uploaded(tmp_path):
     (results / "1mm").mkdir(parents=True)
     (results / "info").write_text("{}")
     (results / "1mm" / "0-1_0-1_0-1.gz").write_bytes(gzip.compress(b"x"))
-    (results / ".hbp-conversion-state.json").write_text('{"complete": true}')
+    (results / CONVERSION_STATE_NAME).write_text('{"complete": true}')
     (results / ".hidden").mkdir()
     (results / ".hidden" / "file").write_text("x")
     (results / "link-to-file").symlink_to(outside / "secret")
@@ -346,7 +346,7 @@ def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
     chunks = read_back_as_a_viewer(public_url, results, volume)
     assert chunks == len(local_objects(results)) - 3  # info, info_fullres.json, transform.json
     # The manifest lists every object with the MD5 Swift holds.
-    manifest = json.loads((results / MANIFEST_FILE).read_text())
+    manifest = json.loads((results / UPLOAD_MANIFEST_NAME).read_text())
     listed = listing(swift_client, container, "bb/8um/")
     assert {o["name"]: o["md5"] for o in manifest["objects"]} == {
         name: o["hash"] for name, o in listed.items()
@@ -451,7 +451,7 @@ def test_dry_run_writes_nothing(
     assert f"would upload {total} objects" in out
     path = container_path(local_swift, container)
     assert proxy_log.count("PUT", path) == proxy_log.count("POST", path) == 0
-    assert not (dataset / MANIFEST_FILE).exists()
+    assert not (dataset / UPLOAD_MANIFEST_NAME).exists()
     from swiftclient.exceptions import ClientException
 
     with pytest.raises(ClientException):
@@ -713,7 +713,7 @@ def test_transient_failures_are_retried(fake_swift, dataset, fault):
     assert result.retries == 3
     assert result.uploaded == result.total_objects == len(local_objects(dataset))
     assert_everything_stored(fake_swift, dataset, "c")
-    manifest = json.loads((dataset / MANIFEST_FILE).read_text())
+    manifest = json.loads((dataset / UPLOAD_MANIFEST_NAME).read_text())
     assert len(manifest["objects"]) == result.total_objects
 
 
@@ -728,7 +728,7 @@ def test_unfixable_refusal_stops_with_the_object_named(fake_swift, dataset, stat
     # It stopped: no request beyond the in-flight ones, and no manifest.
     failed_puts = [n for m, n in fake_swift.requests if m == "PUT" and n.startswith("2mm/")]
     assert len(failed_puts) <= 4
-    assert not (dataset / MANIFEST_FILE).exists()
+    assert not (dataset / UPLOAD_MANIFEST_NAME).exists()
 
 
 def test_body_refused_for_its_md5_is_sent_again(fake_swift, dataset):
@@ -766,7 +766,7 @@ def test_verification_reports_missing_objects_with_examples(fake_swift, dataset)
     message = str(caught.value)
     assert f"verification failed: 7 of {len(local_objects(dataset))} objects" in message
     assert f"{lost[0]}: missing" in message and "..." in message
-    assert not (dataset / MANIFEST_FILE).exists()
+    assert not (dataset / UPLOAD_MANIFEST_NAME).exists()
 
 
 def test_stop_request_finishes_in_flight_puts_and_a_rerun_sends_the_rest(fake_swift, dataset):
@@ -914,7 +914,7 @@ def test_rerun_after_the_proxy_died_uploads_only_the_missing_objects(
             dataset, container, fresh_connection(through, retries=2), show_progress=False, jobs=4
         )
     assert "Connection" in str(caught.value) or "connect" in str(caught.value)
-    assert not (dataset / MANIFEST_FILE).exists()
+    assert not (dataset / UPLOAD_MANIFEST_NAME).exists()
     local = local_objects(dataset)
     before = listing(swift_client, container)
     intact = {n for n, o in before.items() if n in local and o["hash"] == md5_of(local[n])}
