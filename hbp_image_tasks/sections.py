@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from . import layout
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+NAMED_PROBLEMS = 5  # bad sections named in the error; the rest are counted
 
 # Pillow mode -> (numpy dtype, channels)
 _MODES = {
@@ -151,6 +153,47 @@ def probe_section(path: Path) -> SectionFormat:
         return _format_of(path, image)
 
 
+def format_mismatch(path: Path, found: SectionFormat, expected: SectionFormat) -> str | None:
+    """Returns why a section of format ``found`` cannot join a stack of ``expected``, or None."""
+    if (found.width, found.height) != (expected.width, expected.height):
+        return (
+            f"{path}: size {found.width}x{found.height} differs from "
+            f"the first section's {expected.width}x{expected.height}"
+        )
+    if (found.dtype, found.channels) != (expected.dtype, expected.channels):
+        return (
+            f"{path}: mode {found.describe()} differs from the "
+            f"first section's {expected.describe()}"
+        )
+    return None
+
+
+def _header_problem(path: Path, expected: SectionFormat) -> str | None:
+    try:
+        return format_mismatch(path, probe_section(path), expected)
+    except InputError as exc:
+        return str(exc)
+
+
+def check_sections(paths: list[Path], expected: SectionFormat, jobs: int = 8) -> None:
+    """Reads every section's header (no decoding, ``jobs`` at a time) and raises one
+    InputError naming the first few sections that cannot join the stack, and how many."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="headers") as pool:
+        problems = [
+            problem
+            for problem in pool.map(lambda path: _header_problem(path, expected), paths)
+            if problem
+        ]
+    if not problems:
+        return
+    shown = "; ".join(problems[:NAMED_PROBLEMS])
+    more = len(problems) - NAMED_PROBLEMS
+    raise InputError(
+        f"{len(problems)} of {len(paths)} sections cannot be converted"
+        f" ({expected.describe()} expected): {shown}" + (f"; and {more} more" if more > 0 else "")
+    )
+
+
 # (mode, raw mode) layouts that imagecodecs decodes to exactly Pillow's samples.
 _PLAIN_PNG = {("L", "L"), ("RGB", "RGB"), ("I;16", "I;16B")}
 _PLAIN_TIFF = {("L", "L"), ("RGB", "RGB"), ("I;16", "I;16"), ("I;16", "I;16N")}
@@ -227,17 +270,9 @@ def read_section(
     mode from the first section.
     """
     with _open(path) as image:
-        found = _format_of(path, image)
-        if (found.width, found.height) != (expected.width, expected.height):
-            raise InputError(
-                f"{path}: size {found.width}x{found.height} differs from "
-                f"the first section's {expected.width}x{expected.height}"
-            )
-        if (found.dtype, found.channels) != (expected.dtype, expected.channels):
-            raise InputError(
-                f"{path}: mode {found.describe()} differs from the "
-                f"first section's {expected.describe()}"
-            )
+        problem = format_mismatch(path, _format_of(path, image), expected)
+        if problem:
+            raise InputError(problem)
         array = None if grey else _decode_plain(path, image, out)
         try:
             if array is None:

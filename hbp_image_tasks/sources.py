@@ -194,12 +194,19 @@ class VolumeSource:
         out[...] = planes
 
 
-def open_source(source: Path, order_file: Path | None = None, channels: int | None = None):
-    """Returns a StackSource or VolumeSource for a directory, manifest or volume file."""
+def open_source(
+    source: Path, order_file: Path | None = None, channels: int | None = None, jobs: int = 8
+):
+    """Returns a StackSource or VolumeSource for a directory, manifest or volume file.
+
+    A stack's every section header is checked (``jobs`` at a time) before it is returned.
+    """
     if not source.exists():
         raise InputError(f"{source}: no such file or directory")
     if source.is_dir() or layout.find_fetch_manifest(source) is not None:
-        return StackSource(sections.list_sections(source, order_file), channels)
+        stack = StackSource(sections.list_sections(source, order_file), channels)
+        sections.check_sections(stack.paths, stack.format, jobs)
+        return stack
     if order_file is not None:
         raise InputError(f"{source}: --order-file only applies to section stacks")
     if sections.is_section_name(source.name):

@@ -586,3 +586,45 @@ def test_jpeg_sections_are_stored_as_decoded(tmp_path):
     decoded = np.stack([np.asarray(Image.open(path)) for path in paths])
     convert(tmp_path / "in", tmp_path / "out", SMALL, jobs=2, show_progress=False)
     np.testing.assert_array_equal(read_scale(tmp_path / "out", 0)[0], decoded)
+
+
+# ---------------------------------------------------------------- bad sections, found up front
+
+
+def spoil(path: Path, how: str) -> None:
+    """Turns a section into one that cannot join its stack."""
+    if how == "size":
+        Image.fromarray(np.zeros((9, 12), np.uint8)).save(path)
+    elif how == "depth":
+        Image.fromarray(np.zeros((16, 20), np.uint16)).save(path)
+    elif how == "rgb":
+        Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(path)
+    else:
+        path.write_text("not an image")
+
+
+@pytest.mark.parametrize("third, seventh", [("size", "text"), ("depth", "rgb")])
+def test_bad_sections_are_all_reported_before_anything_is_written(tmp_path, third, seventh):
+    paths = write_stack(tmp_path / "in", smooth_volume((10, 16, 20), "uint8"))
+    spoil(paths[3], third)
+    spoil(paths[7], seventh)
+    with pytest.raises(errors.InputError) as caught:
+        convert(tmp_path / "in", tmp_path / "out", SMALL, jobs=2, show_progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("2 of 10 sections cannot be converted")
+    assert paths[3].name in message and paths[7].name in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_bad_sections_are_counted_and_the_first_few_named(tmp_path):
+    paths = write_stack(tmp_path / "in", smooth_volume((30, 16, 20), "uint8"))
+    for path in paths[1::2]:
+        spoil(path, "text")
+    code = ingest_ngs.main([str(tmp_path / "in"), "-d", str(tmp_path / "out"), "--no-progress"])
+    assert code == errors.EXIT_USAGE
+    with pytest.raises(errors.InputError) as caught:
+        convert(tmp_path / "in", tmp_path / "out2", SMALL, show_progress=False)
+    message = str(caught.value)
+    named = [p.name for p in paths[1::2] if p.name in message]
+    assert named == [p.name for p in paths[1:11:2]]
+    assert message.startswith("15 of 30") and message.endswith("; and 10 more")
