@@ -17,17 +17,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from . import cli, errors, layout, memory, unit_conversion, units
+from . import cli, errors, faults, layout, memory, unit_conversion, units
 from . import parameters as parameters_module
-from .atomic import write_json_atomically
 from .parameters import ConversionParameters, parse_parameters
 from .progress import Progress, format_bytes, format_duration
 
@@ -59,11 +59,8 @@ class ConversionResult:
 
 
 def is_complete(destination: Path) -> bool:
-    """Returns whether ``destination`` holds a finished conversion."""
-    destination = Path(destination)
-    return (destination / layout.COMPLETE_MARKER_NAME).is_file() and (
-        destination / "info"
-    ).is_file()
+    """Returns whether ``destination`` holds a finished conversion (the publish contract)."""
+    return layout.conversion_status(destination).kind == layout.COMPLETE
 
 
 def _output_dtype(source, params: ConversionParameters) -> str:
@@ -151,47 +148,262 @@ def _fingerprint(params: ConversionParameters, info: dict, source) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+@dataclasses.dataclass
+class ConversionPlan:
+    """Everything decided before a file is written: input, info, sample conversion, units."""
+
+    source: Any  # sources.StackSource or sources.VolumeSource
+    info: dict
+    sharded: list  # per scale: its shard spec, or None
+    transform: Callable[[np.ndarray], np.ndarray] | None
+    fingerprint: str
+    units: units.Plan | None = None
+
+    def scales(self) -> list:
+        """Returns key, size, chunk size and resolution of every scale."""
+        return [
+            {
+                "key": s["key"],
+                "size": s["size"],
+                "chunk_size": s["chunk_sizes"][0],
+                "resolution": s["resolution"],
+            }
+            for s in self.info["scales"]
+        ]
+
+
+def open_input(source: Path, params: ConversionParameters, order_file: Path | None, jobs: int):
+    """Returns the input source, every section's header checked; refuses what cannot convert."""
+    from . import sources
+
+    input_source = sources.open_source(source, order_file, params.channels, jobs=jobs)
+    if params.type == "segmentation" and input_source.channels != 1:
+        raise errors.InputError(f"{source}: RGB input cannot be a segmentation")
+    if params.encoding == "jpeg" and input_source.channels not in (1, 3):
+        raise errors.InputError(f"{source}: jpeg needs 1 or 3 channels")
+    return input_source
+
+
+def _voxel_size(input_source, params: ConversionParameters) -> tuple:
+    voxel_size = params.voxel_size_nm() or input_source.voxel_size_nm
+    if voxel_size is None:
+        logger.warning(
+            "no 'voxel_size' given for the section stack: using 1 um "
+            'isotropic voxels (give e.g. {"voxel_size": [20, 20, 20], '
+            '"voxel_unit": "um"})'
+        )
+        voxel_size = (parameters_module.DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
+    return voxel_size
+
+
+def plan_conversion(
+    input_source, params: ConversionParameters, jobs: int, memory_limit: int | None = None
+) -> ConversionPlan:
+    """Returns the plan: the dataset's info, the sample conversion and, over budget, the units."""
+    from . import pyramid, shard_writer
+
+    info = pyramid.build_info(
+        _output_dtype(input_source, params),
+        input_source.channels,
+        input_source.size,
+        _voxel_size(input_source, params),
+        params.voxel_offset,
+        params.type,
+        params.effective_encoding,
+        params.chunk_size,
+        params.max_scales,
+    )
+    if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
+        raise errors.UsageError(
+            f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
+        )
+    sharded = shard_writer.add_sharding(info, params)
+    plan = ConversionPlan(
+        input_source,
+        info,
+        sharded,
+        _value_transform(np.dtype(input_source.dtype), info["data_type"], params),
+        _fingerprint(params, info, input_source),
+    )
+    if memory_limit is not None and units.single_pass_memory(info, jobs) > memory_limit:
+        plan.units = units.plan_units(
+            info, memory_limit, jobs, whole_sections=not input_source.reads_regions
+        )
+    return plan
+
+
 def _remove_previous_output(destination: Path) -> None:
-    """Removes what an earlier, different conversion left in ``destination``."""
-    old_info = layout.read_json(destination / "info") or {}
+    """Removes the dataset an earlier conversion left: its scales, units, checkpoints, info."""
+    old_info = layout.read_json(destination / layout.INFO_NAME) or {}
     for scale in old_info.get("scales", []):
         key = str(scale.get("key", ""))
         target = destination / key
         if key and ".." not in key and target.is_dir():
             shutil.rmtree(target)
-    shutil.rmtree(destination / unit_conversion.UNITS_DIR, ignore_errors=True)
-    for path in [
-        destination / name
-        for name in (layout.COMPLETE_MARKER_NAME, layout.CONVERSION_STATE_NAME, "info")
-    ] + layout.checkpoint_files(destination):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    shutil.rmtree(destination / layout.UNITS_DIR_NAME, ignore_errors=True)
+    layout.remove_files(layout.checkpoint_files(destination))
+    layout.remove_files([destination / layout.INFO_NAME])
 
 
-def _prepare_destination(destination: Path, fingerprint: str) -> dict | None:
-    """Returns the resumable state for ``fingerprint``, cleaning stale output."""
+def _start_over(destination: Path, plan: ConversionPlan) -> layout.ConversionState:
+    """Returns a fresh state, written before the previous output goes.
+
+    The new state comes first and the complete marker goes next, so that at
+    every moment the directory says it holds an unfinished conversion.
+    """
+    state = layout.ConversionState(plan.fingerprint)
+    layout.write_conversion_state(destination, state)
+    layout.remove_complete_marker(destination)
+    _remove_previous_output(destination)
+    faults.reached("started")
+    return state
+
+
+def _info_is(destination: Path, info: dict) -> bool:
+    """Returns whether the ``info`` in ``destination`` is ``info``."""
+    return layout.read_json(destination / layout.INFO_NAME) == json.loads(json.dumps(info))
+
+
+def prepare_destination(destination: Path, plan: ConversionPlan) -> layout.ConversionState | dict:
+    """Returns the state to resume (fresh when starting over), or the complete marker when
+    this very conversion already finished there."""
     destination.mkdir(parents=True, exist_ok=True)
-    state = layout.read_json(destination / layout.CONVERSION_STATE_NAME)
-    complete = layout.read_json(destination / layout.COMPLETE_MARKER_NAME)
-    ours = state is not None or complete is not None
-    if not ours:
-        entries = [e for e in destination.iterdir() if not e.name.startswith(".")]
-        if entries:
+    status = layout.conversion_status(destination)
+    if status.kind == layout.COMPLETE and status.marker["fingerprint"] == plan.fingerprint:
+        layout.remove_conversion_state(destination)  # left by a kill after the marker
+        return status.marker
+    state = layout.read_conversion_state(destination)
+    if state is not None and state.fingerprint == plan.fingerprint:
+        if _info_is(destination, plan.info):
+            return state
+    elif status.kind == layout.FOREIGN:
+        if any(not entry.name.startswith(".") for entry in destination.iterdir()):
             raise errors.UsageError(
                 f"{destination}: not empty and holds no conversion state of "
                 "ingest_ngs; give an empty or new --destination"
             )
-        return None
-    for document in (state, complete):
-        if document is not None and document.get("fingerprint") != fingerprint:
-            logger.warning(
-                "%s holds a conversion of other input or parameters; starting over", destination
-            )
-            _remove_previous_output(destination)
-            return None
-    return state
+    else:
+        logger.warning(
+            "%s holds a conversion of other input or parameters; starting over", destination
+        )
+    return _start_over(destination, plan)
+
+
+def _open_writers(destination: Path, plan: ConversionPlan, params: ConversionParameters):
+    """Returns the chunk accessor and the downscaler, writing ``info`` if it is missing."""
+    from neuroglancer_scripts import precomputed_io
+
+    from . import pyramid, shard_writer
+
+    accessor = shard_writer.open_accessor(
+        destination,
+        plan.info,
+        plan.sharded,
+        gzip=params.gzip,
+        compresslevel=params.compression_level,
+        wide_samples=(
+            params.effective_encoding == "raw" and np.dtype(plan.info["data_type"]).itemsize > 1
+        ),
+    )
+    if not (destination / layout.INFO_NAME).is_file():
+        precomputed_io.get_IO_for_new_dataset(plan.info, accessor, overwrite_info=True)
+    downscaler = pyramid.make_downscaler(params.effective_downscaling_method, plan.info)
+    return accessor, downscaler
+
+
+def run_conversion(
+    plan: ConversionPlan,
+    destination: Path,
+    params: ConversionParameters,
+    state: layout.ConversionState,
+    jobs: int,
+    show_progress: bool,
+    should_stop: Callable[[], bool] | None,
+) -> tuple:
+    """Writes every chunk of the plan (slab by slab, or unit by unit); returns (counts, resumed)."""
+    from neuroglancer_scripts.accessor import DataAccessError
+
+    from . import pyramid
+
+    progress = Progress(
+        "chunks", total=pyramid.count_chunks(plan.info), unit="chunks", enabled=show_progress
+    )
+    executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ingest")
+    try:
+        accessor, downscaler = _open_writers(destination, plan, params)
+        _log_start(plan, destination, params, jobs, accessor)
+        context = unit_conversion.Context(
+            plan.info,
+            plan.source,
+            plan.transform,
+            accessor,
+            downscaler,
+            executor,
+            encoder_options={"jpeg_quality": params.jpeg_quality},
+            on_chunk=lambda nbytes: progress.update(1, nbytes),
+            should_stop=should_stop,
+        )
+        _remove_stale_temporaries(destination, plan.info)
+        if plan.units is not None:
+            return _convert_in_units(plan.units, context, destination, progress)
+        return _convert_in_slabs(context, destination, state, progress, show_progress)
+    except DataAccessError as exc:
+        raise errors.ConversionError(f"{destination}: {exc}") from None
+    except OSError as exc:
+        raise errors.ConversionError(
+            f"{destination}: cannot write ({exc.strerror or exc})"
+        ) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+
+
+def _log_start(plan: ConversionPlan, destination: Path, params, jobs: int, accessor) -> None:
+    logger.info(
+        "converting %s into %s: %s %s, %d scales, %d jobs%s",
+        plan.source.description,
+        destination,
+        plan.info["data_type"],
+        params.effective_encoding,
+        len(plan.info["scales"]),
+        jobs,
+        f", gzip level {params.compression_level} ({accessor.compress.backends})"
+        if params.gzip
+        else ", no gzip",
+    )
+
+
+def finish_conversion(
+    plan: ConversionPlan, destination: Path, counts, resumed: bool, started: float
+) -> ConversionResult:
+    """Checks that nothing is left unassembled, writes the complete marker, then removes the
+    state; returns the result."""
+    from . import shard_writer
+
+    shard_writer.check_finished(destination)
+    result = ConversionResult(
+        scales=plan.scales(),
+        chunks=counts.chunks,
+        bytes_written=counts.bytes,
+        input_count=len(plan.source.paths) if plan.source.kind == "stack" else 1,
+        input_bytes=plan.source.input_bytes,
+        wall_seconds=round(time.monotonic() - started, 3),
+        destination=str(destination),
+        resumed=resumed,
+    )
+    faults.reached("chunks-written")
+    layout.write_complete_marker(destination, plan.fingerprint, result.to_dict())
+    faults.reached("marker-written")
+    shutil.rmtree(destination / layout.UNITS_DIR_NAME, ignore_errors=True)
+    layout.remove_conversion_state(destination)
+    logger.info(
+        "converted %s: %d chunks, %s in %s",
+        destination,
+        result.chunks,
+        format_bytes(result.bytes_written),
+        format_duration(result.wall_seconds),
+    )
+    return result
 
 
 def convert(
@@ -206,184 +418,59 @@ def convert(
 ) -> ConversionResult:
     """Converts ``source`` into a precomputed pyramid in ``destination``; returns the result.
 
-    Raises InputError for unusable input, ConversionError when writing fails
-    and Interrupted (after saving a checkpoint) when ``should_stop()`` turns
-    true; the same call then resumes. When the single pass would hold more
-    than ``memory_limit`` bytes, the volume is converted unit by unit
-    (units.py) into the same files; UsageError if no unit fits the limit.
+    Raises InputError for unusable input (every section's header is checked
+    before anything is written), ConversionError when writing fails and
+    Interrupted (after saving a checkpoint) when ``should_stop()`` turns true;
+    the same call then resumes. When the single pass would hold more than
+    ``memory_limit`` bytes, the volume is converted unit by unit (units.py)
+    into the same files; UsageError if no unit fits the limit.
     """
-    from neuroglancer_scripts import precomputed_io
-    from neuroglancer_scripts.accessor import DataAccessError
-
-    from . import pyramid, shard_writer, sources
-
     started = time.monotonic()
     source, destination = Path(source), Path(destination)
     jobs = jobs or cli.default_jobs()
-    params = parameters
-    input_source = sources.open_source(source, order_file, params.channels)
-    if params.type == "segmentation" and input_source.channels != 1:
-        raise errors.InputError(f"{source}: RGB input cannot be a segmentation")
-    if params.encoding == "jpeg" and input_source.channels not in (1, 3):
-        raise errors.InputError(f"{source}: jpeg needs 1 or 3 channels")
-    data_type = _output_dtype(input_source, params)
-    voxel_size = params.voxel_size_nm() or input_source.voxel_size_nm
-    if voxel_size is None:
-        logger.warning(
-            "no 'voxel_size' given for the section stack: using 1 um "
-            'isotropic voxels (give e.g. {"voxel_size": [20, 20, 20], '
-            '"voxel_unit": "um"})'
-        )
-        voxel_size = (parameters_module.DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
-    info = pyramid.build_info(
-        data_type,
-        input_source.channels,
-        input_source.size,
-        voxel_size,
-        params.voxel_offset,
-        params.type,
-        params.effective_encoding,
-        params.chunk_size,
-        params.max_scales,
+    input_source = open_input(source, parameters, order_file, jobs)
+    plan = plan_conversion(input_source, parameters, jobs, memory_limit)
+    start = prepare_destination(destination, plan)
+    if isinstance(start, dict):
+        logger.info("%s is already complete", destination)
+        return ConversionResult(**start["result"])
+    counts, resumed = run_conversion(
+        plan, destination, parameters, start, jobs, show_progress, should_stop
     )
-    if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
-        raise errors.UsageError(
-            f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
-        )
-    sharded = shard_writer.add_sharding(info, params)
-    transform = _value_transform(np.dtype(input_source.dtype), info["data_type"], params)
-    fingerprint = _fingerprint(params, info, input_source)
-    plan = None
-    if memory_limit is not None and units.single_pass_memory(info, jobs) > memory_limit:
-        plan = units.plan_units(
-            info, memory_limit, jobs, whole_sections=not input_source.reads_regions
-        )
-    scales = [
-        {
-            "key": s["key"],
-            "size": s["size"],
-            "chunk_size": s["chunk_sizes"][0],
-            "resolution": s["resolution"],
-        }
-        for s in info["scales"]
-    ]
+    return finish_conversion(plan, destination, counts, resumed, started)
 
-    state = _prepare_destination(destination, fingerprint)
-    if state is None and is_complete(destination):
-        previous = layout.read_json(destination / layout.COMPLETE_MARKER_NAME) or {}
-        if previous.get("fingerprint") == fingerprint:
-            logger.info("%s is already complete", destination)
-            return ConversionResult(**previous["result"])
 
-    accessor = shard_writer.open_accessor(
-        destination,
-        info,
-        sharded,
-        gzip=params.gzip,
-        compresslevel=params.compression_level,
-        wide_samples=(
-            params.effective_encoding == "raw" and np.dtype(info["data_type"]).itemsize > 1
-        ),
+def _should_checkpoint(builder, slab_done: int, slab_count: int, stop: bool, last: float) -> bool:
+    return slab_done < slab_count and (
+        stop
+        or time.monotonic() - last >= CHECKPOINT_INTERVAL
+        or not any(level.filled for level in builder.levels)
     )
-    logger.info(
-        "converting %s into %s: %s %s, %d scales, %d jobs%s",
-        input_source.description,
-        destination,
-        info["data_type"],
-        params.effective_encoding,
-        len(info["scales"]),
-        jobs,
-        f", gzip level {params.compression_level} ({accessor.compress.backends})"
-        if params.gzip
-        else ", no gzip",
-    )
-    total_chunks = pyramid.count_chunks(info)
-    try:
-        if state is None:
-            # The state file first: it marks the directory as ours to resume.
-            write_json_atomically(
-                destination / layout.CONVERSION_STATE_NAME,
-                {"fingerprint": fingerprint, "slabs_done": 0},
-            )
-        if state is None or not (destination / "info").is_file():
-            precomputed_io.get_IO_for_new_dataset(info, accessor, overwrite_info=True)
-        downscaler = pyramid.make_downscaler(params.effective_downscaling_method, info)
-    except DataAccessError as exc:
-        raise errors.ConversionError(f"{destination}: {exc}") from None
 
-    progress = Progress("chunks", total=total_chunks, unit="chunks", enabled=show_progress)
-    executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ingest")
-    try:
-        context = unit_conversion.Context(
-            info,
-            input_source,
-            transform,
-            accessor,
-            downscaler,
-            executor,
-            encoder_options={"jpeg_quality": params.jpeg_quality},
-            on_chunk=lambda nbytes: progress.update(1, nbytes),
-            should_stop=should_stop,
-        )
-        if state is not None:
-            _remove_stale_temporaries(destination, info)
-        if plan is not None:
-            counts, resumed = _convert_in_units(plan, context, destination, progress)
-        else:
-            counts, resumed = _convert_in_slabs(
-                context, destination, fingerprint, state, progress, show_progress
-            )
-    except DataAccessError as exc:
-        raise errors.ConversionError(f"{destination}: {exc}") from None
-    except OSError as exc:
-        raise errors.ConversionError(
-            f"{destination}: cannot write ({exc.strerror or exc})"
-        ) from None
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-        progress.close()
 
-    shard_writer.check_finished(destination)
-    result = ConversionResult(
-        scales=scales,
-        chunks=counts.chunks,
-        bytes_written=counts.bytes,
-        input_count=len(input_source.paths) if input_source.kind == "stack" else 1,
-        input_bytes=input_source.input_bytes,
-        wall_seconds=round(time.monotonic() - started, 3),
-        destination=str(destination),
-        resumed=resumed,
-    )
-    write_json_atomically(
-        destination / layout.COMPLETE_MARKER_NAME,
-        {"fingerprint": fingerprint, "result": result.to_dict()},
-    )
-    for path in [destination / layout.CONVERSION_STATE_NAME] + layout.checkpoint_files(destination):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(destination / unit_conversion.UNITS_DIR, ignore_errors=True)
-    logger.info(
-        "converted %s: %d chunks, %s in %s",
-        destination,
-        result.chunks,
-        format_bytes(result.bytes_written),
-        format_duration(result.wall_seconds),
-    )
-    return result
+def _resume_slabs(context, destination: Path, state: layout.ConversionState, builder, progress):
+    """Returns (first slab to convert, resumed) after restoring a checkpoint, if any."""
+    from . import shard_writer
+
+    next_slab = resumed = 0
+    if state.slabs_done:
+        next_slab = _restore(destination, state, builder)
+        resumed = True
+        progress.update(builder.chunks_written, builder.bytes_written)
+    if shard_writer.resume(context.accessor, builder):
+        next_slab, resumed = 0, False
+    return next_slab, bool(resumed)
 
 
 def _convert_in_slabs(
     context: unit_conversion.Context,
     destination: Path,
-    fingerprint: str,
-    state: dict | None,
+    state: layout.ConversionState,
     progress: Progress,
     show_progress: bool,
 ) -> tuple:
     """Converts the whole volume slab by slab with checkpoints; returns (counts, resumed)."""
-    from . import pyramid, shard_writer
+    from . import pyramid
 
     builder = pyramid.PyramidBuilder(
         context.info,
@@ -396,15 +483,9 @@ def _convert_in_slabs(
     depth_total = context.info["scales"][0]["size"][2]
     slab_depth = builder.slab_depth
     slab_count = -(-depth_total // slab_depth)
-    next_slab = 0
-    resumed = False
-    if state is not None and state.get("slabs_done"):
-        next_slab = _restore(destination, state, builder)
-        resumed = True
-        progress.update(builder.chunks_written, builder.bytes_written)
+    next_slab, resumed = _resume_slabs(context, destination, state, builder, progress)
+    if resumed:
         logger.info("resuming %s at slab %d/%d", destination, next_slab + 1, slab_count)
-    if state is not None and shard_writer.resume(context.accessor, builder):
-        next_slab, resumed = 0, False
     last_checkpoint = time.monotonic()
     for slab_index in range(next_slab, slab_count):
         z0 = slab_index * slab_depth
@@ -424,13 +505,11 @@ def _convert_in_slabs(
             time.monotonic() - slab_started - read_seconds,
             progress.line(),
         )
+        faults.reached(f"slab-{slab_index + 1}")
         stop = context.should_stop is not None and context.should_stop()
-        if slab_index + 1 < slab_count and (
-            stop
-            or time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL
-            or not any(level.filled for level in builder.levels)
-        ):
-            _checkpoint(destination, fingerprint, slab_index + 1, builder)
+        if _should_checkpoint(builder, slab_index + 1, slab_count, stop, last_checkpoint):
+            stopped = _signal_name(context.should_stop) if stop else None
+            _checkpoint(destination, state, slab_index + 1, slab_count, builder, stopped)
             last_checkpoint = time.monotonic()
         if stop and slab_index + 1 < slab_count:
             raise errors.Interrupted(
@@ -438,6 +517,15 @@ def _convert_in_slabs(
                 f"{slab_index + 1}/{slab_count}; run the same command to resume"
             )
     return unit_conversion.Counts(builder.chunks_written, builder.bytes_written), resumed
+
+
+def _signal_name(should_stop) -> str:
+    """Returns the name of the signal behind a stop request (``cli.StopRequest``)."""
+    number = getattr(should_stop, "signal_number", None)
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "a stop request"
 
 
 def _convert_in_units(
@@ -480,7 +568,14 @@ def _remove_stale_temporaries(destination: Path, info: dict) -> None:
                     os.unlink(entry.path)
 
 
-def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -> None:
+def _checkpoint(
+    destination: Path,
+    state: layout.ConversionState,
+    slabs_done: int,
+    slab_count: int,
+    builder,
+    stopped: str | None = None,
+) -> None:
     """Saves the lower scales' pending planes, then the state that points to them.
 
     Each checkpoint has its own file, so a kill between the two writes leaves
@@ -493,40 +588,42 @@ def _checkpoint(destination: Path, fingerprint: str, slabs_done: int, builder) -
         with open(temporary, "wb") as stream:
             np.savez(stream, **pending)
         os.replace(temporary, destination / name)
-    write_json_atomically(
-        destination / layout.CONVERSION_STATE_NAME,
-        {
-            "fingerprint": fingerprint,
-            "slabs_done": slabs_done,
-            "levels": positions,
-            "chunks": builder.chunks_written,
-            "bytes": builder.bytes_written,
-            "pending": sorted(pending),
-            "checkpoint": name if pending else None,
-            "saved": time.time(),
-        },
+    layout.write_conversion_state(
+        destination,
+        layout.ConversionState(
+            fingerprint=state.fingerprint,
+            slabs_done=slabs_done,
+            slab_count=slab_count,
+            levels=positions,
+            chunks=builder.chunks_written,
+            bytes=builder.bytes_written,
+            pending=sorted(pending),
+            checkpoint=name if pending else None,
+            saved=time.time(),
+            stopped=stopped,
+        ),
     )
     for old in layout.checkpoint_files(destination):
         if old.name != name:
             old.unlink()
 
 
-def _restore(destination: Path, state: dict, builder) -> int:
+def _restore(destination: Path, state: layout.ConversionState, builder) -> int:
     """Loads a checkpoint into ``builder``; returns the first slab still to do."""
     pending = {}
-    if state.get("pending"):
-        path = destination / str(state.get("checkpoint"))
+    if state.pending:
+        path = destination / str(state.checkpoint)
         try:
             with np.load(path) as archive:
-                pending = {name: archive[name] for name in state["pending"]}
+                pending = {name: archive[name] for name in state.pending}
         except (OSError, ValueError, KeyError) as exc:
             raise errors.ConversionError(
                 f"{path}: unreadable checkpoint ({exc}); delete {destination} and convert again"
             ) from None
-    builder.restore(state["levels"], pending)
-    builder.chunks_written = int(state.get("chunks", 0))
-    builder.bytes_written = int(state.get("bytes", 0))
-    return int(state["slabs_done"])
+    builder.restore(state.levels, pending)
+    builder.chunks_written = int(state.chunks)
+    builder.bytes_written = int(state.bytes)
+    return int(state.slabs_done)
 
 
 def add_conversion_options(parser: argparse.ArgumentParser) -> None:

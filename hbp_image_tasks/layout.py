@@ -15,12 +15,15 @@ In a conversion destination (``ingest_ngs``, read by ``upload_results`` and ``in
   .hbp-conversion-complete.json  the complete marker: written once every file of
                                  the dataset is in place, with the fingerprint, the
                                  result and the SHA-256 of the ``info`` it finished
+  .hbp-units/                    the work units of a split conversion: done/<id>.json
+                                 per finished unit, pieces/<id>.npy for the finishing step
+  <scale>/.hbp-shard-pieces/<shard>/  the chunks of a shard not yet assembled
   .hbp-upload-manifest.json      what upload_results verified in the container
   .hbp-ingest-state.json         the steps an ``ingest`` run finished
   .hbp-ingest-report.json        the report of the last ``ingest`` run
 
-Hidden names are never uploaded. Further per-run records (pieces of unfinished
-output, work units of a split conversion) belong here too, as hidden names.
+Hidden names are never uploaded; further per-run records belong here too, as
+hidden names.
 
 The publish contract: a conversion destination is publishable only when
 :func:`conversion_status` says ``complete``, that is when
@@ -29,11 +32,13 @@ The publish contract: a conversion destination is publishable only when
 * the ``info`` file is the one the marker finished (same SHA-256; markers of
   format 1, written before this check existed, are trusted when no conversion
   state is present), and
-* no conversion state of another fingerprint is present.
+* no conversion state of another fingerprint is present, and
+* no shard is left unassembled.
 
 It is *unfinished* when a conversion state is present and no marker of the
-same fingerprint (a killed or running conversion; *stopped* when the state
-records the signal that stopped it), and *from an older run* when a marker is
+same fingerprint, or a shard is unassembled (a killed or running conversion;
+*stopped* when the state records the signal that stopped it), and *from an
+older run* when a marker is
 present but its ``info`` has been replaced, or a later conversion with other
 inputs or parameters has started in the same directory. A destination with
 no conversion file at all (a dataset made by another tool) is *foreign*; it is
@@ -63,6 +68,8 @@ CHECKPOINT_SUFFIX = ".npz"
 COMPLETE_MARKER_NAME = ".hbp-conversion-complete.json"
 COMPLETE_MARKER_FORMAT = 2
 INFO_NAME = "info"
+UNITS_DIR_NAME = ".hbp-units"
+SHARD_PIECES_DIR_NAME = ".hbp-shard-pieces"
 
 UPLOAD_MANIFEST_NAME = ".hbp-upload-manifest.json"
 
@@ -204,6 +211,24 @@ def remove_conversion_state(destination: Path) -> None:
     remove_files([Path(destination) / CONVERSION_STATE_NAME])
 
 
+def unit_record_path(destination: Path, unit_id: str) -> Path:
+    """Returns the record a finished work unit leaves."""
+    return Path(destination) / UNITS_DIR_NAME / "done" / f"{unit_id}.json"
+
+
+def unit_piece_path(destination: Path, unit_id: str) -> Path:
+    """Returns the piece a work unit leaves for the finishing step."""
+    return Path(destination) / UNITS_DIR_NAME / "pieces" / f"{unit_id}.npy"
+
+
+def unassembled_shards(destination: Path) -> list[Path]:
+    """Returns the piece directories of shards not yet assembled, in every scale."""
+    found = []
+    for pieces in sorted(Path(destination).glob(f"*/{SHARD_PIECES_DIR_NAME}")):
+        found.extend(p for p in sorted(pieces.iterdir()) if p.is_dir())
+    return found
+
+
 def info_digest(destination: Path) -> str | None:
     """Returns the SHA-256 of the ``info`` file in ``destination``, or None without one."""
     try:
@@ -272,6 +297,9 @@ def conversion_status(destination: Path) -> ConversionStatus:
     marker = read_complete_marker(destination)
     state_present = has_conversion_state(destination)
     state = read_conversion_state(destination) if state_present else None
+    shards = unassembled_shards(destination)
+    if shards:
+        return ConversionStatus(UNFINISHED, f"{len(shards)} shard(s) not assembled")
     if marker is None:
         if state_present or checkpoint_files(destination):
             return _unfinished(state)

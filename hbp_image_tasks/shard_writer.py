@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shards
+from . import layout, shards
 from .atomic import O_CLOEXEC, temporary_name, write_bytes_atomically
 from .errors import ConversionError
 from .pyramid import AtomicFileAccessor
@@ -25,7 +25,7 @@ from .shards import ShardSpec
 
 logger = logging.getLogger(__name__)
 
-PIECES_DIR = ".hbp-shard-pieces"  # in a scale's directory: one sub-directory per shard
+PIECES_DIR = layout.SHARD_PIECES_DIR_NAME  # in a scale's directory: one sub-directory per shard
 
 
 class _Scale:
@@ -50,11 +50,7 @@ class _Scale:
 
 def unfinished_shards(destination: Path) -> list[Path]:
     """Returns the shard piece directories left in a dataset (shards not yet assembled)."""
-    destination = Path(destination)
-    found = []
-    for pieces in sorted(destination.glob(f"*/{PIECES_DIR}")):
-        found.extend(p for p in sorted(pieces.iterdir()) if p.is_dir())
-    return found
+    return layout.unassembled_shards(destination)
 
 
 def _write_all(descriptor: int, data: bytes) -> None:

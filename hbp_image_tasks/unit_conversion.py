@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import errors, units
+from . import errors, layout, units
 from .atomic import write_json_atomically
 from .pyramid import AtomicFileAccessor, PyramidBuilder
 
 logger = logging.getLogger(__name__)
 
-UNITS_DIR = ".hbp-units"  # pieces/<unit id>.npy, done/<unit id>.json
+UNITS_DIR = layout.UNITS_DIR_NAME  # pieces/<unit id>.npy, done/<unit id>.json
 
 
 @dataclasses.dataclass
@@ -56,12 +56,12 @@ class Counts:
 
 def done_path(destination: Path, unit: units.Unit) -> Path:
     """Returns the marker file of a finished unit."""
-    return Path(destination) / UNITS_DIR / "done" / f"{unit.id}.json"
+    return layout.unit_record_path(destination, unit.id)
 
 
 def piece_path(destination: Path, unit: units.Unit) -> Path:
     """Returns the file holding scale top_scale + 1 of a unit's box."""
-    return Path(destination) / UNITS_DIR / "pieces" / f"{unit.id}.npy"
+    return layout.unit_piece_path(destination, unit.id)
 
 
 def read_done(destination: Path, unit: units.Unit) -> Counts | None:

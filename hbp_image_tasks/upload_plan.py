@@ -7,7 +7,6 @@ lose their ``.gz`` and gain ``Content-Encoding: gzip``; nested chunk paths are f
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import mimetypes
 import os
@@ -122,35 +121,11 @@ def content_type_for(name: str) -> str:
 
 
 def check_conversion_complete(results_dir: Path) -> None:
-    """Refuses RESULTS_DIR if the converter's state file says it is unfinished, or if
-    shards were left unassembled."""
-    from .shard_writer import unfinished_shards
-
-    left = unfinished_shards(results_dir)
-    if left:
-        raise InputError(
-            f"{left[0]}: {len(left)} shard(s) not assembled: the conversion is not complete; "
-            "finish it by running the same ingest_ngs command again before uploading"
-        )
-    state_path = results_dir / layout.CONVERSION_STATE_NAME
-    try:
-        text = state_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise InputError(f"{state_path} cannot be read: {exc.strerror}") from None
-    try:
-        state = json.loads(text)
-    except ValueError:
-        raise InputError(
-            f"{state_path} is not valid JSON: cannot tell whether the "
-            f"conversion finished; rerun the conversion"
-        ) from None
-    if isinstance(state, dict) and state.get("complete") is False:
-        raise InputError(
-            f"{results_dir}: the conversion is not complete (according to "
-            f"{layout.CONVERSION_STATE_NAME}); finish it by running the same ingest_ngs "
-            f"command again before uploading"
+    """Refuses RESULTS_DIR unless its conversion finished (the publish contract in layout.py)."""
+    status = layout.check_publishable(results_dir)
+    if status.kind == layout.FOREIGN:
+        logger.info(
+            "%s holds no conversion state of ingest_ngs: uploading it as it is", results_dir
         )
 
 

@@ -199,26 +199,6 @@ def test_two_files_for_one_object_are_refused(tmp_path):
         scan(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "state, refused", [({"complete": False}, True), ({"complete": True}, False), (None, False)]
-)
-def test_incomplete_conversion_is_refused(tmp_path, state, refused):
-    (tmp_path / "info").write_text("{}")
-    if state is not None:
-        (tmp_path / ".hbp-conversion-state.json").write_text(json.dumps(state))
-
-    class Unreachable:  # the refusal must come before any request
-        def __getattr__(self, name):
-            raise RuntimeError("no request expected")
-
-    if refused:
-        with pytest.raises(InputError, match="conversion is not complete"):
-            upload(tmp_path, "c", Unreachable(), show_progress=False)
-    else:
-        with pytest.raises(RuntimeError, match="no request expected"):
-            upload(tmp_path, "c", Unreachable(), show_progress=False)
-
-
 def test_directory_without_info_is_refused(tmp_path):
     (tmp_path / "1mm").mkdir()
     with pytest.raises(InputError, match="no 'info'"):
