@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from . import array_state, errors, fetch_input, ingest, slurm, sources, unit_setup, units
+from . import array_state, errors, fetch_input, ingest, layout, slurm, sources, unit_setup, units
 from .array_state import ArrayRun, split_evenly
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,9 @@ def load_or_make_plan(
         "plan": plan.to_dict(),
     }
     if not options.dry_run:
+        # Unfinished until the finishing job writes the complete marker.
+        state = layout.ConversionState(layout.fingerprint_of(checked.inputs))
+        layout.write_conversion_state(options.results_dir, state)
         unit_setup.write_info(options.results_dir, info, options.parameters)
         run.write_plan(document)
     return document

@@ -21,12 +21,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cli, errors, ingest, shard_writer, unit_conversion, unit_setup, units, upload_results
+from . import (
+    cli,
+    errors,
+    ingest,
+    layout,
+    shard_writer,
+    unit_conversion,
+    unit_setup,
+    units,
+    upload_results,
+)
 from .array_state import ArrayRun
 from .atomic import write_json_atomically
 from .progress import format_duration
 from .swift import ObjectInfo, SwiftConnection
-from .upload_plan import MANIFEST_FILE, read_manifest_digests
+from .upload_plan import read_manifest_digests
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +164,17 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
 def seed_upload_manifest(job: Job, records: list[dict]) -> None:
     """Adds the units' uploaded MD5s to the upload manifest, so the verifying upload
     trusts them (same size and mtime) instead of reading every file again."""
-    path = job.options.results_dir / MANIFEST_FILE
     prefix = job.upload_options().get("prefix") or ""
     known = {
         name: {"name": name, "bytes": size, "mtime_ns": mtime, "md5": md5}
-        for name, (size, mtime, md5) in read_manifest_digests(path).items()
+        for name, (size, mtime, md5) in read_manifest_digests(job.options.results_dir).items()
     }
     for record in records:
         for entry in record["files"]:
             if entry.get("md5"):
                 name = f"{prefix.strip('/')}/{entry['name']}" if prefix else entry["name"]
                 known[name] = {**entry, "name": name}
-    write_json_atomically(path, {"objects": list(known.values())})
+    layout.write_upload_manifest(job.options.results_dir, {"objects": list(known.values())})
 
 
 def check_unit_files(job: Job, records: list[dict]) -> None:
@@ -209,6 +218,13 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             logger.info("finishing step: assembled %d shards the units shared", assembled)
             shard_writer.check_finished(options.results_dir)
     logger.info("finishing step: %d chunks of the upper scales", counts.chunks)
+    # Every unit and the upper scales are written: the conversion is publishable.
+    layout.write_complete_marker(
+        options.results_dir,
+        layout.fingerprint_of(job.document["inputs"]),
+        {"units": len(records), "finishing_chunks": counts.chunks},
+    )
+    layout.remove_conversion_state(options.results_dir)
     uploaded = None
     if job.connection is not None:
         seed_upload_manifest(job, records)

@@ -180,6 +180,11 @@ class ConversionState:
         return dataclasses.asdict(self)
 
 
+def fingerprint_of(document: Any) -> str:
+    """Returns the SHA-256 of a JSON document, keys sorted: what a conversion converts."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def read_conversion_state(destination: Path) -> ConversionState | None:
     """Returns the conversion state in ``destination``, or None when there is none."""
     return ConversionState.from_dict(read_json(Path(destination) / CONVERSION_STATE_NAME))
