@@ -23,6 +23,7 @@ from PIL import Image
 from precomputed_reference import assert_pyramid
 
 from hbp_image_tasks import errors, ingest, layout
+from hbp_image_tasks.upload_plan import check_conversion_complete
 
 pytestmark = pytest.mark.swift
 
@@ -290,6 +291,8 @@ def test_killed_during_conversion_resumes_at_the_last_saved_slab_with_the_same_o
     wait_for(some_slabs_saved, process)
     kill(process)
     saved = json.loads(state.read_text())
+    with pytest.raises(errors.InputError, match="conversion has not finished"):
+        check_conversion_complete(results)  # the check upload_results runs first
     before = chunk_files(results)
     output = finish(argv, swift_settings_file)
     assert "fetch: already done in an earlier run" in output
