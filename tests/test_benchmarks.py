@@ -130,3 +130,19 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
     assert "2 concurrent tasks vs 1:" in done.stdout and "BigBrain 20 um" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["units"]) == 2 and results["finishing"]["units"] == 2
+
+
+HEADERS = BENCHMARK.parent / "bench_headers.py"
+
+
+def test_headers_benchmark_times_the_check_against_decoding(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(HEADERS), "--sections", "20", "--size", "16"]
+        + ["--jobs", "1", "2", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "decode every section (baseline)" in done.stdout
+    assert done.stdout.count("faster than decoding") == 2
