@@ -102,11 +102,10 @@ class ShardedFileAccessor(AtomicFileAccessor):
         if shard in scale.finished:
             return 0
         data = self.compress(buf) if scale.spec.data_encoding == "gzip" else buf
-        directory = self._pieces(key, scale.spec, shard)
-        if directory not in self._directories:
-            os.makedirs(directory, exist_ok=True)
-            self._directories.add(directory)
-        write_bytes_atomically(os.path.join(directory, f"{chunk_id:x}"), data)
+        if not self._write_piece(key, scale.spec, shard, chunk_id, data):
+            with self._lock:
+                scale.finished.add(shard)
+            return 0
         expected = shards.box_chunk_count(position, scale.grid, scale.box)
         with self._lock:
             present = scale.pending.setdefault(shard, set())
@@ -118,6 +117,21 @@ class ShardedFileAccessor(AtomicFileAccessor):
         if complete:
             self._assemble(key, scale.spec, shard)
         return memoryview(data).nbytes
+
+    def _write_piece(self, key: str, spec: ShardSpec, shard: int, chunk_id: int, data) -> bool:
+        """Writes a chunk's piece; returns False when another process (a unit of a
+        distributed conversion) has meanwhile put the whole shard in place."""
+        directory = self._pieces(key, spec, shard)
+        if directory not in self._directories:
+            os.makedirs(directory, exist_ok=True)
+            self._directories.add(directory)
+        try:
+            write_bytes_atomically(os.path.join(directory, f"{chunk_id:x}"), data)
+        except FileNotFoundError:
+            if os.path.exists(os.path.join(self.base_path, key, spec.shard_name(shard))):
+                return False
+            raise
+        return True
 
     def _assemble(self, key: str, spec: ShardSpec, shard: int) -> None:
         """Writes a shard file from its pieces, renames it into place, removes the pieces."""

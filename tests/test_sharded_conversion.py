@@ -226,3 +226,26 @@ def test_pieces_of_separate_units_are_assembled_into_the_shards_of_one_process(t
     assert not shard_writer.unfinished_shards(tmp_path / "units")
     for path in (tmp_path / "whole" / scale["key"]).iterdir():
         assert (tmp_path / "units" / scale["key"] / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_piece_of_a_shard_another_process_put_in_place_is_dropped(tmp_path):
+    scale = {"key": "s0", "size": [16, 16, 16], "chunk_sizes": [[8, 8, 8]]}
+    info = {"data_type": "uint8", "num_channels": 1, "scales": [scale]}
+    specs = shards.plan_sharding(info, True, 1 << 20, "gzip")
+    corners = [(x, y, z) for z in (0, 8) for y in (0, 8) for x in (0, 8)]
+
+    def store(accessor, corner) -> int:
+        block = np.full(8**3, sum(corner), np.uint8)
+        return accessor.store_chunk(block, "s0", [v for c in corner for v in (c, c + 8)])
+
+    late = shard_writer.ShardedFileAccessor(tmp_path, info, specs)
+    assert store(late, corners[0]) > 0  # its piece directory is made and remembered
+    other = shard_writer.ShardedFileAccessor(tmp_path, info, specs)
+    for corner in corners:
+        store(other, corner)
+    shard = (tmp_path / "s0" / "0.shard").read_bytes()
+    assert not shard_writer.unfinished_shards(tmp_path)
+    assert store(late, corners[1]) == 0 and store(late, corners[2]) == 0
+    assert not shard_writer.unfinished_shards(tmp_path)
+    assert (tmp_path / "s0" / "0.shard").read_bytes() == shard
+    assert len(shards.read_shard(specs[0], shard)) == 8
