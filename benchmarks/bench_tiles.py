@@ -17,6 +17,7 @@ import argparse
 import filecmp
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,8 +25,36 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import BIN, measure  # noqa: E402
+BIN = Path(sys.executable).parent
+# Runs a command in a fresh process (so RUSAGE_CHILDREN is that command's alone),
+# its stderr into a log file; prints wall, CPU and peak RSS as JSON.
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+start = time.monotonic()
+with open(sys.argv[1], "wb") as log:
+    code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=log).returncode
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"code": code, "wall": time.monotonic() - start,
+                  "cpu": usage.ru_utime + usage.ru_stime,
+                  "rss_mb": usage.ru_maxrss / 1024}))
+"""
+
+
+def measure(command: list, log: Path) -> dict:
+    """Runs ``command``; returns its wall, CPU and peak RSS, or exits with its log's end."""
+    output = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(log)] + command,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result = json.loads(output)
+    if result["code"] != 0:
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        raise SystemExit(f"failed ({result['code']}): {' '.join(command)}\n" + "\n".join(tail))
+    log.unlink()
+    return result
+
 
 IMPORTS = (
     "import hbp_image_tasks.ingest_ngs, hbp_image_tasks.unit_conversion, imagecodecs, "
@@ -53,6 +82,8 @@ def write_stack(directory: Path, size: int, sections: int, tile: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     noise = np.random.default_rng(0).integers(0, 8, (min(size, 1024),) * 2, dtype=np.uint8)
     for z in range(sections):
+        if (directory / f"s{z:04d}.tif").is_file():
+            continue  # kept from an earlier run (--keep-input)
         tifffile.imwrite(
             directory / f"s{z:04d}.tif",
             brain_plane(z, sections, size, noise),
@@ -67,7 +98,8 @@ def convert(stack: Path, out: Path, limit: str, jobs: int) -> dict:
     """Runs ingest_ngs with a memory limit in a fresh process; returns its measures."""
     params = '{"voxel_size": [1, 1, 1], "voxel_unit": "um"}'
     command = [str(BIN / "ingest_ngs"), str(stack), "-d", str(out), "--parameters", params]
-    result = measure(command + ["--jobs", str(jobs), "--memory-limit", limit, "-q"])
+    log = out.parent / f"{out.name}.log"
+    result = measure(command + ["--jobs", str(jobs), "--memory-limit", limit, "-q"], log)
     info = json.loads((out / "info").read_text())
     result["voxels"] = int(np.prod(info["scales"][0]["size"]))
     result["mvoxel_per_s"] = result["voxels"] / result["wall"] / 1e6
@@ -122,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="ingest_ngs --jobs")
     parser.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
+    parser.add_argument(
+        "--keep-input", action="store_true", help="keep the stacks for the next run (same sizes)"
+    )
     parser.add_argument("--quick", action="store_true", help="1024 / 256 pixels, 16 sections")
     args = parser.parse_args(argv)
     if args.quick:
@@ -131,7 +166,10 @@ def main(argv=None) -> int:
     try:
         rows = run(args, work)
     finally:
+        kept = ("large", "reference") if args.keep_input else ()
         for name in ("large", "reference", "one-pass", "tiled-reference", "tiled-large"):
+            if name in kept:
+                continue
             shutil.rmtree(work / name, ignore_errors=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     return 0
@@ -140,7 +178,7 @@ def main(argv=None) -> int:
 def run(args, work: Path) -> dict:
     write_stack(work / "reference", args.reference_size, args.sections, min(args.tile, 256))
     write_stack(work / "large", args.size, args.sections, args.tile)
-    base = measure([sys.executable, "-c", IMPORTS])["rss_mb"]
+    base = measure([sys.executable, "-c", IMPORTS], work / "imports.log")["rss_mb"]
     tiling = tiling_limit(args.reference_size, args.sections, args.jobs)
     rows = {
         "base_rss_mb": base,

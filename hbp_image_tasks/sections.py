@@ -123,6 +123,9 @@ class SectionFormat:
 def _open(path: Path):
     from PIL import Image
 
+    # Pillow refuses images above 179 Mpx as decompression bombs; sections of 1 um
+    # scans have 14 Gpx (130 000 x 110 000), and a tiled conversion reads them by region.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         return Image.open(path)
     except FileNotFoundError:

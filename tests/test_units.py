@@ -359,3 +359,20 @@ def test_only_plain_tiff_sections_are_read_by_region_and_planned_so(tmp_path):
     # Four workers decoding whole 64 MiB sections leave less room for the tiles.
     assert whole.unit_memory <= limit and by_region.unit_memory <= limit
     assert len(whole.units) > len(by_region.units)
+
+
+def test_sections_above_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
+    from PIL import Image
+
+    # Pillow refuses twice its limit (178 Mpx by default; 16384 x 16384 is 268 Mpx).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    volume = brain_like((2, 64, 64))
+    write_tiff_stack(tmp_path / "tiff", volume, tile=(16, 16))
+    write_stack(tmp_path / "png", volume)
+    for stack in ("tiff", "png"):
+        paths = sorted((tmp_path / stack).iterdir())
+        source = sources.StackSource(paths)
+        out = np.empty((1, 2, 20, 30), np.uint8)
+        with ThreadPoolExecutor(2) as executor:
+            source.read(0, 2, out, None, executor, region=(10, 40, 5, 25))
+        assert np.array_equal(out[0], volume[:, 5:25, 10:40])
