@@ -221,6 +221,22 @@ def unit_record_path(destination: Path, unit_id: str) -> Path:
     return Path(destination) / UNITS_DIR_NAME / "done" / f"{unit_id}.json"
 
 
+def write_unit_record(destination: Path, unit_id: str, chunks: int, nbytes: int) -> None:
+    """Records a finished work unit with the chunks and bytes it wrote."""
+    path = unit_record_path(destination, unit_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, {"id": unit_id, "chunks": chunks, "bytes": nbytes})
+
+
+def read_unit_record(destination: Path, unit_id: str) -> tuple[int, int] | None:
+    """Returns (chunks, bytes) a finished work unit recorded, None when it is not finished."""
+    document = read_json(unit_record_path(destination, unit_id))
+    try:
+        return int(document["chunks"]), int(document["bytes"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def unit_piece_path(destination: Path, unit_id: str) -> Path:
     """Returns the piece a work unit leaves for the finishing step."""
     return Path(destination) / UNITS_DIR_NAME / "pieces" / f"{unit_id}.npy"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -22,7 +21,6 @@ from typing import Any, Callable
 import numpy as np
 
 from . import errors, layout, units
-from .atomic import write_json_atomically
 from .pyramid import AtomicFileAccessor, PyramidBuilder
 
 logger = logging.getLogger(__name__)
@@ -66,11 +64,8 @@ def piece_path(destination: Path, unit: units.Unit) -> Path:
 
 def read_done(destination: Path, unit: units.Unit) -> Counts | None:
     """Returns the counts a finished unit recorded, None when it is not finished."""
-    try:
-        document = json.loads(done_path(destination, unit).read_text(encoding="utf-8"))
-        return Counts(int(document["chunks"]), int(document["bytes"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    recorded = layout.read_unit_record(destination, unit.id)
+    return None if recorded is None else Counts(*recorded)
 
 
 def box_info(info: dict, box: units.Box, first: int, last: int) -> dict:
@@ -161,9 +156,7 @@ def run_unit(unit: units.Unit, context: Context, destination: Path) -> Counts:
             piece.discard()
         raise
     counts = Counts(builder.chunks_written, builder.bytes_written)
-    marker = done_path(destination, unit)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(marker, {"id": unit.id, **dataclasses.asdict(counts)})
+    layout.write_unit_record(destination, unit.id, counts.chunks, counts.bytes)
     return counts
 
 

@@ -17,6 +17,7 @@ from hbp_image_tasks import (
     errors,
     ingest,
     ingest_ngs,
+    layout,
     memory,
     pyramid,
     sections,
@@ -376,3 +377,15 @@ def test_sections_above_pillows_decompression_bomb_limit_are_read(tmp_path, monk
         with ThreadPoolExecutor(2) as executor:
             source.read(0, 2, out, None, executor, region=(10, 40, 5, 25))
         assert np.array_equal(out[0], volume[:, 5:25, 10:40])
+
+
+@pytest.mark.parametrize("text", [None, "", "{", '{"id": "x"}', '{"chunks": "many", "bytes": 1}'])
+def test_a_missing_or_unreadable_unit_record_means_the_unit_runs_again(tmp_path, text):
+    unit = units.Unit(units.Box((0, 0, 0), (64, 64, 64)), 0, False)
+    if text is not None:
+        path = layout.unit_record_path(tmp_path, unit.id)
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    assert unit_conversion.read_done(tmp_path, unit) is None
+    layout.write_unit_record(tmp_path, unit.id, 3, 1000)
+    assert unit_conversion.read_done(tmp_path, unit) == unit_conversion.Counts(3, 1000)
