@@ -177,11 +177,16 @@ def open_input(source: Path, params: ConversionParameters, order_file: Path | No
     from . import sources
 
     input_source = sources.open_source(source, order_file, params.channels, jobs=jobs)
-    if params.type == "segmentation" and input_source.channels != 1:
-        raise errors.InputError(f"{source}: RGB input cannot be a segmentation")
-    if params.encoding == "jpeg" and input_source.channels not in (1, 3):
-        raise errors.InputError(f"{source}: jpeg needs 1 or 3 channels")
+    check_channels(source, input_source.channels, params)
     return input_source
+
+
+def check_channels(source: Path, channels: int, params: ConversionParameters) -> None:
+    """Refuses input whose channels the parameters cannot store."""
+    if params.type == "segmentation" and channels != 1:
+        raise errors.InputError(f"{source}: RGB input cannot be a segmentation")
+    if params.encoding == "jpeg" and channels not in (1, 3):
+        raise errors.InputError(f"{source}: jpeg needs 1 or 3 channels")
 
 
 def _voxel_size(input_source, params: ConversionParameters) -> tuple:
@@ -196,16 +201,15 @@ def _voxel_size(input_source, params: ConversionParameters) -> tuple:
     return voxel_size
 
 
-def plan_conversion(
-    input_source, params: ConversionParameters, jobs: int, memory_limit: int | None = None
-) -> ConversionPlan:
-    """Returns the plan: the dataset's info, the sample conversion and, over budget, the units."""
-    from . import pyramid, shard_writer
+def dataset_info(input_source, size: tuple, params: ConversionParameters) -> dict:
+    """Returns the pyramid's info (no sharding yet) for an input of ``size`` (x, y, z) with
+    the samples of ``input_source``; refuses jpeg for samples wider than 8 bits."""
+    from . import pyramid
 
     info = pyramid.build_info(
         _output_dtype(input_source, params),
         input_source.channels,
-        input_source.size,
+        size,
         _voxel_size(input_source, params),
         params.voxel_offset,
         params.type,
@@ -217,6 +221,16 @@ def plan_conversion(
         raise errors.UsageError(
             f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
         )
+    return info
+
+
+def plan_conversion(
+    input_source, params: ConversionParameters, jobs: int, memory_limit: int | None = None
+) -> ConversionPlan:
+    """Returns the plan: the dataset's info, the sample conversion and, over budget, the units."""
+    from . import shard_writer
+
+    info = dataset_info(input_source, input_source.size, params)
     sharded = shard_writer.add_sharding(info, params)
     plan = ConversionPlan(
         input_source,

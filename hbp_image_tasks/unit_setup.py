@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import errors, ingest_ngs, pyramid, sections, shards, sources, units
-from .parameters import DEFAULT_STACK_VOXEL_SIZE_NM, ConversionParameters
+from .parameters import ConversionParameters
 from .upload_plan import LocalObject, content_type_for, object_name_for
 
 
@@ -38,27 +38,8 @@ def ordered_sections(objects: list, order_file: Path | None = None) -> list:
 def stack_info(first_section: Path, depth: int, params: ConversionParameters) -> dict:
     """Returns the pyramid's info of a stack of ``depth`` sections shaped like the first."""
     source = sources.StackSource([first_section], params.channels)
-    if params.type == "segmentation" and source.channels != 1:
-        raise errors.InputError(f"{first_section}: RGB input cannot be a segmentation")
-    if params.encoding == "jpeg" and source.channels not in (1, 3):
-        raise errors.InputError(f"{first_section}: jpeg needs 1 or 3 channels")
-    data_type = ingest_ngs._output_dtype(source, params)
-    voxel_size = params.voxel_size_nm() or (DEFAULT_STACK_VOXEL_SIZE_NM,) * 3
-    info = pyramid.build_info(
-        data_type,
-        source.channels,
-        (source.size[0], source.size[1], depth),
-        voxel_size,
-        params.voxel_offset,
-        params.type,
-        params.effective_encoding,
-        params.chunk_size,
-        params.max_scales,
-    )
-    if params.effective_encoding == "jpeg" and info["data_type"] != "uint8":
-        raise errors.UsageError(
-            f"parameter 'encoding': jpeg needs uint8 samples, the input gives {info['data_type']}"
-        )
+    ingest_ngs.check_channels(first_section, source.channels, params)
+    info = ingest_ngs.dataset_info(source, (source.size[0], source.size[1], depth), params)
     from . import shard_writer
 
     shard_writer.add_sharding(info, params)
