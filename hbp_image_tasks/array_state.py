@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .atomic import write_json_atomically
 from .errors import UsageError
 
-DIRECTORY = ".hbp-array"
+DIRECTORY = layout.ARRAY_DIR_NAME
 PLAN_VERSION = 1
 
 

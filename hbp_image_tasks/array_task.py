@@ -76,7 +76,7 @@ class Job:
 def locked(directory: Path):
     """Holds an exclusive lock on ``directory`` (units of one z range share its sections)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".hbp-array-lock", "w") as handle:
+    with open(directory / layout.ARRAY_LOCK_NAME, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

@@ -18,9 +18,14 @@ In a conversion destination (``ingest_ngs``, read by ``upload_results`` and ``in
   .hbp-units/                    the work units of a split conversion: done/<id>.json
                                  per finished unit, pieces/<id>.npy for the finishing step
   <scale>/.hbp-shard-pieces/<shard>/  the chunks of a shard not yet assembled
+  .hbp-array/                    an ``ingest --array`` run: plan, unit records, jobs
+                                 (see array_state)
   .hbp-upload-manifest.json      what upload_results verified in the container
   .hbp-ingest-state.json         the steps an ``ingest`` run finished
   .hbp-ingest-report.json        the report of the last ``ingest`` run
+
+In a download directory of ``ingest --array``, each z range's sections-Z0-Z1/
+holds ``.hbp-array-lock``, locked while a unit fetches them.
 
 Hidden names are never uploaded; further per-run records belong here too, as
 hidden names.
@@ -38,12 +43,13 @@ The publish contract: a conversion destination is publishable only when
 It is *unfinished* when a conversion state is present and no marker of the
 same fingerprint, or a shard is unassembled (a killed or running conversion;
 *stopped* when the state records the signal that stopped it), and *from an
-older run* when a marker is
-present but its ``info`` has been replaced, or a later conversion with other
-inputs or parameters has started in the same directory. A destination with
-no conversion file at all (a dataset made by another tool) is *foreign*; it is
-published as it is. ingest_ngs keeps one of the state or the marker present
-at every moment, so a conversion it ran is never foreign.
+older run* when a marker is present but its ``info`` has been replaced since,
+or a later conversion with other inputs or parameters has started in the same
+directory. A destination with no conversion file at all (a dataset made by
+another tool) is *foreign*; it is published as it is. ingest_ngs keeps one of
+the state or the marker present at every moment, so a conversion it ran is
+never foreign; ``ingest --array`` writes the state with its plan and the marker
+in its finishing job.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ COMPLETE_MARKER_NAME = ".hbp-conversion-complete.json"
 COMPLETE_MARKER_FORMAT = 2
 INFO_NAME = "info"
 UNITS_DIR_NAME = ".hbp-units"
+ARRAY_DIR_NAME = ".hbp-array"
+ARRAY_LOCK_NAME = ".hbp-array-lock"
 SHARD_PIECES_DIR_NAME = ".hbp-shard-pieces"
 
 UPLOAD_MANIFEST_NAME = ".hbp-upload-manifest.json"
@@ -328,7 +336,11 @@ def conversion_status(destination: Path) -> ConversionStatus:
             return ConversionStatus(OLDER_RUN, "its complete marker is unreadable")
         return ConversionStatus(FOREIGN)
     if state_present and (state is None or state.fingerprint != marker["fingerprint"]):
-        return _unfinished(state)
+        return ConversionStatus(
+            OLDER_RUN,
+            "its complete marker is from an older run (another conversion has started "
+            f"since: {_unfinished(state).reason})",
+        )
     digest = info_digest(destination)
     if digest is None:
         return ConversionStatus(OLDER_RUN, "its complete marker has no 'info' file beside it")

@@ -193,7 +193,7 @@ def finished_conversion(directory: Path) -> None:
                 finished_conversion(d)
                 or layout.write_conversion_state(d, layout.ConversionState("e" * 64))
             ),
-            "its conversion has not finished",
+            "older run (another conversion has started since: its conversion has not finished",
         ),
         (
             lambda d: (
