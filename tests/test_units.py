@@ -389,3 +389,25 @@ def test_a_missing_or_unreadable_unit_record_means_the_unit_runs_again(tmp_path,
     assert unit_conversion.read_done(tmp_path, unit) is None
     layout.write_unit_record(tmp_path, unit.id, 3, 1000)
     assert unit_conversion.read_done(tmp_path, unit) == unit_conversion.Counts(3, 1000)
+
+
+def test_ingest_within_a_memory_limit_publishes_the_single_pass_objects(
+    make_container, unique_container, local_swift, swift_settings_file, monkeypatch, tmp_path
+):
+    from test_ingest import ingest_argv, smooth_stack, stack_objects
+
+    monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
+    volume = smooth_stack(12, 200, 240)
+    source = make_container(stack_objects(volume))
+    info = pyramid.build_info(
+        "uint8", 1, (240, 200, 12), (2e4, 2e4, 4e4), (0, 0, 0), "image", "raw", 16, None
+    )
+    limit = units.single_pass_memory(info, jobs=2) // 3
+    assert len(units.plan_units(info, limit, jobs=2).units) > 4
+    listings = []
+    for name, extra in (("one", []), ("tiles", ["--memory-limit", f"{limit >> 10}K"])):
+        container = unique_container(name)
+        assert ingest.main(ingest_argv(source.url, tmp_path / name, container, *extra)) == 0
+        _, objects = local_swift.connection().get_container(container, full_listing=True)
+        listings.append({entry["name"]: entry["hash"] for entry in objects})
+    assert listings[0] == listings[1] and len(listings[0]) > 20
