@@ -96,12 +96,16 @@ def reference_listings(local_swift, example_source, tmp_path_factory, swift_sett
         if key not in made:
             container = f"array-reference-{uuid.uuid4().hex[:8]}"
             work = tmp_path_factory.mktemp("single")
+            previous = os.environ.get("SWIFT_SETTINGS")
             os.environ["SWIFT_SETTINGS"] = str(swift_settings_file)
             try:
                 argv = argv_for(example_source, work, container, parameters=parameters)
                 assert ingest.main(argv) == 0
             finally:
-                del os.environ["SWIFT_SETTINGS"]
+                if previous is None:
+                    del os.environ["SWIFT_SETTINGS"]
+                else:
+                    os.environ["SWIFT_SETTINGS"] = previous
             connection = local_swift.connection()
             made[key] = listing(connection, container)
             bulk_delete(connection, container)
@@ -154,15 +158,26 @@ def wait_until(condition, timeout: float = 120.0, what: str = "condition"):
         time.sleep(0.2)
 
 
-def test_rerun_after_a_cancelled_task_resubmits_only_unfinished_units(
+def test_cancelled_task_ends_the_wait_with_143_and_a_rerun_submits_only_unfinished_units(
     cluster_env, example_source, single_ingest_listing, unique_container, swift_client, tmp_path
 ):
     from hbp_image_tasks import slurm
 
     container = unique_container("array")
     argv = argv_for(example_source, tmp_path, container, "--memory-limit", "512K", "--array", "4")
-    assert ingest.main(argv) == 0
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "hbp_image_tasks.ingest", *argv, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run = array_state.ArrayRun(tmp_path / "results")
+
+    def submitted():
+        assert waiting.poll() is None, waiting.communicate()[0]
+        return run.submissions() and run.read_submission(1)["finish_job"]
+
+    wait_until(submitted, what="the submission")
     first = run.read_submission(1)
     assert len(first["tasks"]) == 4
 
@@ -176,7 +191,10 @@ def test_rerun_after_a_cancelled_task_resubmits_only_unfinished_units(
 
     index = wait_until(running_unfinished_task, what="a running task")
     subprocess.run(["scancel", f"{first['array_job']}_{index}"], check=True)
-    # afterok can no longer hold: the finishing job never runs.
+    # afterok can no longer hold: the finishing job never runs, and --wait says why.
+    output = waiting.communicate(timeout=300)[0]
+    assert waiting.returncode == 143, output
+    assert f"task-{first['array_job']}_{index}" in output and "run the same command" in output
     assert slurm.wait(first["finish_job"], poll_seconds=0.5) in ("CANCELLED", slurm.NEVER_RUNS)
     slurm.wait(first["array_job"], poll_seconds=0.5)
     finished = run.finished_units()
