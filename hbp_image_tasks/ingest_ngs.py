@@ -289,6 +289,9 @@ def prepare_destination(destination: Path, plan: ConversionPlan) -> layout.Conve
     state = layout.read_conversion_state(destination)
     if state is not None and state.fingerprint == plan.fingerprint:
         if _info_is(destination, plan.info):
+            if state.stopped:  # running again: no longer stopped
+                state.stopped = None
+                layout.write_conversion_state(destination, state)
             return state
     elif status.kind == layout.FOREIGN:
         if any(not entry.name.startswith(".") for entry in destination.iterdir()):
@@ -296,10 +299,12 @@ def prepare_destination(destination: Path, plan: ConversionPlan) -> layout.Conve
                 f"{destination}: not empty and holds no conversion state of "
                 "ingest_ngs; give an empty or new --destination"
             )
-    else:
+    elif state is not None or status.kind == layout.COMPLETE:
         logger.warning(
             "%s holds a conversion of other input or parameters; starting over", destination
         )
+    else:
+        logger.warning("%s: %s; starting over", destination, status.reason)
     return _start_over(destination, plan)
 
 
@@ -361,6 +366,9 @@ def run_conversion(
         if plan.units is not None:
             return _convert_in_units(plan.units, context, destination, progress)
         return _convert_in_slabs(context, destination, state, progress, show_progress)
+    except errors.Interrupted:
+        _record_stop(destination, should_stop)
+        raise
     except DataAccessError as exc:
         raise errors.ConversionError(f"{destination}: {exc}") from None
     except OSError as exc:
@@ -370,6 +378,14 @@ def run_conversion(
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         progress.close()
+
+
+def _record_stop(destination: Path, should_stop) -> None:
+    """Records in the conversion state which signal stopped it (for upload_results' refusal)."""
+    state = layout.read_conversion_state(destination)
+    if state is not None and not state.stopped:
+        state.stopped = _signal_name(should_stop)
+        layout.write_conversion_state(destination, state)
 
 
 def _log_start(plan: ConversionPlan, destination: Path, params, jobs: int, accessor) -> None:

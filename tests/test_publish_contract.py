@@ -48,7 +48,7 @@ def dataset_files(destination: Path) -> dict[str, bytes]:
 
 
 def run_ingest_ngs(
-    source: Path, destination: Path, stop_at: str | None
+    source: Path, destination: Path, stop_at: str | None, *options: str
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop(faults.ENVIRONMENT_VARIABLE, None)
@@ -57,7 +57,7 @@ def run_ingest_ngs(
     return subprocess.run(
         [sys.executable, "-m", "hbp_image_tasks.ingest_ngs", str(source)]
         + ["--destination", str(destination), "--parameters", PARAMETERS, "--jobs", "2"]
-        + ["--no-progress"],
+        + ["--no-progress", *options],
         env=env,
         capture_output=True,
         text=True,
@@ -205,3 +205,44 @@ def test_marker_of_the_first_format_is_trusted_without_a_state(stack, tmp_path):
     assert layout.conversion_status(results).kind == layout.COMPLETE
     layout.write_conversion_state(results, layout.ConversionState(marker["fingerprint"]))
     assert layout.conversion_status(results).kind == layout.UNFINISHED
+
+
+# A budget of half the single pass: the 40 sections are converted in units (units.py).
+UNITS = ("--memory-limit", "12KiB")
+
+
+@swift
+@pytest.mark.parametrize(
+    "stop_at, code, message",
+    [
+        ("started:SIGTERM", errors.EXIT_INTERRUPTED, "stopped by SIGTERM"),
+        ("chunks-written:SIGKILL", -9, "has not finished"),
+    ],
+)
+def test_stopped_conversion_in_units_is_refused_then_resumed_and_published(
+    stack,
+    tmp_path,
+    stop_at,
+    code,
+    message,
+    swift_settings_file,
+    unique_container,
+    swift_client,
+    capsys,
+):
+    source, whole = stack
+    results = tmp_path / "results"
+    stopped = run_ingest_ngs(source, results, stop_at, *UNITS)
+    assert stopped.returncode == code, stopped.stderr
+    assert "units of up to" in stopped.stderr
+    container = unique_container()
+    capsys.readouterr()
+    assert upload_main(results, container, swift_settings_file) == errors.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    with pytest.raises(ClientException, match="404"):
+        swift_client.head_container(container)
+
+    resumed = run_ingest_ngs(source, results, None, *UNITS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert dataset_files(results) == whole
+    assert upload_main(results, container, swift_settings_file) == 0
