@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import shutil
 import sys
 import time
@@ -123,6 +124,8 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     return {
         "id": unit.id,
         "seconds": round(time.monotonic() - started, 3),
+        # The task's peak so far (Linux counts KiB): what --mem must cover.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "files": [
             {
                 "name": local.name,
@@ -264,6 +267,7 @@ def finish_report(
             "finishing_job": job_id,
             "finishing_seconds": round(seconds, 3),
             "finishing_chunks": counts.chunks,
+            "unit_peak_rss_bytes": max(record.get("peak_rss_bytes", 0) for record in records),
         },
         "upload": uploaded,
         "public_url": uploaded.get("public_url") if uploaded else None,

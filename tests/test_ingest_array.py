@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hbp_image_tasks import array_state, ingest
+from hbp_image_tasks import array_job, array_state, ingest
 
 pytestmark = pytest.mark.swift
 
@@ -146,6 +146,10 @@ def test_array_publishes_the_same_objects_as_a_single_ingest(
     run = array_state.ArrayRun(tmp_path / "results")
     assert len(run.finished_units()) == 4
     assert "ingest --array finished: 4 units" in capsys.readouterr().out
+    # Each task stayed within the memory its job asked Slurm for.
+    asked = run.read_plan()["plan"]["unit_memory"] + array_job.JOB_BASE_BYTES
+    for unit_id in run.finished_units():
+        assert 0 < run.unit_record(unit_id)["peak_rss_bytes"] <= asked
 
 
 def wait_until(condition, timeout: float = 120.0, what: str = "condition"):
