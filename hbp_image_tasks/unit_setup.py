@@ -22,17 +22,40 @@ from .upload_plan import LocalObject, content_type_for, object_name_for
 def ordered_sections(objects: list, order_file: Path | None = None) -> list:
     """Returns the listing entries that are sections, in the stack's z order.
 
-    The order ``sections.list_sections`` gives the fetched stack: natural order
-    of the object names.
+    The order ``sections.list_sections`` gives the fetched stack: the order file's
+    (names relative to the download directory, one a line), else the natural
+    order of the object names.
     """
     if order_file is not None:
-        raise errors.UsageError(
-            "--array does not take --order-file yet: name the sections in order"
-        )
+        return _in_file_order(objects, order_file)
     chosen = [item for item in objects if sections.is_section_name(Path(item.name).name)]
     if not chosen:
         raise errors.InputError("the selected objects hold no image section")
     return sorted(chosen, key=lambda item: sections.natural_key(item.name))
+
+
+def _in_file_order(objects: list, order_file: Path) -> list:
+    """Returns the listing entries named by ``order_file``, in its order."""
+    try:
+        lines = order_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.InputError(f"{order_file}: cannot read the order file ({exc})") from None
+    by_name = {item.name: item for item in objects}
+    result: list = []
+    for number, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name not in by_name:
+            raise errors.InputError(
+                f"{order_file}:{number}: section {name!r} is not among the selected objects"
+            )
+        result.append(by_name[name])
+    if len({item.name for item in result}) != len(result):
+        raise errors.InputError(f"{order_file}: a section is listed twice")
+    if not result:
+        raise errors.InputError(f"{order_file}: names no section")
+    return result
 
 
 def stack_info(first_section: Path, depth: int, params: ConversionParameters) -> dict:

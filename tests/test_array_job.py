@@ -99,3 +99,42 @@ def test_array_options_without_array_are_refused(tmp_path, caplog, option):
     argv += ["--download-dir", str(tmp_path / "src"), "--results-dir", str(tmp_path / "out")]
     assert ingest.main(argv + option) == errors.EXIT_USAGE
     assert "need --array N" in caplog.text
+
+
+def listing_entries(names: list[str]) -> list:
+    from hbp_image_tasks.swift import ObjectInfo
+
+    return [ObjectInfo(name, 1, "0" * 32) for name in names]
+
+
+def test_sections_are_in_natural_order_of_their_names_without_an_order_file():
+    entries = listing_entries(["d/s10.png", "d/s2.png", "d/notes.txt", "d/s1.png"])
+    ordered = unit_setup.ordered_sections(entries)
+    assert [item.name for item in ordered] == ["d/s1.png", "d/s2.png", "d/s10.png"]
+
+
+def test_an_order_file_gives_the_z_order_as_for_a_single_ingest(tmp_path):
+    from hbp_image_tasks import sections
+
+    names = ["d/s1.png", "d/s2.png", "d/s10.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    order = tmp_path / "order.txt"
+    order.write_text("# top first\nd/s10.png\n\nd/s1.png\nd/s2.png\n")
+    ordered = unit_setup.ordered_sections(listing_entries(names), order)
+    single = sections.sections_from_order_file(order, tmp_path)
+    assert [tmp_path / item.name for item in ordered] == single
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("d/s1.png\nd/s9.png\n", "order.txt:2: section 'd/s9.png' is not among"),
+     ("d/s1.png\nd/s1.png\n", "listed twice"),
+     ("# nothing\n", "names no section")],
+)  # fmt: skip
+def test_bad_order_files_name_the_line_or_the_problem(tmp_path, text, message):
+    order = tmp_path / "order.txt"
+    order.write_text(text)
+    with pytest.raises(errors.InputError, match=message):
+        unit_setup.ordered_sections(listing_entries(["d/s1.png"]), order)
