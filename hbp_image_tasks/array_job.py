@@ -65,7 +65,7 @@ def add_array_options(parser) -> None:
     """Adds the options of ``ingest --array`` (a Slurm job array instead of one process)."""
     group = parser.add_argument_group(
         "job array (Slurm)",
-        "Run the conversion as N Slurm array tasks plus a finishing job; "
+        "Run the conversion as N Slurm array tasks plus a finishing job;\n"
         "this command only plans and submits (run it on the login node).",
     )
     group.add_argument(
@@ -85,7 +85,7 @@ def add_array_options(parser) -> None:
     group.add_argument(
         "--sbatch-option",
         action="append",
-        default=[],
+        default=None,
         metavar="OPT",
         help="with --array: pass OPT to sbatch for every job (repeatable), e.g. "
         "--sbatch-option=--partition=batch --sbatch-option=--time=2:00:00",
@@ -110,7 +110,7 @@ def array_options_from_args(args) -> ArrayOptions:
     return ArrayOptions(
         tasks=int(tasks),
         at_once=int(at_once) if at_once else None,
-        sbatch_options=tuple(args.sbatch_option),
+        sbatch_options=tuple(args.sbatch_option or ()),
         sections_per_unit=args.sections_per_unit,
         wait=args.wait,
     )
