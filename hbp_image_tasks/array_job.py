@@ -278,6 +278,8 @@ def submit(
         slurm.find_command("sbatch")
     checked = ingest.preflight(options)
     run = ArrayRun(options.results_dir)
+    if not options.dry_run:
+        check_no_active_jobs(run)
     if options.restart and not options.dry_run:
         logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
         ingest.clear_directory(options.results_dir)
@@ -302,26 +304,10 @@ def submit(
         "array_job": None,
         "finish_job": None,
     }
-    logger.info(
-        "plan: %d unit(s) of up to %s, %d finished, %d left for %d task(s); the "
-        "finishing job builds scale(s) %s",
-        len(plan.units),
-        "x".join(map(str, plan.units[0].box.shape)),
-        len(finished),
-        len(remaining),
-        task_count,
-        ", ".join(map(str, plan.finishing_scales)) or "none",
-    )
+    log_plan(plan, len(finished), len(remaining), task_count)
     if options.dry_run:
         return dry_run_summary(plan, remaining, tasks, finish, record)
-    check_no_active_jobs(run)
-    run.write_submission(number, record)
-    run.logs.mkdir(parents=True, exist_ok=True)
-    if tasks is not None:
-        record["array_job"] = slurm.submit(tasks)
-        finish = dataclasses.replace(finish, after_ok=record["array_job"])
-    record["finish_job"] = slurm.submit(finish)
-    run.write_submission(number, record)
+    submit_jobs(run, number, record, tasks, finish)
     summary = {
         "status": "submitted",
         "submission": number,
@@ -335,6 +321,37 @@ def submit(
     if array.wait:
         return wait_for_run(run, number, array.poll_seconds, should_stop)
     return summary
+
+
+def log_plan(plan: units.Plan, finished: int, remaining: int, task_count: int) -> None:
+    """Logs the plan's units and how many of them this submission runs."""
+    logger.info(
+        "plan: %d unit(s) of up to %s, %d finished, %d left for %d task(s); the "
+        "finishing job builds scale(s) %s",
+        len(plan.units),
+        "x".join(map(str, plan.units[0].box.shape)),
+        finished,
+        remaining,
+        task_count,
+        ", ".join(map(str, plan.finishing_scales)) or "none",
+    )
+
+
+def submit_jobs(
+    run: ArrayRun,
+    number: int,
+    record: dict[str, Any],
+    tasks: slurm.JobRequest | None,
+    finish: slurm.JobRequest,
+) -> None:
+    """Submits the array (if units are left) and the finishing job after it; records both."""
+    run.write_submission(number, record)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    if tasks is not None:
+        record["array_job"] = slurm.submit(tasks)
+        finish = dataclasses.replace(finish, after_ok=record["array_job"])
+    record["finish_job"] = slurm.submit(finish)
+    run.write_submission(number, record)
 
 
 def dry_run_summary(
@@ -366,10 +383,13 @@ def wait_for_run(
     """Waits for the finishing job; returns its report or raises the error that ended the run."""
     record = run.read_submission(number)
     state = slurm.wait(record["finish_job"], poll_seconds, should_stop)
-    if state == "COMPLETED":
+    report = Path(record["report"])
+    if state == "COMPLETED" or (state == "UNKNOWN" and report.is_file()):
         # The report, not the outcome file: --cleanup deleted the results directory.
-        return json.loads(Path(record["report"]).read_text(encoding="utf-8"))
+        return json.loads(report.read_text(encoding="utf-8"))
     outcome = run.outcomes(f"finish-{record['finish_job']}").get(f"finish-{record['finish_job']}")
+    if outcome is not None and outcome.get("exit_code") == errors.EXIT_OK:
+        return outcome["report"]
     if outcome is not None:
         raise _error(
             outcome["exit_code"], f"finishing job {record['finish_job']}: {outcome['message']}"
