@@ -29,9 +29,26 @@ EXIT_MEANINGS = {
 
 
 class HbpError(Exception):
-    """Base of all expected failures; ``exit_code`` is what ``main()`` returns."""
+    """Base of all expected failures; ``exit_code`` is what ``main()`` returns.
+
+    ``http_status`` and ``object_name`` say which answer and which object (file or
+    Swift object) failed, when known; ``also_failed`` holds the failures that
+    :func:`aggregate` folded into this one, each with its own fields.
+    """
 
     exit_code = EXIT_INTERNAL
+
+    def __init__(
+        self, message: str = "", *, http_status: int | None = None, object_name: str | None = None
+    ):
+        super().__init__(message)
+        self.http_status = http_status
+        self.object_name = object_name
+        self.also_failed: list[BaseException] = []
+        self.context = ""
+
+    def __str__(self) -> str:
+        return super().__str__() + self.context
 
 
 class UsageError(HbpError):
@@ -81,6 +98,20 @@ class Interrupted(HbpError):
         super().__init__(message)
         if signal_number == 2:
             self.exit_code = EXIT_SIGINT
+
+
+def aggregate(failures: list[BaseException], context: str) -> BaseException:
+    """Returns the first of ``failures``, to be raised for all of them.
+
+    An HbpError keeps its type and fields; the others are kept in its
+    ``also_failed`` and counted in its message (``context`` says what was being
+    done). Any other exception is a bug and is returned unchanged.
+    """
+    first = failures[0]
+    if isinstance(first, HbpError) and len(failures) > 1:
+        first.also_failed = list(failures[1:])
+        first.context = f" (and {len(failures) - 1} more failure(s) {context})"
+    return first
 
 
 # Which errors each command can raise, hence which exit codes its --help lists.

@@ -226,10 +226,14 @@ class PublicContainer:
                 raise self.error_type(
                     f"listing {self.location.url}: {describe_status(response)} "
                     f"(is the container public with .rlistings? for a private "
-                    f"container pass --settings)"
+                    f"container pass --settings)",
+                    http_status=response.status_code,
                 )
             if response.status_code >= 400:
-                raise self.error_type(f"listing {self.location.url}: {describe_status(response)}")
+                raise self.error_type(
+                    f"listing {self.location.url}: {describe_status(response)}",
+                    http_status=response.status_code,
+                )
             try:
                 return response.json()
             except ValueError:
@@ -266,7 +270,9 @@ def open_url(
         raise error_type(f"GET {url} failed: {exc}") from None
     if response.status_code >= 400:
         response.close()
-        raise error_type(f"GET {url}: {describe_status(response)}")
+        raise error_type(
+            f"GET {url}: {describe_status(response)}", http_status=response.status_code
+        )
     return ObjectStream(
         response.status_code, response.headers, response.iter_content(chunk_size), response.close
     )
@@ -383,8 +389,12 @@ class SwiftConnection:
             **common,
         )
 
-    def call(self, description: str, method: str, *args, **kwargs):
-        """Calls a swiftclient method, turning its failures into one-line errors."""
+    def call(self, description: str, method: str, *args, object_name: str | None = None, **kwargs):
+        """Calls a swiftclient method, turning its failures into one-line errors.
+
+        The error carries the HTTP status (callers retry e.g. a 422, a bad ETag)
+        and ``object_name``, the object the call was about.
+        """
         from swiftclient.exceptions import ClientException
 
         try:
@@ -392,14 +402,18 @@ class SwiftConnection:
         except ClientException as exc:
             status = exc.http_status
             if status is None:
-                raise self.error_type(f"{description}: {exc.msg}") from None
-            error = self.error_type(
-                f"{description}: {status} {exc.http_reason or ''}".strip() + self._hint(status)
-            )
-            error.http_status = status  # lets callers retry e.g. a 422 (bad ETag)
-            raise error from None
+                raise self.error_type(
+                    f"{description}: {exc.msg}", object_name=object_name
+                ) from None
+            raise self.error_type(
+                f"{description}: {status} {exc.http_reason or ''}".strip() + self._hint(status),
+                http_status=status,
+                object_name=object_name,
+            ) from None
         except requests.RequestException as exc:
-            raise self.error_type(f"{description}: {type(exc).__name__}: {exc}") from None
+            raise self.error_type(
+                f"{description}: {type(exc).__name__}: {exc}", object_name=object_name
+            ) from None
         except Exception as exc:
             if type(exc).__module__.startswith("keystoneauth1"):
                 raise self.error_type(
@@ -458,12 +472,12 @@ class SwiftConnection:
         try:
             return self.call(f"HEAD container {container!r}", "head_container", container)
         except RemoteError as exc:
-            if getattr(exc, "http_status", None) == 404:
+            if exc.http_status == 404:
                 return None
             raise
 
     def ensure_container(self, container: str, headers: Mapping[str, str] | None = None) -> bool:
-        """Creates ``container`` if missing and sets ``headers``; True if created."""
+        """Creates ``container`` if missing and sets the ``headers`` it lacks; True if created."""
         existing = self.head_container(container)
         if existing is None:
             self.call(
@@ -473,7 +487,8 @@ class SwiftConnection:
                 headers=dict(headers or {}),
             )
             return True
-        if headers:
+        have = {key.lower(): value for key, value in existing.items()}
+        if any(have.get(key.lower()) != value for key, value in (headers or {}).items()):
             self.call(
                 f"setting headers of container {container!r}",
                 "post_container",
@@ -506,6 +521,7 @@ class SwiftConnection:
             container,
             name,
             contents,
+            object_name=name,
             content_length=content_length,
             etag=etag,
             content_type=content_type,
@@ -515,7 +531,7 @@ class SwiftConnection:
 
     def delete_object(self, container: str, name: str) -> None:
         """Deletes one object."""
-        self.call(f"DELETE {container}/{name}", "delete_object", container, name)
+        self.call(f"DELETE {container}/{name}", "delete_object", container, name, object_name=name)
 
     def open_object(
         self, container: str, name: str, start: int = 0, chunk_size: int = 1 << 20
@@ -527,6 +543,7 @@ class SwiftConnection:
             "get_object",
             container,
             name,
+            object_name=name,
             resp_chunk_size=chunk_size,
             headers=headers,
         )
