@@ -16,10 +16,16 @@ from typing import Any
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-def temporary_name(path: str | Path) -> str:
-    """Returns a hidden name next to ``path``, unique to this process and thread."""
+def temporary_name(path: str | Path, unique: bool = True) -> str:
+    """Returns the hidden name ``.NAME.<owner>.tmp`` under which ``path`` is written.
+
+    ``unique`` makes the name this process's and thread's own (two writers of
+    the same file never share it); without it the name is ``.NAME.tmp``, which
+    the next writer reuses, so a killed long transfer leaves no extra copy.
+    """
     directory, name = os.path.split(os.fspath(path))
-    return os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    owner = f".{os.getpid()}.{threading.get_ident()}" if unique else ""
+    return os.path.join(directory, f".{name}{owner}.tmp")
 
 
 def write_bytes_atomically(path: str | Path, data, durable: bool = False) -> None:

@@ -7,6 +7,7 @@ code serves plain HTTP(S) URLs and Swift objects (anonymous or authenticated).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -17,11 +18,12 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import requests
 import urllib3.exceptions
 
+from .atomic import temporary_name
 from .errors import FetchError
 from .swift import ObjectStream
 
@@ -60,11 +62,6 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
-
-
-def temporary_path(path: Path) -> Path:
-    """Returns the hidden name ``.NAME.part`` used while ``path`` is written."""
-    return path.with_name(f".{path.name}.part")
 
 
 def file_md5(path: Path, chunk_size: int = READ_CHUNK) -> str:
@@ -112,6 +109,124 @@ def _content_range_start(headers: Mapping[str, str]) -> int | None:
     return int(match.group(1)) if match else None
 
 
+class _Transfer:
+    """One body on its way into its temporary file: what was written, its MD5, what
+    is expected of it."""
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        expected_size: int | None,
+        expected_md5: str | None,
+        description: str,
+        on_bytes: Callable[[int], None] | None,
+        name: str | None = None,
+    ):
+        self.out = out
+        self.name = name
+        self.expected_size = expected_size
+        self.expected_md5 = expected_md5
+        self.description = description
+        self.on_bytes = on_bytes or (lambda n: None)
+        self.written = 0
+        self.digest = hashlib.md5()
+
+    def begin(self, stream: ObjectStream) -> None:
+        """Takes a new response: a resume, else a fresh start whose headers say what to expect."""
+        if self.written and (
+            stream.status != 206 or _content_range_start(stream.headers) != self.written
+        ):
+            # The server ignored the Range (or the object changed, with
+            # If-Range): start again from the first byte.
+            logger.debug(
+                "%s: no resume possible (status %s), restarting", self.description, stream.status
+            )
+            self.out.seek(0)
+            self.out.truncate()
+            self.on_bytes(-self.written)
+            self.written, self.digest = 0, hashlib.md5()
+        if not self.written and stream.status == 200:
+            self._expect_from(stream.headers)
+
+    def _expect_from(self, headers: Mapping[str, str]) -> None:
+        if "x-object-manifest" in headers:
+            # A dynamic large object is listed with its empty manifest's size
+            # and MD5: only the body's length counts.
+            self.expected_size, self.expected_md5 = None, None
+        elif "x-static-large-object" in headers:
+            self.expected_md5 = None  # the ETag of its manifest
+        if self.expected_size is None and "content-length" in headers:
+            self.expected_size = int(headers["content-length"])
+        if self.expected_md5 is None:
+            self.expected_md5 = stated_md5(headers)
+
+    def copy(self, stream: ObjectStream) -> None:
+        """Appends the body; a broken transfer raises one of TRANSIENT_ERRORS."""
+        for chunk in stream:
+            self.out.write(chunk)
+            self.digest.update(chunk)
+            self.written += len(chunk)
+            self.on_bytes(len(chunk))
+
+    def verify(self) -> str:
+        """Returns the MD5 of what was written, or raises FetchError if it is not what was
+        expected."""
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise FetchError(
+                f"{self.description}: got {self.written} bytes, expected {self.expected_size}",
+                object_name=self.name,
+            )
+        md5 = self.digest.hexdigest()
+        if self.expected_md5 is not None and md5 != self.expected_md5.lower():
+            raise FetchError(
+                f"{self.description}: MD5 {md5} of the received data "
+                f"differs from the stated {self.expected_md5}",
+                object_name=self.name,
+            )
+        return md5
+
+
+def _receive(
+    transfer: _Transfer,
+    open_stream: Callable[[int], ObjectStream],
+    stream: ObjectStream | None,
+    policy: RetryPolicy,
+    on_retry: Callable[[], None] | None,
+) -> None:
+    """Copies the body into ``transfer``, resuming after breaks within ``policy``."""
+    deadline = time.monotonic() + policy.max_time
+    attempt = 0
+    while True:
+        if stream is None:
+            stream = open_stream(transfer.written)
+        with stream:
+            transfer.begin(stream)
+            try:
+                transfer.copy(stream)
+                return
+            except TRANSIENT_ERRORS as exc:
+                error = exc
+        stream = None
+        attempt += 1
+        if attempt > policy.attempts or time.monotonic() > deadline:
+            raise FetchError(
+                f"{transfer.description}: the transfer broke off {attempt} "
+                f"times, last after {transfer.written} bytes: {type(error).__name__}",
+                object_name=transfer.name,
+            ) from None
+        pause = policy.delay(attempt)
+        logger.warning(
+            "%s: transfer broke off after %d bytes (%s); resuming in %.1f s",
+            transfer.description,
+            transfer.written,
+            type(error).__name__,
+            pause,
+        )
+        if on_retry:
+            on_retry()
+        time.sleep(pause)
+
+
 def download(
     path: Path,
     open_stream: Callable[[int], ObjectStream],
@@ -123,97 +238,28 @@ def download(
     policy: RetryPolicy = DEFAULT_RETRY,
     on_bytes: Callable[[int], None] | None = None,
     on_retry: Callable[[], None] | None = None,
+    object_name: str | None = None,
 ) -> str:
     """Writes the body that ``open_stream(start)`` gives to ``path``; returns its MD5.
 
-    The body goes to ``.NAME.part`` and is renamed to ``path`` only once its
-    size and MD5 match what is expected (or what the first response stated).
-    A body that breaks off is resumed from where it stopped when the server
-    answers the ``Range`` request with 206, else fetched again from the start.
-    Nothing is left behind when this raises.
+    The body goes to the temporary name ``.NAME.tmp`` and is renamed to ``path``
+    only once its size and MD5 match what is expected (or what the first
+    response stated). A body that breaks off is resumed from where it stopped
+    when the server answers the ``Range`` request with 206, else fetched again
+    from the start. Nothing is left behind when this raises; a FetchError
+    carries ``object_name``.
     """
-    description = description or str(path)
-    part = temporary_path(path)
-    deadline = time.monotonic() + policy.max_time
-    attempt = 0
-    written = 0
-    digest = hashlib.md5()
-    stream = first
+    part = Path(temporary_name(path, unique=False))
     try:
         with open(part, "wb") as out:
-            while True:
-                if stream is None:
-                    stream = open_stream(written)
-                with stream:
-                    if written and (
-                        stream.status != 206 or _content_range_start(stream.headers) != written
-                    ):
-                        # The server ignored the Range (or the object changed,
-                        # with If-Range): start again from the first byte.
-                        logger.debug(
-                            "%s: no resume possible (status %s), restarting",
-                            description,
-                            stream.status,
-                        )
-                        out.seek(0)
-                        out.truncate()
-                        if on_bytes:
-                            on_bytes(-written)
-                        written, digest = 0, hashlib.md5()
-                    if not written and stream.status == 200:
-                        headers = stream.headers
-                        if "x-object-manifest" in headers:
-                            # A dynamic large object is listed with its empty
-                            # manifest's size and MD5: only the body's length counts.
-                            expected_size, expected_md5 = None, None
-                        elif "x-static-large-object" in headers:
-                            expected_md5 = None  # the ETag of its manifest
-                        if expected_size is None and "content-length" in headers:
-                            expected_size = int(headers["content-length"])
-                        if expected_md5 is None:
-                            expected_md5 = stated_md5(stream.headers)
-                    try:
-                        for chunk in stream:
-                            out.write(chunk)
-                            digest.update(chunk)
-                            written += len(chunk)
-                            if on_bytes:
-                                on_bytes(len(chunk))
-                    except TRANSIENT_ERRORS as exc:
-                        stream = None
-                        attempt += 1
-                        if attempt > policy.attempts or time.monotonic() > deadline:
-                            raise FetchError(
-                                f"{description}: the transfer broke off {attempt} "
-                                f"times, last after {written} bytes: "
-                                f"{type(exc).__name__}"
-                            ) from None
-                        pause = policy.delay(attempt)
-                        logger.warning(
-                            "%s: transfer broke off after %d bytes (%s); resuming in %.1f s",
-                            description,
-                            written,
-                            type(exc).__name__,
-                            pause,
-                        )
-                        if on_retry:
-                            on_retry()
-                        time.sleep(pause)
-                        continue
-                break
-        if expected_size is not None and written != expected_size:
-            raise FetchError(f"{description}: got {written} bytes, expected {expected_size}")
-        md5 = digest.hexdigest()
-        if expected_md5 is not None and md5 != expected_md5.lower():
-            raise FetchError(
-                f"{description}: MD5 {md5} of the received data "
-                f"differs from the stated {expected_md5}"
+            transfer = _Transfer(
+                out, expected_size, expected_md5, description or str(path), on_bytes, object_name
             )
+            _receive(transfer, open_stream, first, policy, on_retry)
+        md5 = transfer.verify()
         os.replace(part, path)
         return md5
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             part.unlink()
-        except FileNotFoundError:
-            pass
         raise

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .download import temporary_path
+from .atomic import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,10 @@ class VerifiedFiles:
         """Rewrites the sidecar with the records of ``names`` only, and closes it."""
         with self._lock:
             self._stream.close()
-            temporary = temporary_path(self.path)
-            with open(temporary, "w", encoding="utf-8") as stream:
-                for name, record in self._known.items():
-                    if name in names:
-                        stream.write(json.dumps(record) + "\n")
-            os.replace(temporary, self.path)
+            text = "".join(
+                json.dumps(record) + "\n" for name, record in self._known.items() if name in names
+            )
+            write_bytes_atomically(self.path, text.encode("utf-8"))
 
     def close(self) -> None:
         """Closes the sidecar."""

@@ -363,7 +363,7 @@ def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
     output, _ = process.communicate(timeout=60)
     assert process.returncode == errors.EXIT_INTERRUPTED, output
     assert "submit the same command again to resume" in output
-    assert not list(downloaded.glob(".*.part"))  # nothing half-written left
+    assert not list(downloaded.glob(".*.tmp"))  # nothing half-written left
     state = json.loads((tmp_path / "results" / layout.INGEST_STATE_NAME).read_text())
     assert not state["steps"].get("fetch", {}).get("done")
     finish(argv, swift_settings_file)
