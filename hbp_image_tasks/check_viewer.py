@@ -27,6 +27,7 @@ import requests
 
 from . import cli, errors
 from .atomic import write_bytes_atomically
+from .neuroglancer_link import viewer_state
 from .viewer_server import ClientServer, DatasetProxy, ProxiedRequest, find_client_dir
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ VIEWPORT = {"width": 1024, "height": 768}
 READY_POLLS = 5  # consecutive "ready" answers that count as settled
 POLL_SECONDS = 0.2
 CHUNK_ERROR_TEXT = "Error retrieving chunk"
-RGB_SHADER = (
-    "void main() {\n  emitRGB(vec3(toNormalized(getDataValue(0)), "
-    "toNormalized(getDataValue(1)), toNormalized(getDataValue(2))));\n}\n"
-)
 DEFAULT_MIN_FRACTION = 0.02
 PANEL_OVERLAYS_HIDDEN = ".neuroglancer-rendered-data-panel * { visibility: hidden !important; }"
 
@@ -190,42 +187,32 @@ def read_info(url: str, timeout: float = 30.0) -> dict[str, Any]:
     return info
 
 
-def viewer_state(
+def framed_state(
     source: str,
     info: dict[str, Any],
     layer_type: str,
     segments: Sequence[int] = (),
     layout: str = "4panel",
 ) -> dict[str, Any]:
-    """Returns a Neuroglancer state that shows the whole dataset at ``source``, UI overlays off."""
-    layer: dict[str, Any] = {
-        "type": layer_type,
-        "source": f"precomputed://{source}",
-        "name": "dataset",
-    }
-    if layer_type == "image" and int(info.get("num_channels", 1)) == 3:
-        layer["shader"] = RGB_SHADER
-    if layer_type == "segmentation":
-        if segments:
-            layer["segments"] = [str(s) for s in segments]
-        else:
-            # Without selected segments, show all of them in the cross-sections.
-            layer["notSelectedAlpha"] = 0.5
+    """Returns the :func:`viewer_state` of the dataset at ``source``, zoomed to show all of
+    it in one panel, with the UI overlays off."""
+    state = viewer_state(
+        source, "dataset", info, layer_type=layer_type, segments=segments, layout=layout
+    )
     scale0 = info["scales"][0]
     # The zoom is in metres per screen pixel; fit the largest extent into one panel.
     extent = max(n * r * 1e-9 for n, r in zip(scale0["size"], scale0["resolution"]))
     panel_pixels = min(VIEWPORT["width"], VIEWPORT["height"]) / (2 if layout == "4panel" else 1)
-    return {
-        "layers": [layer],
-        "layout": layout,
-        "crossSectionScale": extent / (panel_pixels * 0.8),
-        "projectionScale": extent * 2.0,
-        "crossSectionBackgroundColor": "#000000",
-        "showAxisLines": False,
-        "showScaleBar": False,
-        "showDefaultAnnotations": False,
-        "selectedLayer": {"visible": False},
-    }
+    state.update(
+        crossSectionScale=extent / (panel_pixels * 0.8),
+        projectionScale=extent * 2.0,
+        crossSectionBackgroundColor="#000000",
+        showAxisLines=False,
+        showScaleBar=False,
+        showDefaultAnnotations=False,
+        selectedLayer={"visible": False},
+    )
+    return state
 
 
 def viewer_url(page_url: str, state: dict[str, Any]) -> str:
@@ -319,7 +306,7 @@ class Browser:
         info = read_info(url, timeout=min(timeout, 30.0))
         layer_type = layer_type or info["type"]
         with DatasetProxy(url, timeout=timeout, origin=origin) as proxy:
-            state = viewer_state(proxy.url, info, layer_type, segments, layout)
+            state = framed_state(proxy.url, info, layer_type, segments, layout)
             context = self._browser.new_context(viewport=VIEWPORT)
             try:
                 return self._render(

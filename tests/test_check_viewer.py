@@ -514,7 +514,7 @@ def test_unusable_info_is_reported_before_opening_the_viewer(status, body, messa
 def test_viewer_state_fits_the_volume_and_colours_rgb(num_channels, segments, has_shader):
     info = {**GOOD_INFO, "num_channels": num_channels}
 
-    state = cv.viewer_state("http://127.0.0.1:1", info, "image", segments)
+    state = cv.framed_state("http://127.0.0.1:1", info, "image", segments)
 
     layer = state["layers"][0]
     assert layer["source"] == "precomputed://http://127.0.0.1:1"
@@ -527,8 +527,8 @@ def test_viewer_state_fits_the_volume_and_colours_rgb(num_channels, segments, ha
 def test_viewer_state_selects_segments_or_shows_all():
     info = {**GOOD_INFO, "type": "segmentation", "data_type": "uint32"}
 
-    chosen = cv.viewer_state("http://h", info, "segmentation", [3, 12])["layers"][0]
-    everything = cv.viewer_state("http://h", info, "segmentation")["layers"][0]
+    chosen = cv.framed_state("http://h", info, "segmentation", [3, 12])["layers"][0]
+    everything = cv.framed_state("http://h", info, "segmentation")["layers"][0]
 
     assert chosen["segments"] == ["3", "12"] and "notSelectedAlpha" not in chosen
     assert "segments" not in everything and everything["notSelectedAlpha"] > 0
