@@ -20,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import (
     cli,
@@ -35,13 +35,12 @@ from . import (
 )
 from .array_state import ArrayRun
 from .atomic import write_json_atomically
+from .object_names import join_prefix
 from .progress import format_duration
 from .swift import ObjectInfo, SwiftConnection
 from .upload_plan import read_manifest_digests
 
 logger = logging.getLogger(__name__)
-
-UPLOAD_KEYS = ("prefix", "public", "cors_origin", "segment_size")
 
 
 class Job:
@@ -63,9 +62,6 @@ class Job:
         self.connection = None
         if self.options.upload:
             self.connection = SwiftConnection(self.options.settings, error_type=errors.UploadError)
-
-    def upload_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.options.upload_options.items() if k in UPLOAD_KEYS}
 
     def section_objects(self, unit: units.Unit) -> list[ObjectInfo]:
         """Returns the listing entries of a unit's sections."""
@@ -117,9 +113,9 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
             job.connection,
             options.container,
             files,
+            options.upload_options,
             jobs=options.jobs,
             should_stop=should_stop,
-            **job.upload_options(),
         )
     return {
         "id": unit.id,
@@ -167,7 +163,7 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
 def seed_upload_manifest(job: Job, records: list[dict]) -> None:
     """Adds the units' uploaded MD5s to the upload manifest, so the verifying upload
     trusts them (same size and mtime) instead of reading every file again."""
-    prefix = job.upload_options().get("prefix") or ""
+    prefix = job.options.upload_options.prefix
     known = {
         name: {"name": name, "bytes": size, "mtime_ns": mtime, "md5": md5}
         for name, (size, mtime, md5) in read_manifest_digests(job.options.results_dir).items()
@@ -175,7 +171,7 @@ def seed_upload_manifest(job: Job, records: list[dict]) -> None:
     for record in records:
         for entry in record["files"]:
             if entry.get("md5"):
-                name = f"{prefix.strip('/')}/{entry['name']}" if prefix else entry["name"]
+                name = join_prefix(prefix, entry["name"])
                 known[name] = {**entry, "name": name}
     layout.write_upload_manifest(job.options.results_dir, {"objects": list(known.values())})
 
@@ -235,10 +231,10 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             options.results_dir,
             options.container,
             job.connection,
+            options.upload_options,
             jobs=options.jobs,
             show_progress=False,
             should_stop=should_stop,
-            **{k: v for k, v in options.upload_options.items()},
         ).to_dict()
     return finish_report(job, records, counts, uploaded, time.monotonic() - started, job_id)
 

@@ -12,15 +12,13 @@ import logging
 import os
 import stat
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
-from . import cli, errors, layout
+from . import cli, errors, layout, pool
 from .download import DEFAULT_RETRY, RetryPolicy, download, file_md5, stated_md5
 from .errors import FetchError, InputError, UsageError
 from .object_names import (
@@ -45,6 +43,7 @@ from .verified_files import VerifiedFiles
 
 logger = logging.getLogger(__name__)
 
+FETCH_GROUP = "fetching the input"
 # Downloads wait on the network, not the CPU: more streams than cores pay off.
 DEFAULT_JOBS = 16
 
@@ -79,7 +78,7 @@ and fetch_manifest.json in the destination lists the selected objects in order.
 
 @dataclasses.dataclass
 class FetchResult:
-    """What a fetch did; ``to_json()`` gives it as a JSON-ready dict."""
+    """What a fetch did; ``to_dict()`` gives it as a JSON-ready dict."""
 
     files: int
     bytes: int
@@ -91,8 +90,8 @@ class FetchResult:
     retries: int = 0
     dry_run: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        """Returns the result as a JSON-serialisable dict."""
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the result as a JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["manifest_path"] = str(self.manifest_path) if self.manifest_path else None
         return data
@@ -123,6 +122,11 @@ def listing_fingerprint(entries: Iterable[tuple[str, int, str | None]]) -> str:
     for name, size, md5 in sorted(entries):
         digest.update(f"{name}\0{size}\0{md5 or ''}\n".encode())
     return digest.hexdigest()
+
+
+def selection_fingerprint(objects: Iterable[ObjectInfo]) -> str:
+    """Returns the :func:`listing_fingerprint` of selected objects."""
+    return listing_fingerprint((info.name, info.bytes, info.hash) for info in objects)
 
 
 # --------------------------------------------------------------------------
@@ -226,6 +230,92 @@ class _Done:
     bytes: int
 
 
+class _StackFetcher:
+    """Fetches single objects of a stack into ``destination``; safe to call from several
+    threads."""
+
+    def __init__(
+        self,
+        destination: Path,
+        opener: Callable[[str, int], ObjectStream],
+        state: VerifiedFiles,
+        progress: Progress,
+        force: bool,
+        policy: RetryPolicy,
+    ):
+        self.destination = destination
+        self.opener = opener
+        self.state = state
+        self.progress = progress
+        self.force = force
+        self.policy = policy
+        self._made_directories: set[Path] = set()
+
+    def fetch_one(self, info: ObjectInfo) -> _Done:
+        """Fetches ``info`` unless a verified copy is there; returns what was done."""
+        path = self.destination / info.name
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            found = None
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            raise InputError(
+                f"{path} is a directory, but object {info.name!r} must be written there",
+                object_name=info.name,
+            )
+        try:
+            if not self.force and found is not None and found.st_size == info.bytes:
+                present = self._verified_copy(info, path, found)
+                if present is not None:
+                    return present
+            return self._download(info, path)
+        except OSError as exc:
+            raise FetchError(
+                f"writing {exc.filename or path}: {exc.strerror or exc}", object_name=info.name
+            ) from None
+
+    def _verified_copy(self, info: ObjectInfo, path: Path, found: os.stat_result) -> _Done | None:
+        """Returns the file of the right size at ``path`` when its MD5 matches, else None."""
+        expected_md5 = None if info.is_large else info.hash
+        md5 = self.state.known_md5(info.name, found)
+        if md5 is None:
+            # Hashing is the only proof that a file of the right size is
+            # complete; it is recorded so that the next rerun need not.
+            md5 = file_md5(path)
+            if expected_md5 is None or md5 == expected_md5:
+                self.state.record(info.name, path, md5)
+        if expected_md5 is None or md5 == expected_md5:
+            self.progress.update(1, info.bytes)
+            return _Done(False, md5, info.bytes)
+        logger.warning(
+            "%s differs from %s (MD5 %s, expected %s): fetching it again",
+            path,
+            info.name,
+            md5,
+            expected_md5,
+        )
+        return None
+
+    def _download(self, info: ObjectInfo, path: Path) -> _Done:
+        if path.parent not in self._made_directories:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_directories.add(path.parent)
+        md5 = download(
+            path,
+            lambda start: self.opener(info.name, start),
+            expected_size=info.bytes,
+            expected_md5=None if info.is_large else info.hash,
+            description=f"object {info.name!r}",
+            policy=self.policy,
+            on_bytes=lambda n: self.progress.update(0, n),
+            on_retry=self.progress.add_retry,
+            object_name=info.name,
+        )
+        self.state.record(info.name, path, md5)
+        self.progress.update(1, 0)
+        return _Done(True, md5, path.stat().st_size)
+
+
 def _fetch_stack(
     source: str,
     destination: Path,
@@ -239,135 +329,36 @@ def _fetch_stack(
     should_stop: Callable[[], bool],
     policy: RetryPolicy,
 ) -> FetchResult:
+    """Fetches the selected ``objects``; the manifest is written only once all are there."""
     started = time.monotonic()
-    total_bytes = sum(info.bytes for info in objects)
     _, _, opener = _open_container(source, settings, jobs, policy)
-    cancel = threading.Event()
-    manifest = destination / layout.FETCH_MANIFEST_NAME
     # An old manifest would describe an input set that is not complete any more.
-    if manifest.exists():
-        manifest.unlink()
-
-    def stopping() -> bool:
-        return cancel.is_set() or should_stop()
-
-    state = VerifiedFiles(destination / layout.FETCH_STATE_NAME)
-    made_directories: set[Path] = set()
-
-    def fetch_one(info: ObjectInfo, progress: Progress) -> _Done | None:
-        if stopping():
-            return None
-        path = destination / info.name
-        expected_md5 = None if info.is_large else info.hash
-        try:
-            found = os.stat(path)
-        except FileNotFoundError:
-            found = None
-        if found is not None and stat.S_ISDIR(found.st_mode):
-            raise InputError(
-                f"{path} is a directory, but object {info.name!r} must be written there"
-            )
-        if not force and found is not None and found.st_size == info.bytes:
-            md5 = state.known_md5(info.name, found)
-            if md5 is None:
-                # Hashing is the only proof that a file of the right size is
-                # complete; it is recorded so that the next rerun need not.
-                md5 = file_md5(path)
-                if expected_md5 is None or md5 == expected_md5:
-                    state.record(info.name, path, md5)
-            if expected_md5 is None or md5 == expected_md5:
-                progress.update(1, info.bytes)
-                return _Done(False, md5, info.bytes)
-            logger.warning(
-                "%s differs from %s (MD5 %s, expected %s): fetching it again",
-                path,
-                info.name,
-                md5,
-                expected_md5,
-            )
-        if path.parent not in made_directories:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made_directories.add(path.parent)
-        md5 = download(
-            path,
-            lambda start: opener(info.name, start),
-            expected_size=info.bytes,
-            expected_md5=expected_md5,
-            description=f"object {info.name!r}",
-            policy=policy,
-            on_bytes=lambda n: progress.update(0, n),
-            on_retry=progress.add_retry,
-        )
-        state.record(info.name, path, md5)
-        progress.update(1, 0)
-        return _Done(True, md5, path.stat().st_size)
-
-    results: dict[int, _Done] = {}
-    failures: list[BaseException] = []
+    (destination / layout.FETCH_MANIFEST_NAME).unlink(missing_ok=True)
+    results: dict[str, _Done] = {}
+    total_bytes = sum(info.bytes for info in objects)
     # Exited in reverse: the pool's threads are done before the sidecar closes.
     with (
-        state,
+        VerifiedFiles(destination / layout.FETCH_STATE_NAME) as state,
         Progress(
             "fetch", total=len(objects), total_bytes=total_bytes, enabled=show_progress
         ) as progress,
-        ThreadPoolExecutor(jobs, thread_name_prefix="fetch") as pool,
     ):
-        pending: dict[Future, int] = {}
-
-        def collect(done: Iterable[Future]) -> None:
-            for future in done:
-                index = pending.pop(future)
-                try:
-                    outcome = future.result()
-                except BaseException as exc:  # reported below
-                    failures.append(exc)
-                    cancel.set()
-                    continue
-                if outcome is not None:
-                    results[index] = outcome
-
-        for index, info in enumerate(objects):
-            if stopping():
-                break
-            # A bounded queue, so that should_stop is honoured within a few files.
-            while len(pending) >= 2 * jobs:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                collect(done)
-            pending[pool.submit(fetch_one, info, progress)] = index
-        while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            collect(done)
+        fetcher = _StackFetcher(destination, opener, state, progress, force, policy)
+        pool.run_bounded(
+            objects,
+            fetcher.fetch_one,
+            jobs=jobs,
+            what="fetching",
+            done=lambda info, done: results.__setitem__(info.name, done),
+            should_stop=should_stop,
+        )
         retries = progress.retries
-
-    if failures:
-        first = failures[0]
-        extra = (
-            f" ({len(failures)} objects failed; {len(results)} of {len(objects)} are complete)"
-            if len(failures) > 1
-            else ""
-        )
-        if isinstance(first, errors.HbpError):
-            raise type(first)(f"{first}{extra}") from None
-        if isinstance(first, OSError):
-            raise FetchError(
-                f"writing {first.filename or destination}: {first.strerror or first}{extra}"
-            ) from None
-        raise first
-    if len(results) < len(objects):
-        raise errors.Interrupted(
-            f"fetch stopped after {len(results)} of {len(objects)} objects; "
-            f"run the same command again to fetch the rest"
-        )
-    entries = [
-        {
-            "name": info.name,
-            "path": info.name,
-            "bytes": results[index].bytes,
-            "md5": results[index].md5,
-        }
-        for index, info in enumerate(objects)
-    ]
-    manifest_path = layout.write_fetch_manifest(destination, source, filter_regex, entries)
+    manifest_path = layout.write_fetch_manifest(
+        destination,
+        source,
+        filter_regex,
+        [_manifest_entry(info.name, results[info.name]) for info in objects],
+    )
     state.compact({info.name for info in objects})
     downloaded = sum(1 for done in results.values() if done.downloaded)
     return FetchResult(
@@ -376,12 +367,14 @@ def _fetch_stack(
         downloaded=downloaded,
         skipped=len(objects) - downloaded,
         manifest_path=manifest_path,
-        listing_fingerprint=listing_fingerprint(
-            (info.name, info.bytes, info.hash) for info in objects
-        ),
+        listing_fingerprint=selection_fingerprint(objects),
         elapsed=time.monotonic() - started,
         retries=retries,
     )
+
+
+def _manifest_entry(name: str, done: _Done) -> dict[str, Any]:
+    return {"name": name, "path": name, "bytes": done.bytes, "md5": done.md5}
 
 
 # --------------------------------------------------------------------------
@@ -412,6 +405,137 @@ def _validator(headers: Mapping[str, str]) -> str | None:
     return headers.get("last-modified")
 
 
+@dataclasses.dataclass
+class _UrlFile:
+    """The one file of a URL fetch: where it goes and what the server said about it."""
+
+    url: str
+    destination: Path
+    relative: PurePosixPath
+    size: int | None  # from Content-Length, when known
+    md5: str | None  # as stated by the server, when it did
+    started: float
+
+    @property
+    def path(self) -> Path:
+        return self.destination / self.relative
+
+    @classmethod
+    def from_response(
+        cls, url: str, destination: Path, output: str | None, first: ObjectStream, started: float
+    ) -> _UrlFile:
+        """Names the file (``output``, Content-Disposition or the URL) from the first answer."""
+        name = output or file_name_from(url, first.headers)
+        if not name:
+            raise UsageError(f"{url} names no file: pass --output NAME")
+        size = (
+            int(first.headers["content-length"])
+            if first.status == 200 and "content-length" in first.headers
+            else None
+        )
+        relative = check_object_name(name)
+        return cls(url, destination, relative, size, stated_md5(first.headers), started)
+
+    def is_present(self) -> bool:
+        """True when a file of the announced size is already there."""
+        path = self.path
+        return path.is_file() and self.size is not None and path.stat().st_size == self.size
+
+    def result(
+        self, downloaded: bool, md5: str | None, manifest: Path | None, **fields: Any
+    ) -> FetchResult:
+        """Returns the FetchResult of this file (``fields``: skipped, dry_run, retries)."""
+        path = self.path
+        nbytes = (
+            self.size if self.size is not None else (path.stat().st_size if path.is_file() else 0)
+        )
+        fields.setdefault("skipped", int(not downloaded))
+        return FetchResult(
+            files=1,
+            bytes=nbytes,
+            downloaded=int(downloaded),
+            manifest_path=manifest,
+            listing_fingerprint=listing_fingerprint(
+                [(str(self.relative), nbytes, md5 or self.md5)]
+            ),
+            elapsed=time.monotonic() - self.started,
+            **fields,
+        )
+
+    def write_manifest(self, md5: str) -> Path:
+        """Writes the manifest that lists this file; returns its path."""
+        entry = {
+            "name": str(self.relative),
+            "path": str(self.relative),
+            "bytes": self.path.stat().st_size,
+            "md5": md5,
+        }
+        return layout.write_fetch_manifest(self.destination, self.url, None, [entry])
+
+
+def _check_existing(target: _UrlFile, force: bool) -> FetchResult | None:
+    """Returns the result when the file is already complete; refuses a different one."""
+    path = target.path
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; pass --output NAME")
+    if not path.exists() or force:
+        return None
+    present = target.is_present()
+    local_md5 = file_md5(path) if present else None
+    if present and (target.md5 is None or local_md5 == target.md5):
+        logger.info(
+            "%s is already complete (%d bytes%s): nothing to do",
+            path,
+            target.size,
+            f", MD5 {target.md5}" if target.md5 else "",
+        )
+        return target.result(False, local_md5, target.write_manifest(local_md5))
+    raise UsageError(
+        f"{path} exists and differs from {target.url} (local "
+        f"{path.stat().st_size} bytes, remote "
+        f"{target.size if target.size is not None else 'unknown'} bytes"
+        + (f", MD5 {local_md5} vs {target.md5}" if target.md5 and local_md5 else "")
+        + "): pass --force to replace it"
+    )
+
+
+def _download_url(
+    target: _UrlFile,
+    session,
+    first: ObjectStream,
+    base_headers: Mapping[str, str],
+    show_progress: bool,
+    policy: RetryPolicy,
+) -> tuple[str, int]:
+    """Downloads the file, resuming from the first answer; returns its MD5 and the retries."""
+    validator = _validator(first.headers)
+
+    def opener(start: int) -> ObjectStream:
+        headers = dict(base_headers)
+        if start and validator:
+            headers["If-Range"] = validator  # never splice two versions
+        return open_url(session, target.url, start, error_type=FetchError, headers=headers)
+
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(
+        f"fetch {target.relative}", total=1, total_bytes=target.size, enabled=show_progress
+    ) as progress:
+        md5 = download(
+            target.path,
+            opener,
+            expected_size=target.size,
+            expected_md5=target.md5,
+            first=first,
+            description=target.url,
+            policy=policy,
+            on_bytes=lambda n: progress.update(0, n),
+            on_retry=progress.add_retry,
+            object_name=str(target.relative),
+        )
+        progress.update(1, 0)
+        return md5, progress.retries
+
+
 def _fetch_url(
     url: str,
     destination: Path,
@@ -422,6 +546,7 @@ def _fetch_url(
     show_progress: bool,
     policy: RetryPolicy,
 ) -> FetchResult:
+    """Fetches the one file at ``url``, unless it is already there, complete."""
     started = time.monotonic()
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -429,111 +554,37 @@ def _fetch_url(
     session = http_session(2, policy.attempts, policy.backoff)
     # Compression would make Content-Length describe other bytes than we write.
     base_headers = {"Accept-Encoding": "identity"}
-    first = open_url(session, url, 0, error_type=FetchError, headers=base_headers)
-    with first:
-        name = output or file_name_from(url, first.headers)
-        if not name:
-            raise UsageError(f"{url} names no file: pass --output NAME")
-        relative = check_object_name(name)
-        path = destination / relative
-        size = (
-            int(first.headers["content-length"])
-            if first.status == 200 and "content-length" in first.headers
-            else None
-        )
-        md5 = stated_md5(first.headers)
-
-        def result(
-            downloaded: bool,
-            file_md5_hex: str | None,
-            manifest: Path | None,
-            dry: bool = False,
-            present: int = 0,
-        ) -> FetchResult:
-            nbytes = size if size is not None else (path.stat().st_size if path.is_file() else 0)
-            return FetchResult(
-                files=1,
-                bytes=nbytes,
-                downloaded=int(downloaded),
-                skipped=present if dry else int(not downloaded),
-                manifest_path=manifest,
-                listing_fingerprint=listing_fingerprint(
-                    [(str(relative), nbytes, file_md5_hex or md5)]
-                ),
-                elapsed=time.monotonic() - started,
-                dry_run=dry,
-            )
-
-        def manifest_for(file_md5_hex: str) -> Path:
-            return layout.write_fetch_manifest(
-                destination,
-                url,
-                None,
-                [
-                    {
-                        "name": str(relative),
-                        "path": str(relative),
-                        "bytes": path.stat().st_size,
-                        "md5": file_md5_hex,
-                    }
-                ],
-            )
-
-        present = path.is_file() and size is not None and path.stat().st_size == size
+    with open_url(session, url, 0, error_type=FetchError, headers=base_headers) as first:
+        target = _UrlFile.from_response(url, destination, output, first, started)
         if dry_run:
-            return result(False, None, None, dry=True, present=int(present))
-        if path.is_dir():
-            raise InputError(f"{path} is a directory; pass --output NAME")
-        if path.exists() and not force:
-            local_md5 = file_md5(path) if present else None
-            if present and (md5 is None or local_md5 == md5):
-                logger.info(
-                    "%s is already complete (%d bytes%s): nothing to do",
-                    path,
-                    size,
-                    f", MD5 {md5}" if md5 else "",
-                )
-                return result(False, local_md5, manifest_for(local_md5))
-            raise UsageError(
-                f"{path} exists and differs from {url} (local "
-                f"{path.stat().st_size} bytes, remote "
-                f"{size if size is not None else 'unknown'} bytes"
-                + (f", MD5 {local_md5} vs {md5}" if md5 and local_md5 else "")
-                + "): pass --force to replace it"
-            )
-        validator = _validator(first.headers)
-
-        def opener(start: int) -> ObjectStream:
-            headers = dict(base_headers)
-            if start and validator:
-                headers["If-Range"] = validator  # never splice two versions
-            return open_url(session, url, start, error_type=FetchError, headers=headers)
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with Progress(
-            f"fetch {relative}", total=1, total_bytes=size, enabled=show_progress
-        ) as progress:
-            downloaded_md5 = download(
-                path,
-                opener,
-                expected_size=size,
-                expected_md5=md5,
-                first=first,
-                description=url,
-                policy=policy,
-                on_bytes=lambda n: progress.update(0, n),
-                on_retry=progress.add_retry,
-            )
-            progress.update(1, 0)
-            retries = progress.retries
-    outcome = result(True, downloaded_md5, manifest_for(downloaded_md5))
-    outcome.retries = retries
-    return outcome
+            return target.result(False, None, None, dry_run=True, skipped=int(target.is_present()))
+        existing = _check_existing(target, force)
+        if existing is not None:
+            return existing
+        md5, retries = _download_url(target, session, first, base_headers, show_progress, policy)
+    return target.result(True, md5, target.write_manifest(md5), retries=retries)
 
 
 # --------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------
+
+
+def _dry_run_stack(destination: Path, objects: list[ObjectInfo]) -> FetchResult:
+    """Returns what fetching ``objects`` would do; writes nothing."""
+    present = sum(1 for info in objects if has_right_size(destination, info))
+    for info in objects:
+        logger.debug("would fetch %s (%d bytes)", info.name, info.bytes)
+    return FetchResult(
+        files=len(objects),
+        bytes=sum(info.bytes for info in objects),
+        downloaded=0,
+        skipped=present,
+        manifest_path=None,
+        listing_fingerprint=selection_fingerprint(objects),
+        elapsed=0.0,
+        dry_run=True,
+    )
 
 
 def fetch(
@@ -583,21 +634,7 @@ def fetch(
     if objects is None:
         objects = select_objects(source, filter_regex, settings, page_size, policy)
     if dry_run:
-        present = sum(1 for info in objects if has_right_size(destination, info))
-        for info in objects:
-            logger.debug("would fetch %s (%d bytes)", info.name, info.bytes)
-        return FetchResult(
-            files=len(objects),
-            bytes=sum(info.bytes for info in objects),
-            downloaded=0,
-            skipped=present,
-            manifest_path=None,
-            listing_fingerprint=listing_fingerprint(
-                (info.name, info.bytes, info.hash) for info in objects
-            ),
-            elapsed=0.0,
-            dry_run=True,
-        )
+        return _dry_run_stack(destination, objects)
     destination.mkdir(parents=True, exist_ok=True)
     return _fetch_stack(
         source,
@@ -613,21 +650,16 @@ def fetch(
     )
 
 
-def add_fetch_options(
-    parser: argparse.ArgumentParser,
+def add_selection_options(
+    group: argparse._ArgumentGroup,
     destination_flag: str = "--destination",
-    exclude: Iterable[str] = (),
     destination_default: str | None = None,
-) -> argparse._ArgumentGroup:
-    """Adds the fetch option group; returns it.
+) -> None:
+    """Adds what to fetch and where: ``--stacks``, ``--filter`` and the destination.
 
     The destination is stored as ``args.destination`` whatever its flag, and
-    is required unless ``destination_default`` is given; ``exclude`` names
-    options (by dest: jobs, settings, force, dry_run, output) that the caller
-    defines itself.
+    is required unless ``destination_default`` is given.
     """
-    skip = set(exclude)
-    group = parser.add_argument_group("fetching the input")
     group.add_argument(
         "--stacks",
         action="store_true",
@@ -651,41 +683,40 @@ def add_fetch_options(
         default=destination_default,
         help="directory to write to; objects keep their names as relative paths",
     )
-    if "jobs" not in skip:
-        group.add_argument(
-            "--jobs",
-            dest="jobs",
-            type=cli.positive_int,
-            default=DEFAULT_JOBS,
-            metavar="N",
-            help="parallel downloads for --stacks",
-        )
-    if "settings" not in skip:
-        add_settings_option(
-            group, purpose="to read a private container (without it, the container must be public)"
-        )
-    if "force" not in skip:
-        group.add_argument(
-            "--force",
-            action="store_true",
-            help="fetch again even files that are already complete, and replace "
-            "an existing different file",
-        )
-    if "dry_run" not in skip:
-        group.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="only list what would be fetched (count, bytes) and exit",
-        )
-    if "output" not in skip:
-        group.add_argument(
-            "--output",
-            metavar="NAME",
-            default=None,
-            help="without --stacks: file name to write under the destination "
-            "(default: from Content-Disposition or the URL)",
-        )
-    return group
+
+
+def add_transfer_options(group: argparse._ArgumentGroup) -> None:
+    """Adds the options of a fetch on its own: ``--jobs``, ``--settings``, ``--force``,
+    ``--dry-run``, ``--output`` (``ingest`` has its own or none)."""
+    group.add_argument(
+        "--jobs",
+        dest="jobs",
+        type=cli.positive_int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help="parallel downloads for --stacks",
+    )
+    add_settings_option(
+        group, purpose="to read a private container (without it, the container must be public)"
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        help="fetch again even files that are already complete, and replace "
+        "an existing different file",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only list what would be fetched (count, bytes) and exit",
+    )
+    group.add_argument(
+        "--output",
+        metavar="NAME",
+        default=None,
+        help="without --stacks: file name to write under the destination "
+        "(default: from Content-Disposition or the URL)",
+    )
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
@@ -699,7 +730,9 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "url", metavar="URL", help="URL of one file, or with --stacks of a Swift container"
     )
-    add_fetch_options(parser)
+    group = parser.add_argument_group(FETCH_GROUP)
+    add_selection_options(group)
+    add_transfer_options(group)
     cli.add_logging_options(parser)
     return parser.parse_args(argv)
 

@@ -26,7 +26,7 @@ from . import cli, errors, fetch_input, ingest_ngs, layout, upload_results
 from .atomic import write_json_atomically
 from .parameters import SCHEMA_HELP, ConversionParameters, parse_parameters
 from .progress import format_bytes, format_duration
-from .settings import SwiftSettings, load_settings_from
+from .settings import SwiftSettings, add_settings_option, load_settings_from
 from .swift import SwiftConnection
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class IngestOptions:
     settings: SwiftSettings | None = None
     source_private: bool = False
     upload: bool = True
-    upload_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    upload_options: upload_results.UploadOptions = upload_results.UploadOptions()
     jobs: int | None = None
     memory_limit: int | None = None
     cleanup: bool = False
@@ -92,7 +92,7 @@ class IngestOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Returns ``ingest``'s parser, built from the step commands' option groups."""
+    """Returns ``ingest``'s parser, built from the step commands' own option helpers."""
     parser = argparse.ArgumentParser(
         prog="ingest",
         # --container is required unless --no-upload, which argparse cannot say by itself.
@@ -101,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog=EPILOG,
         formatter_class=cli.HelpFormatter,
-        conflict_handler="resolve",
     )
     parser.add_argument(
         "--source",
@@ -111,14 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(https://HOST/v1/AUTH_<project>/<container>), else the URL of one "
         "file (a volume)",
     )
-    fetch_input.add_fetch_options(
-        parser,
-        destination_flag="--download-dir",
-        exclude=("jobs", "settings", "force", "dry_run", "output"),
+    fetch_input.add_selection_options(
+        parser.add_argument_group(fetch_input.FETCH_GROUP), destination_flag="--download-dir"
     )
     ingest_ngs.add_conversion_options(parser)
-    upload_results.add_upload_options(parser)
-    job = parser.add_argument_group("job")
+    upload = parser.add_argument_group(upload_results.UPLOAD_GROUP)
+    # --container is required by upload_results, but not with --no-upload.
+    upload_results.add_target_options(upload, container_required=False)
+    add_settings_option(upload)
+    upload_results.add_publish_options(upload)
+    add_job_options(parser.add_argument_group("job"))
+    from . import array_job
+
+    array_job.add_array_options(parser)
+    cli.add_logging_options(parser)
+    return parser
+
+
+def add_job_options(job: argparse._ArgumentGroup) -> None:
+    """Adds the options of ``ingest`` itself: the results, what to run, the report."""
     job.add_argument(
         "--results-dir",
         required=True,
@@ -166,15 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_jobs_option(
         job, "parallel workers in each step (downloads, decoding and encoding, uploads)"
     )
-    from . import array_job
-
-    array_job.add_array_options(parser)
-    cli.add_logging_options(parser)
-    for action in parser._actions:
-        # --container is required by upload_results but not with --no-upload.
-        if action.dest == "container":
-            action.required, action.default = False, None
-    return parser
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
@@ -217,11 +218,10 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         settings=settings,
         source_private=args.source_private,
         upload=upload,
-        upload_options={
-            key: value
-            for key, value in upload_results.upload_options(args).items()
-            if key != "dry_run"
-        },
+        # ingest --dry-run stops before the upload step; the upload itself is real.
+        upload_options=dataclasses.replace(
+            upload_results.UploadOptions.from_args(args), dry_run=False
+        ),
         jobs=args.jobs,
         cleanup=args.cleanup,
         restart=args.restart,
@@ -399,9 +399,7 @@ def preflight(options: IngestOptions) -> Preflight:
         check_free_space(
             options.download_dir, missing_download_bytes(objects, options.download_dir)
         )
-        listing = fetch_input.listing_fingerprint(
-            (item.name, item.bytes, item.hash) for item in objects
-        )
+        listing = fetch_input.selection_fingerprint(objects)
     else:
         listing = hashlib.sha256(options.source.encode()).hexdigest()
     return Preflight(connection, objects, listing, inputs_fingerprint(options, listing))
@@ -455,9 +453,7 @@ class StepRunner:
             logger.debug("%s failed", step, exc_info=True)
             raise error_type(f"{step} failed: {type(exc).__name__}: {exc}") from exc
         self.seconds[step] = time.monotonic() - clock
-        summary = result.to_json() if hasattr(result, "to_json") else result
-        if isinstance(summary, str):
-            summary = json.loads(summary)
+        summary = result.to_dict()
         self.state.finish(step, summary, self.seconds[step], target)
         logger.info("%s: done in %s", step, format_duration(self.seconds[step]))
         return summary
@@ -517,7 +513,7 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
         target = {
             "storage_url": checked.connection.storage_url,
             "container": options.container,
-            "prefix": options.upload_options.get("prefix", ""),
+            "prefix": options.upload_options.prefix,
         }
         uploaded = runner.run(
             "upload",
@@ -525,10 +521,10 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
                 options.results_dir,
                 options.container,
                 checked.connection,
+                options.upload_options,
                 jobs=options.jobs,
                 show_progress=options.show_progress,
                 should_stop=should_stop,
-                **options.upload_options,
             ),
             target,
         )

@@ -656,8 +656,9 @@ def _restore(destination: Path, state: layout.ConversionState, builder) -> int:
     return int(state.slabs_done)
 
 
-def add_conversion_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the conversion option group (shared with `ingest`)."""
+def add_conversion_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Adds the conversion option group (shared with `ingest`, which has its own
+    ``--jobs``); returns it."""
     group = parser.add_argument_group("conversion")
     group.add_argument(
         "--parameters",
@@ -689,7 +690,7 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
         "(the same files). Default: the Slurm allocation's memory less 256 MiB, "
         "else half of the physical memory",
     )
-    cli.add_jobs_option(group, what="threads decoding sections and writing chunks")
+    return group
 
 
 def memory_limit_from(args: argparse.Namespace) -> int:
@@ -746,7 +747,8 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="output directory of the precomputed dataset",
     )
-    add_conversion_options(parser)
+    conversion = add_conversion_options(parser)
+    cli.add_jobs_option(conversion, what="threads decoding sections and writing chunks")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar or periodic progress lines"
     )

@@ -1,5 +1,5 @@
-"""Object names: the literal prefix of a --filter regex, and the checks that keep
-every selected object inside the destination directory.
+"""Object names: the literal prefix of a --filter regex, the checks that keep every
+selected object inside the destination directory, and names under a prefix.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def literal_prefix(pattern: str) -> str:
             break
         prefix.append(literal)
     return "".join(prefix)
+
+
+def join_prefix(prefix: str, name: str) -> str:
+    """Returns the object name of ``name`` under ``prefix``: ``prefix/name``, or ``name``."""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def listing_prefix(prefix: str) -> str:
+    """Returns what a listing of the objects under ``prefix`` asks for (``prefix/``, or all)."""
+    return f"{prefix}/" if prefix else ""
 
 
 def compile_filter(filter_regex: str | None) -> re.Pattern[str] | None:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from . import layout
 from .errors import InputError, UsageError
+from .object_names import join_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def scan(results_dir: Path) -> tuple[list[LocalObject], list[str]]:
 def check_object_names(objects: Iterable[LocalObject], prefix: str) -> None:
     """Refuses names that Swift would reject (over 1024 bytes with the prefix)."""
     for local in objects:
-        full = f"{prefix}/{local.name}" if prefix else local.name
+        full = join_prefix(prefix, local.name)
         if len(full.encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
             raise InputError(
                 f"{local.path}: object name {full!r} is longer than {MAX_OBJECT_NAME_BYTES} bytes"

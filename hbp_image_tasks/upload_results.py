@@ -21,16 +21,17 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
 from . import cli, errors, layout
-from .errors import InputError, Interrupted, RemoteError, UploadError, UsageError
+from .errors import InputError, RemoteError, UploadError, UsageError
 from .neuroglancer_link import DEFAULT_VIEWER_BASE, neuroglancer_link
+from .object_names import join_prefix, listing_prefix
+from .pool import run_bounded
 from .progress import Progress, format_bytes, format_duration
 from .settings import add_settings_option, load_settings_from
 from .swift import PUBLIC_READ_ACL, ObjectInfo, SwiftConnection, http_session
@@ -50,9 +51,10 @@ from .upload_plan import (
 
 __all__ = [
     "UploadResult",
-    "add_upload_options",
+    "add_publish_options",
+    "add_target_options",
     "upload",
-    "upload_options",
+    "UploadOptions",
     "validate_container_name",
     "main",
     "DEFAULT_VIEWER_BASE",
@@ -60,6 +62,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+UPLOAD_GROUP = "upload to Swift"
+CORS_EXPOSE_HEADERS = "Content-Range Content-Length Content-Encoding"
 DEFAULT_SEGMENT_SIZE = 1 << 30
 PUT_ATTEMPTS = 3  # for the refusal swiftclient does not retry: 422 (body != its MD5)
 MAX_EXAMPLES = 5
@@ -92,10 +96,6 @@ class UploadResult:
         """Returns the fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        """Returns the fields as a JSON object."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
 
 def default_upload_jobs() -> int:
     """Returns the default number of parallel uploads: requests wait on the network."""
@@ -125,19 +125,15 @@ def _container_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool = True) -> None:
-    """Adds the upload option group shared by `upload_results` and `ingest`.
-
-    ``include_settings=False`` leaves out ``--settings``, for a parser that
-    already has it (one settings file for fetching and uploading).
-    """
-    group = parser.add_argument_group("upload to Swift")
+def add_target_options(group: argparse._ArgumentGroup, container_required: bool = True) -> None:
+    """Adds where the dataset goes: ``--container`` (optional for ``ingest --no-upload``)
+    and ``--prefix``."""
     group.add_argument(
         "--container",
-        required=True,
+        required=container_required,
         type=_container_name,
         metavar="NAME",
-        default=argparse.SUPPRESS,
+        default=argparse.SUPPRESS if container_required else None,
         help="Swift container to upload to, created if missing (e.g. bigbrain)",
     )
     group.add_argument(
@@ -147,8 +143,11 @@ def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool =
         help="path of the dataset inside the container (e.g. 2015/8um); the "
         "dataset's public URL is <storage URL>/<container>/<prefix>",
     )
-    if include_settings:
-        add_settings_option(group)
+
+
+def add_publish_options(group: argparse._ArgumentGroup) -> None:
+    """Adds how the dataset is published: the fields of :class:`UploadOptions` but the
+    prefix and ``dry_run``."""
     group.add_argument(
         "--private",
         action="store_true",
@@ -162,22 +161,18 @@ def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool =
         help="origin allowed to read the dataset from a browser "
         "(e.g. https://neuroglancer.example.org)",
     )
-    group.add_argument(
-        "--force",
-        dest="skip_identical",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="upload every object, even those already in Swift with the same MD5 "
-        "(by default they are skipped, so a rerun sends only what is missing)",
-    )
-    group.add_argument(
-        "--no-skip-identical",
-        dest="skip_identical",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="same as --force",
-    )
-    parser.set_defaults(skip_identical=True)
+    for flag, text in (
+        (
+            "--force",
+            "upload every object, even those already in Swift with the same MD5 "
+            "(by default they are skipped, so a rerun sends only what is missing)",
+        ),
+        ("--no-skip-identical", "same as --force"),
+    ):
+        group.add_argument(
+            flag, dest="skip_identical", action="store_false", default=argparse.SUPPRESS, help=text
+        )
+    group.set_defaults(skip_identical=True)
     group.add_argument(
         "--segment-size",
         type=parse_size,
@@ -185,11 +180,6 @@ def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool =
         metavar="BYTES",
         help="files larger than this are uploaded as static large objects in "
         "segments of this size (e.g. 512M, 1G)",
-    )
-    group.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="only list what would be uploaded and skipped (counts and bytes); writes nothing",
     )
     group.add_argument(
         "--viewer-base",
@@ -200,83 +190,47 @@ def add_upload_options(parser: argparse.ArgumentParser, include_settings: bool =
     )
 
 
-def upload_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Returns the keyword arguments of :func:`upload` given by the shared options."""
-    return dict(
-        prefix=args.prefix,
-        public=not args.private,
-        cors_origin=args.cors_origin,
-        skip_identical=args.skip_identical,
-        segment_size=args.segment_size,
-        dry_run=args.dry_run,
-        viewer_base=args.viewer_base,
-    )
+@dataclasses.dataclass(frozen=True)
+class UploadOptions:
+    """How a dataset is published: where in the container, who may read it, what is
+    sent again. The prefix is normalised and the segment size checked once, here."""
 
+    prefix: str = ""
+    public: bool = True
+    cors_origin: str = "*"
+    skip_identical: bool = True
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    dry_run: bool = False
+    viewer_base: str = DEFAULT_VIEWER_BASE
 
-def run_bounded(
-    items: Iterable[T],
-    work: Callable[[T], Any],
-    done: Callable[[T, Any], None],
-    jobs: int,
-    should_stop: Callable[[], bool] | None,
-    what: str,
-) -> None:
-    """Runs ``work`` on each item with ``jobs`` threads, keeping few items queued.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        if self.segment_size < 1:
+            raise UsageError(f"segment size {self.segment_size} is not positive")
 
-    ``should_stop`` is polled before each item starts: in-flight items finish,
-    then Interrupted is raised. The first failure stops new items too and is
-    raised once the in-flight ones have finished.
-    """
-    iterator: Iterator[T] = iter(items)
-    pending: dict[Any, T] = {}
-    failures: list[BaseException] = []
-    stopped = False
-    exhausted = False
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="upload") as pool:
-        while True:
-            while not (exhausted or stopped or failures) and len(pending) < 2 * jobs:
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                item = next(iterator, None)
-                if item is None:
-                    exhausted = True
-                    break
-                pending[pool.submit(work, item)] = item
-            if stopped or failures:
-                # Queued items that have not started are dropped, not run.
-                for future in list(pending):
-                    if future.cancel():
-                        del pending[future]
-            if not pending:
-                break
-            try:
-                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:
-                for future in pending:  # let only the running ones finish
-                    future.cancel()
-                raise
-            for future in finished:
-                item = pending.pop(future)
-                if future.cancelled():
-                    continue
-                error = future.exception()
-                if error is not None:
-                    failures.append(error)
-                else:
-                    done(item, future.result())
-    if failures:
-        first = failures[0]
-        if len(failures) > 1 and isinstance(first, errors.HbpError):
-            raise type(first)(
-                f"{first} (and {len(failures) - 1} more failure(s) while {what})"
-            ) from first
-        raise first
-    if stopped:
-        raise Interrupted(
-            f"stopped while {what}; run the same command again "
-            f"to resume (identical objects are skipped)"
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> UploadOptions:
+        """Returns the options of :func:`add_target_options` and :func:`add_publish_options`."""
+        return cls(
+            prefix=args.prefix,
+            public=not args.private,
+            cors_origin=args.cors_origin,
+            skip_identical=args.skip_identical,
+            segment_size=args.segment_size,
+            dry_run=args.dry_run,
+            viewer_base=args.viewer_base,
         )
+
+    def container_headers(self) -> dict[str, str]:
+        """Returns the headers that make the container readable by any viewer (none if private)."""
+        if not self.public:
+            return {}
+        return {
+            "X-Container-Read": PUBLIC_READ_ACL,
+            "X-Container-Meta-Access-Control-Allow-Origin": self.cors_origin,
+            # A viewer on another origin reads shards with Range requests.
+            "X-Container-Meta-Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
+        }
 
 
 class _Uploader:
@@ -300,7 +254,7 @@ class _Uploader:
         self._lock = threading.Lock()
 
     def full_name(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return join_prefix(self.prefix, name)
 
     def _retries_of_last_call(self) -> int:
         # swiftclient counts the attempts of the last request on this thread.
@@ -426,15 +380,6 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-CORS_EXPOSE_HEADERS = "Content-Range Content-Length Content-Encoding"
-
-
-def _needs_update(existing: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
-    """True if the container lacks one of the ``wanted`` headers (values compared)."""
-    have = {k.lower(): v for k, v in existing.items()}
-    return any(have.get(k.lower()) != v for k, v in wanted.items())
-
-
 def _is_identical(remote: ObjectInfo, local: LocalObject, digest: Digest) -> bool:
     """True if the listed object has the local size and content MD5."""
     if remote.bytes != local.size:
@@ -553,223 +498,279 @@ def _check_public_access(public_url: str, cors_origin: str) -> None:
         )
 
 
-def upload(
-    results_dir: Path,
-    container: str,
-    connection: SwiftConnection,
-    *,
-    prefix: str = "",
-    jobs: int | None = None,
-    public: bool = True,
-    cors_origin: str = "*",
-    skip_identical: bool = True,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
-    dry_run: bool = False,
-    viewer_base: str = DEFAULT_VIEWER_BASE,
-    show_progress: bool = True,
-    should_stop: Callable[[], bool] | None = None,
-) -> UploadResult:
-    """Uploads RESULTS_DIR to ``container``/``prefix``, verifies it; returns what was done."""
-    started = time.monotonic()
-    results_dir = Path(results_dir)
+@dataclasses.dataclass
+class _Plan:
+    """What an upload will do: the dataset's objects, which to send, which are there."""
+
+    results_dir: Path
+    objects: list[LocalObject]
+    to_upload: list[LocalObject]
+    skipped: list[LocalObject]
+    digests: dict[str, Digest]  # by local name: those known so far
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(local.size for local in self.objects)
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(local.size for local in self.to_upload)
+
+
+def _scan_dataset(results_dir: Path, container: str, options: UploadOptions) -> list[LocalObject]:
+    """Returns the dataset's objects, refusing what cannot be published, before any request."""
     validate_container_name(container)
-    prefix = normalize_prefix(prefix)
-    if segment_size < 1:
-        raise UsageError(f"segment size {segment_size} is not positive")
     if not results_dir.is_dir():
         raise InputError(f"{results_dir} is not a directory")
     check_conversion_complete(results_dir)
     objects, _ = scan(results_dir)
-    names = {local.name for local in objects}
-    if "info" not in names:
+    if "info" not in {local.name for local in objects}:
         raise InputError(
             f"{results_dir} has no 'info' file: it is not a Neuroglancer "
             f"precomputed dataset (the output directory of ingest_ngs)"
         )
-    check_object_names(objects, prefix)
-    jobs = jobs or default_upload_jobs()
-    total_bytes = sum(local.size for local in objects)
-    logger.info("%s: %d files, %s", results_dir, len(objects), format_bytes(total_bytes))
-
-    def full_name(name: str) -> str:
-        return f"{prefix}/{name}" if prefix else name
-
-    listing_prefix = f"{prefix}/" if prefix else ""
-    container_headers = (
-        {
-            "X-Container-Read": PUBLIC_READ_ACL,
-            "X-Container-Meta-Access-Control-Allow-Origin": cors_origin,
-            # A viewer on another origin reads shards with Range requests.
-            "X-Container-Meta-Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
-        }
-        if public
-        else {}
+    check_object_names(objects, options.prefix)
+    logger.info(
+        "%s: %d files, %s",
+        results_dir,
+        len(objects),
+        format_bytes(sum(local.size for local in objects)),
     )
-    existing = connection.head_container(container)
-    exists = existing is not None
-    if not dry_run:
-        if existing is None:
-            connection.call(
-                f"creating container {container!r}",
-                "put_container",
-                container,
-                headers=container_headers,
-            )
-        elif _needs_update(existing, container_headers):
-            connection.call(
-                f"setting the headers of container {container!r}",
-                "post_container",
-                container,
-                container_headers,
-            )
-        exists = True
-        logger.info(
-            "container %s %s%s",
-            container,
-            "exists" if existing is not None else "created",
-            ", publicly readable with CORS origin " + cors_origin if public else "",
-        )
-    if not public:
+    return objects
+
+
+def _prepare_container(connection: SwiftConnection, container: str, options: UploadOptions) -> bool:
+    """Creates the container (or sets its headers) unless a dry run; True if it exists now."""
+    if not options.public:
         logger.warning(
             "--private: the container is not made public; a viewer will "
             "need credentials to read the dataset"
         )
+    if options.dry_run:
+        return connection.head_container(container) is not None
+    created = connection.ensure_container(container, options.container_headers())
+    logger.info(
+        "container %s %s%s",
+        container,
+        "created" if created else "exists",
+        ", publicly readable with CORS origin " + options.cors_origin if options.public else "",
+    )
+    return True
 
-    remote: dict[str, ObjectInfo] = {}
-    if exists:
-        remote = {
-            o.name: o
-            for o in connection.iter_objects(container, listing_prefix, page_size=LISTING_PAGE)
-        }
-        logger.info("%d objects already under %s/%s", len(remote), container, listing_prefix)
 
+def _list_remote(connection: SwiftConnection, container: str, prefix: str) -> dict[str, ObjectInfo]:
+    """Returns the objects under ``prefix`` by full name, from a fresh listing."""
+    under = listing_prefix(prefix)
+    return {o.name: o for o in connection.iter_objects(container, under, page_size=LISTING_PAGE)}
+
+
+def _plan(
+    results_dir: Path,
+    objects: list[LocalObject],
+    remote: Mapping[str, ObjectInfo],
+    options: UploadOptions,
+    hash_files: Callable[[list[LocalObject]], dict[str, Digest]],
+) -> _Plan:
+    """Decides which objects to send: all but those already in Swift with the same MD5."""
+    prefix = options.prefix
     # Compare only what may be identical: present with the same size.
-    digests: dict[str, Digest] = {}
     candidates = [
         local
         for local in objects
-        if skip_identical
-        and full_name(local.name) in remote
-        and remote[full_name(local.name)].bytes == local.size
+        if options.skip_identical
+        and join_prefix(prefix, local.name) in remote
+        and remote[join_prefix(prefix, local.name)].bytes == local.size
     ]
     # A file unchanged (size, mtime) since the last verified upload keeps its
     # MD5: an unchanged rerun then reads no file at all.
     known = read_manifest_digests(results_dir) if candidates else {}
+    digests: dict[str, Digest] = {}
     for local in candidates:
-        cached = known.get(full_name(local.name))
-        if cached and local.size <= segment_size and cached[:2] == (local.size, local.mtime_ns):
+        cached = known.get(join_prefix(prefix, local.name))
+        if (
+            cached
+            and local.size <= options.segment_size
+            and cached[:2]
+            == (
+                local.size,
+                local.mtime_ns,
+            )
+        ):
             digests[local.name] = Digest(cached[2])
-    to_hash = [local for local in candidates if local.name not in digests]
-    if to_hash:
+    digests.update(hash_files([local for local in candidates if local.name not in digests]))
+    skipped = [
+        local
+        for local in candidates
+        if _is_identical(remote[join_prefix(prefix, local.name)], local, digests[local.name])
+    ]
+    skipped_names = {local.name for local in skipped}
+    to_upload = [local for local in objects if local.name not in skipped_names]
+    return _Plan(results_dir, objects, to_upload, skipped, digests)
+
+
+class _Runner:
+    """Runs the bounded pool over the dataset's files: hashing them, uploading them."""
+
+    def __init__(
+        self, jobs: int, show_progress: bool, should_stop: Callable[[], bool] | None
+    ) -> None:
+        self.jobs = jobs
+        self.show_progress = show_progress
+        self.should_stop = should_stop
+
+    def hash_files(self, files: list[LocalObject], segment_size: int) -> dict[str, Digest]:
+        """Returns the digests of ``files`` by local name, computed in parallel."""
+        digests: dict[str, Digest] = {}
+        if not files:
+            return digests
         with Progress(
             "comparing",
-            total=len(to_hash),
-            total_bytes=sum(local.size for local in to_hash),
+            total=len(files),
+            total_bytes=sum(local.size for local in files),
             unit="files",
-            enabled=show_progress,
+            enabled=self.show_progress,
         ) as progress:
 
-            def record_digest(local: LocalObject, digest: Digest) -> None:
+            def record(local: LocalObject, digest: Digest) -> None:
                 digests[local.name] = digest
                 progress.update(1, local.size)
 
             run_bounded(
-                to_hash,
+                files,
                 lambda local: file_digest(local.path, local.size, segment_size),
-                record_digest,
-                jobs,
-                should_stop,
-                "comparing local files",
+                jobs=self.jobs,
+                what="comparing local files",
+                done=record,
+                should_stop=self.should_stop,
             )
-    skipped = [
-        local
-        for local in candidates
-        if _is_identical(remote[full_name(local.name)], local, digests[local.name])
-    ]
-    skipped_names = {local.name for local in skipped}
-    to_upload = [local for local in objects if local.name not in skipped_names]
-    upload_bytes = sum(local.size for local in to_upload)
-    skipped_bytes = total_bytes - upload_bytes
-    public_url = _public_url(connection, container, prefix)
-    link = neuroglancer_link(public_url, viewer_base, info=_read_local_info(results_dir))
+        return digests
 
-    if dry_run:
-        for local in to_upload:
-            logger.debug("would upload %s -> %s", local.path, full_name(local.name))
-        logger.info(
-            "dry run: would upload %d objects (%s), skip %d identical (%s)",
-            len(to_upload),
-            format_bytes(upload_bytes),
-            len(skipped),
-            format_bytes(skipped_bytes),
-        )
-        return UploadResult(
-            len(to_upload),
-            len(skipped),
-            upload_bytes,
-            len(objects),
-            total_bytes,
-            0,
-            public_url,
-            link,
-            None,
-            time.monotonic() - started,
-            dry_run=True,
-        )
+    def upload_all(self, uploader: _Uploader, plan: _Plan) -> int:
+        """Uploads the plan's objects, chunks first; records their digests; returns the retries."""
+        retries = 0
+        with Progress(
+            "uploading",
+            total=len(plan.to_upload),
+            total_bytes=plan.upload_bytes,
+            unit="objects",
+            enabled=self.show_progress,
+        ) as progress:
 
-    uploader = _Uploader(connection, container, prefix, segment_size, container_headers)
-    retries = 0
-    with Progress(
-        "uploading",
-        total=len(to_upload),
-        total_bytes=upload_bytes,
-        unit="objects",
-        enabled=show_progress,
-    ) as progress:
+            def record(local: LocalObject, outcome: tuple[Digest, int]) -> None:
+                nonlocal retries
+                plan.digests[local.name], object_retries = outcome
+                retries += object_retries
+                progress.update(1, local.size)
+                if object_retries:
+                    progress.add_retry(object_retries)
 
-        def record_upload(local: LocalObject, outcome: tuple[Digest, int]) -> None:
-            nonlocal retries
-            digests[local.name], object_retries = outcome
-            retries += object_retries
-            progress.update(1, local.size)
-            if object_retries:
-                progress.add_retry(object_retries)
+            # Chunks first, then info and other JSON: a dataset whose info is
+            # visible never points at chunks that are not there yet.
+            for batch in (
+                [o for o in plan.to_upload if not o.is_metadata],
+                [o for o in plan.to_upload if o.is_metadata],
+            ):
+                run_bounded(
+                    batch,
+                    uploader.upload,
+                    jobs=self.jobs,
+                    what="uploading",
+                    done=record,
+                    should_stop=self.should_stop,
+                )
+        return retries
 
-        # Chunks first, then info and other JSON: a dataset whose info is
-        # visible never points at chunks that are not there yet.
-        for batch in (
-            [o for o in to_upload if not o.is_metadata],
-            [o for o in to_upload if o.is_metadata],
-        ):
-            run_bounded(batch, uploader.upload, record_upload, jobs, should_stop, "uploading")
 
-    _verify(connection, container, prefix, objects, digests)
-    if public:
-        _check_public_access(public_url, cors_origin)
-    manifest_path = _write_manifest(results_dir, container, prefix, public_url, objects, digests)
-    elapsed = time.monotonic() - started
+def upload(
+    results_dir: Path,
+    container: str,
+    connection: SwiftConnection,
+    options: UploadOptions | None = None,
+    *,
+    jobs: int | None = None,
+    show_progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> UploadResult:
+    """Uploads RESULTS_DIR to ``container``/``options.prefix``, verifies it; returns what
+    was done (with ``options.dry_run``, what would be done)."""
+    started = time.monotonic()
+    options = options or UploadOptions()
+    results_dir = Path(results_dir)
+    objects = _scan_dataset(results_dir, container, options)
+    runner = _Runner(jobs or default_upload_jobs(), show_progress, should_stop)
+    exists = _prepare_container(connection, container, options)
+    remote = _list_remote(connection, container, options.prefix) if exists else {}
     logger.info(
-        "uploaded %d objects (%s), skipped %d identical (%s), %d retries, "
-        "verified %d objects in %s",
-        len(to_upload),
-        format_bytes(upload_bytes),
-        len(skipped),
-        format_bytes(skipped_bytes),
-        retries,
-        len(objects),
-        format_duration(elapsed),
+        "%d objects already under %s/%s", len(remote), container, listing_prefix(options.prefix)
     )
+    plan = _plan(
+        results_dir,
+        objects,
+        remote,
+        options,
+        lambda files: runner.hash_files(files, options.segment_size),
+    )
+    public_url = _public_url(connection, container, options.prefix)
+    link = neuroglancer_link(public_url, options.viewer_base, info=_read_local_info(results_dir))
+    if options.dry_run:
+        return _report(plan, options, public_url, link, started, 0, None)
+    uploader = _Uploader(
+        connection,
+        container,
+        options.prefix,
+        options.segment_size,
+        options.container_headers(),
+    )
+    retries = runner.upload_all(uploader, plan)
+    _verify(connection, container, options.prefix, objects, plan.digests)
+    if options.public:
+        _check_public_access(public_url, options.cors_origin)
+    manifest_path = _write_manifest(
+        results_dir, container, options.prefix, public_url, objects, plan.digests
+    )
+    return _report(plan, options, public_url, link, started, retries, manifest_path)
+
+
+def _report(
+    plan: _Plan,
+    options: UploadOptions,
+    public_url: str,
+    link: str,
+    started: float,
+    retries: int,
+    manifest_path: Path | None,
+) -> UploadResult:
+    """Logs what was done (or, in a dry run, would be) and returns it."""
+    elapsed = time.monotonic() - started
+    sent = f"{len(plan.to_upload)} objects ({format_bytes(plan.upload_bytes)})"
+    kept = f"{len(plan.skipped)} identical ({format_bytes(plan.total_bytes - plan.upload_bytes)})"
+    if options.dry_run:
+        for local in plan.to_upload:
+            logger.debug(
+                "would upload %s -> %s", local.path, join_prefix(options.prefix, local.name)
+            )
+        logger.info("dry run: would upload %s, skip %s", sent, kept)
+    else:
+        logger.info(
+            "uploaded %s, skipped %s, %d retries, verified %d objects in %s",
+            sent,
+            kept,
+            retries,
+            len(plan.objects),
+            format_duration(elapsed),
+        )
     return UploadResult(
-        len(to_upload),
-        len(skipped),
-        upload_bytes,
-        len(objects),
-        total_bytes,
-        retries,
-        public_url,
-        link,
-        str(manifest_path),
-        elapsed,
+        uploaded=len(plan.to_upload),
+        skipped=len(plan.skipped),
+        bytes_uploaded=plan.upload_bytes,
+        total_objects=len(plan.objects),
+        total_bytes=plan.total_bytes,
+        retries=retries,
+        public_url=public_url,
+        neuroglancer_link=link,
+        manifest_path=str(manifest_path) if manifest_path else None,
+        elapsed=elapsed,
+        dry_run=options.dry_run,
     )
 
 
@@ -786,13 +787,9 @@ def _verify(
     """
 
     def full_name(name: str) -> str:
-        return f"{prefix}/{name}" if prefix else name
+        return join_prefix(prefix, name)
 
-    listing_prefix = f"{prefix}/" if prefix else ""
-    listed = {
-        o.name: o
-        for o in connection.iter_objects(container, listing_prefix, page_size=LISTING_PAGE)
-    }
+    listed = _list_remote(connection, container, prefix)
     problems = [
         problem
         for problem in (
@@ -814,7 +811,7 @@ def _verify(
             "%d object(s) under %s/%s are not in the results directory (left in place), e.g. %s",
             len(extra),
             container,
-            listing_prefix,
+            listing_prefix(prefix),
             extra[0],
         )
     _check_served_headers(connection, container, objects, full_name)
@@ -833,7 +830,7 @@ def _write_manifest(
     for local in objects:
         digest = digests[local.name]
         entry = {
-            "name": f"{prefix}/{local.name}" if prefix else local.name,
+            "name": join_prefix(prefix, local.name),
             "bytes": local.size,
             "md5": digest.md5,
             # with the size, lets a rerun trust this MD5 without reading the file
@@ -858,12 +855,9 @@ def upload_objects(
     connection: SwiftConnection,
     container: str,
     objects: list[LocalObject],
+    options: UploadOptions,
     *,
-    prefix: str = "",
     jobs: int | None = None,
-    public: bool = True,
-    cors_origin: str = "*",
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Digest]:
     """Uploads part of a dataset (no listing, no verification); returns name -> digest.
@@ -871,24 +865,22 @@ def upload_objects(
     For the units of a job array: each uploads its own files, and :func:`upload`
     of the whole results directory verifies them all at the end.
     """
-    headers = (
-        {
-            "X-Container-Read": PUBLIC_READ_ACL,
-            "X-Container-Meta-Access-Control-Allow-Origin": cors_origin,
-        }
-        if public
-        else {}
+    connection.ensure_container(container, options.container_headers())
+    uploader = _Uploader(
+        connection, container, options.prefix, options.segment_size, options.container_headers()
     )
-    if connection.head_container(container) is None:
-        connection.ensure_container(container, headers)
-    uploader = _Uploader(connection, container, normalize_prefix(prefix), segment_size, headers)
     digests: dict[str, Digest] = {}
 
     def record(local: LocalObject, outcome: tuple[Digest, int]) -> None:
         digests[local.name] = outcome[0]
 
     run_bounded(
-        objects, uploader.upload, record, jobs or default_upload_jobs(), should_stop, "uploading"
+        objects,
+        uploader.upload,
+        jobs=jobs or default_upload_jobs(),
+        what="uploading",
+        done=record,
+        should_stop=should_stop,
     )
     return digests
 
@@ -908,7 +900,15 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
         help="directory with the dataset's info file and chunks (the output of "
         "ingest_ngs); dotfiles and symlinks in it are never uploaded",
     )
-    add_upload_options(parser)
+    group = parser.add_argument_group(UPLOAD_GROUP)
+    add_target_options(group)
+    add_settings_option(group)
+    add_publish_options(group)
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only list what would be uploaded and skipped (counts and bytes); writes nothing",
+    )
     parser.add_argument(
         "-j",
         "--jobs",
@@ -936,10 +936,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.results_dir,
                     args.container,
                     connection,
+                    UploadOptions.from_args(args),
                     jobs=args.jobs,
                     show_progress=cli.verbosity(args) >= 0,
                     should_stop=should_stop,
-                    **upload_options(args),
                 )
             finally:
                 connection.close()

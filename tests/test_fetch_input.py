@@ -152,8 +152,9 @@ def test_fetch_options_can_be_shared_with_another_destination_flag():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=2)  # the caller's own --jobs
-    fetch_input.add_fetch_options(
-        parser, "--download-dir", exclude=["jobs"], destination_default="work/source"
+    parser.add_argument("--dry-run", action="store_true")
+    fetch_input.add_selection_options(
+        parser.add_argument_group("input"), "--download-dir", destination_default="work/source"
     )
     args = parser.parse_args(["--stacks", "--filter", "a.*", "--dry-run"])
     assert (args.destination, args.filter, args.stacks, args.dry_run, args.jobs) == (
@@ -645,7 +646,7 @@ def test_interrupted_stack_resumes_fetching_only_the_rest(
     first = local_files(tmp_path)
     assert 0 < len(first) < 120
     assert all(objects[name] == data for name, data in first.items())
-    assert not list(tmp_path.rglob(".*.part"))
+    assert not list(tmp_path.rglob(".*.tmp"))
     assert not (tmp_path / layout.FETCH_MANIFEST_NAME).exists()
 
     proxy_log.mark()

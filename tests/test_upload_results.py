@@ -34,7 +34,7 @@ from hbp_image_tasks.upload_plan import (
     scan,
     validate_container_name,
 )
-from hbp_image_tasks.upload_results import main, parse_size, upload
+from hbp_image_tasks.upload_results import UploadOptions, main, parse_size, upload
 
 swift = pytest.mark.swift
 
@@ -403,7 +403,11 @@ def test_unchanged_rerun_sends_no_put_and_a_changed_file_is_sent_again(
 
     proxy_log.mark()
     forced = upload(
-        dataset, container, fresh_connection(settings), show_progress=False, skip_identical=False
+        dataset,
+        container,
+        fresh_connection(settings),
+        UploadOptions(skip_identical=False),
+        show_progress=False,
     )
     assert forced.uploaded == total
     assert proxy_log.count("PUT", path + "/") == total
@@ -471,14 +475,22 @@ def test_large_file_goes_up_as_a_static_large_object(
     big = os.urandom(300 * 1024 + 17)
     (dataset / "extra.bin").write_bytes(big)
     result = upload(
-        dataset, container, fresh_connection(settings), show_progress=False, segment_size=100 * 1024
+        dataset,
+        container,
+        fresh_connection(settings),
+        UploadOptions(segment_size=100 * 1024),
+        show_progress=False,
     )
     assert result.uploaded == len(local_objects(dataset))
     response = requests.get(f"{result.public_url}/extra.bin")
     assert response.status_code == 200 and response.content == big
     proxy_log.mark()
     again = upload(
-        dataset, container, fresh_connection(settings), show_progress=False, segment_size=100 * 1024
+        dataset,
+        container,
+        fresh_connection(settings),
+        UploadOptions(segment_size=100 * 1024),
+        show_progress=False,
     )
     assert again.uploaded == 0
     assert proxy_log.count("PUT", container_path(local_swift, container)) == 0
@@ -781,7 +793,11 @@ def test_old_objects_with_wrong_headers_are_caught_and_force_fixes_them(fake_swi
     with pytest.raises(UploadError, match="wrong headers.*--force"):
         upload(dataset, "c", fake_swift.connection(), show_progress=False)
     result = upload(
-        dataset, "c", fake_swift.connection(), show_progress=False, skip_identical=False
+        dataset,
+        "c",
+        fake_swift.connection(),
+        UploadOptions(skip_identical=False),
+        show_progress=False,
     )
     assert result.uploaded == result.total_objects
     assert all(
@@ -1019,8 +1035,8 @@ def test_container_headers_are_set_only_when_they_differ(fake_swift, dataset):
         dataset,
         "c",
         fake_swift.connection(),
+        UploadOptions(cors_origin="https://viewer.example.org"),
         show_progress=False,
-        cors_origin="https://viewer.example.org",
     )
     assert fake_swift.containers["c"]["X-Container-Meta-Access-Control-Allow-Origin"] == (
         "https://viewer.example.org"
