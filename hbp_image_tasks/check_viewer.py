@@ -89,6 +89,24 @@ class ViewerCheckError(errors.RemoteError):
     """The viewer could not load or render the dataset."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewOptions:
+    """How the dataset is shown and judged (the options of ``check_viewer``)."""
+
+    layer_type: str | None = None  # None: the 'type' in 'info'
+    segments: Sequence[int] = ()
+    screenshot: Path | str | None = None
+    timeout: float = 60.0
+    min_fraction: float = DEFAULT_MIN_FRACTION
+    layout: str = "4panel"
+    origin: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ViewOptions:
+        """Returns the options parsed by :func:`add_view_options`."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class RenderReport:
     """What the viewer did with one dataset; ``ok`` says whether it counts as rendered."""
@@ -284,42 +302,25 @@ class Browser:
             self._client.close()
             self._client = None
 
-    def check(
-        self,
-        url: str,
-        *,
-        layer_type: str | None = None,
-        segments: Sequence[int] = (),
-        screenshot: Path | str | None = None,
-        timeout: float = 60.0,
-        min_fraction: float = DEFAULT_MIN_FRACTION,
-        layout: str = "4panel",
-        origin: str | None = None,
-    ) -> RenderReport:
-        """Opens ``url`` in the viewer; returns what happened.
+    def check(self, url: str, options: ViewOptions | None = None, **fields: Any) -> RenderReport:
+        """Opens ``url`` in the viewer with ``options`` (``fields`` replace some of them);
+        returns what happened.
 
         Raises ViewerCheckError only when ``info`` is unusable; a bad render is
         a report with ``problems``.
         """
         assert self._browser is not None and self._client is not None, "use 'with Browser()'"
+        options = dataclasses.replace(options or ViewOptions(), **fields)
         started = time.monotonic()
-        info = read_info(url, timeout=min(timeout, 30.0))
-        layer_type = layer_type or info["type"]
-        with DatasetProxy(url, timeout=timeout, origin=origin) as proxy:
-            state = framed_state(proxy.url, info, layer_type, segments, layout)
+        info = read_info(url, timeout=min(options.timeout, 30.0))
+        options = dataclasses.replace(options, layer_type=options.layer_type or info["type"])
+        with DatasetProxy(url, timeout=options.timeout, origin=options.origin) as proxy:
+            state = framed_state(
+                proxy.url, info, options.layer_type, options.segments, options.layout
+            )
             context = self._browser.new_context(viewport=VIEWPORT)
             try:
-                return self._render(
-                    context,
-                    proxy,
-                    url,
-                    state,
-                    layer_type,
-                    screenshot,
-                    timeout,
-                    min_fraction,
-                    started,
-                )
+                return self._render(context, proxy, url, state, options, started)
             finally:
                 context.close()
 
@@ -329,46 +330,34 @@ class Browser:
         proxy: DatasetProxy,
         url: str,
         state: dict[str, Any],
-        layer_type: str,
-        screenshot: Path | str | None,
-        timeout: float,
-        min_fraction: float,
+        options: ViewOptions,
         started: float,
     ) -> RenderReport:
         from playwright.sync_api import Error as PlaywrightError
 
         assert self._client is not None
-        page = context.new_page()
-        console_errors: list[str] = []
-        page_errors: list[str] = []
-
-        def on_console(message) -> None:
-            text = message.text
-            logger.debug("console %s: %s", message.type, text)
-            if message.type == "error" or CHUNK_ERROR_TEXT in text:
-                console_errors.append(text)
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda error: page_errors.append(str(error)))
-        page.on("crash", lambda _page: page_errors.append("the page crashed"))
+        page, console_errors, page_errors = _watched_page(context)
         ready = False
         saved = None
         fraction = 0.0
         try:
             page.goto(
-                viewer_url(self._client.url, state), wait_until="load", timeout=timeout * 1000
+                viewer_url(self._client.url, state),
+                wait_until="load",
+                timeout=options.timeout * 1000,
             )
             ready = self._wait_until_ready(
-                page, proxy, started + timeout, console_errors, page_errors
+                page, proxy, started + options.timeout, console_errors, page_errors
             )
-            saved = save_png(page.screenshot(), screenshot) if screenshot else None
-            fraction = self._panel_fraction(page, layer_type)
+            shot = options.screenshot
+            saved = save_png(page.screenshot(), shot) if shot else None
+            fraction = self._panel_fraction(page, options.layer_type)
         except PlaywrightError as exc:
             # A crashed or hung page is a failed render, not a bug of this command.
             page_errors.append(f"browser: {(str(exc).strip().splitlines() or ['?'])[0]}")
         report = RenderReport(
             url=url,
-            layer_type=layer_type,
+            layer_type=options.layer_type,
             problems=[],
             ready=ready,
             requests=proxy.requests,
@@ -378,7 +367,7 @@ class Browser:
             screenshot=saved,
             seconds=time.monotonic() - started,
         )
-        report.problems = judge(report, timeout, min_fraction)
+        report.problems = judge(report, options.timeout, options.min_fraction)
         return report
 
     @staticmethod
@@ -416,6 +405,24 @@ class Browser:
         if not box:
             return 0.0
         return signal_fraction(crop(page.screenshot(), box), layer_type)
+
+
+def _watched_page(context) -> tuple[Any, list[str], list[str]]:
+    """Returns a new page with the lists its console errors and page errors go to."""
+    page = context.new_page()
+    console_errors: list[str] = []
+    page_errors: list[str] = []
+
+    def on_console(message) -> None:
+        text = message.text
+        logger.debug("console %s: %s", message.type, text)
+        if message.type == "error" or CHUNK_ERROR_TEXT in text:
+            console_errors.append(text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.on("crash", lambda _page: page_errors.append("the page crashed"))
+    return page, console_errors, page_errors
 
 
 def crop(png: bytes, box: dict[str, float]) -> bytes:
@@ -489,18 +496,10 @@ def judge(report: RenderReport, timeout: float, min_fraction: float) -> list[str
 
 
 def check_viewer(
-    url: str,
-    *,
-    layer_type: str | None = None,
-    segments: Sequence[int] = (),
-    screenshot: Path | str | None = None,
-    timeout: float = 60.0,
-    min_fraction: float = DEFAULT_MIN_FRACTION,
-    chromium: str | None = None,
-    layout: str = "4panel",
-    origin: str | None = None,
+    url: str, options: ViewOptions | None = None, chromium: str | None = None, **fields: Any
 ) -> RenderReport:
-    """Opens the dataset at ``url`` in headless Neuroglancer; returns the report of a good render.
+    """Opens the dataset at ``url`` in headless Neuroglancer with ``options`` (``fields``
+    replace some of them); returns the report of a good render.
 
     Raises ViewerCheckError (with the reasons) when the viewer cannot show it,
     BrowserMissing when Chromium, Playwright or the Neuroglancer client is missing.
@@ -511,16 +510,7 @@ def check_viewer(
     if not url.startswith(("http://", "https://")):
         raise errors.UsageError(f"{url!r} is not an http(s) URL of a precomputed dataset")
     with Browser(chromium) as browser:
-        report = browser.check(
-            url,
-            layer_type=layer_type,
-            segments=segments,
-            screenshot=screenshot,
-            timeout=timeout,
-            min_fraction=min_fraction,
-            layout=layout,
-            origin=origin,
-        )
+        report = browser.check(url, options, **fields)
     for entry in report.requests:
         logger.debug("%s", entry.describe())
     if report.screenshot:
@@ -562,6 +552,20 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
         "holding its 'info' file, e.g. a Swift container URL "
         "(a leading precomputed:// is accepted)",
     )
+    add_view_options(parser)
+    parser.add_argument(
+        "--chromium",
+        default=None,
+        metavar="PATH",
+        help="Chromium binary; None: $CHROMIUM, else "
+        "/usr/lib/chromium/chromium or chromium on the PATH",
+    )
+    cli.add_logging_options(parser)
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the options that make up :class:`ViewOptions`."""
     parser.add_argument(
         "--type",
         dest="layer_type",
@@ -615,15 +619,6 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
         "None: the dataset must be readable from any site "
         "(Access-Control-Allow-Origin for the checking page)",
     )
-    parser.add_argument(
-        "--chromium",
-        default=None,
-        metavar="PATH",
-        help="Chromium binary; None: $CHROMIUM, else "
-        "/usr/lib/chromium/chromium or chromium on the PATH",
-    )
-    cli.add_logging_options(parser)
-    return parser.parse_args(None if argv is None else list(argv))
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -631,17 +626,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse_command_line(argv)
 
     def work(_redactor: cli.RedactingFilter) -> None:
-        report = check_viewer(
-            args.url,
-            layer_type=args.layer_type,
-            segments=args.segments,
-            screenshot=args.screenshot,
-            timeout=args.timeout,
-            min_fraction=args.min_fraction,
-            chromium=args.chromium,
-            layout=args.layout,
-            origin=args.origin,
-        )
+        report = check_viewer(args.url, ViewOptions.from_args(args), chromium=args.chromium)
         print(report.summary())
 
     return cli.run_command(work, args)

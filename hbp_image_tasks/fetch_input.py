@@ -721,6 +721,11 @@ def add_transfer_options(group: argparse._ArgumentGroup) -> None:
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `fetch_input`."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the parser of `fetch_input`."""
     parser = argparse.ArgumentParser(
         prog="fetch_input",
         description=__doc__,
@@ -734,7 +739,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     add_selection_options(group)
     add_transfer_options(group)
     cli.add_logging_options(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

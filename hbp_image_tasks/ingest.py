@@ -467,46 +467,14 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
     state = open_state(options, checked.inputs)
     if options.dry_run:
         return dry_run_report(options, checked.objects, state)
-    if options.restart:
-        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
-        clear_directory(options.results_dir)
-        state = None
-    if state is None:
-        state = RunState(options.results_dir, checked.inputs)
-        state.save()
-
+    state = start_state(options, state, checked.inputs)
     runner = StepRunner(state, ["fetch", "convert"] + (["upload"] if options.upload else []))
-    fetched = runner.run(
-        "fetch",
-        lambda: fetch_input.fetch(
-            options.source,
-            options.download_dir,
-            stacks=options.stacks,
-            filter_regex=options.filter_regex,
-            jobs=options.jobs,
-            settings=fetch_settings(options),
-            show_progress=options.show_progress,
-            should_stop=should_stop,
-            objects=checked.objects,
-        ),
-    )
+    fetched = runner.run("fetch", lambda: run_fetch(options, checked, should_stop))
     if state.done("convert") and not ingest_ngs.is_complete(options.results_dir):
         logger.warning("the dataset in %s is incomplete: converting again", options.results_dir)
         state.forget("convert")
         state.forget("upload")
-    converted = runner.run(
-        "convert",
-        lambda: ingest_ngs.convert(
-            conversion_source(options),
-            options.results_dir,
-            options.parameters,
-            jobs=options.jobs,
-            show_progress=options.show_progress,
-            should_stop=should_stop,
-            order_file=options.order_file,
-            memory_limit=options.memory_limit,
-        ),
-    )
+    converted = runner.run("convert", lambda: run_convert(options, should_stop))
     uploaded = None
     if options.upload:
         # Done only for the same destination: another container uploads again.
@@ -515,20 +483,7 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
             "container": options.container,
             "prefix": options.upload_options.prefix,
         }
-        uploaded = runner.run(
-            "upload",
-            lambda: upload_results.upload(
-                options.results_dir,
-                options.container,
-                checked.connection,
-                options.upload_options,
-                jobs=options.jobs,
-                show_progress=options.show_progress,
-                should_stop=should_stop,
-            ),
-            target,
-        )
-
+        uploaded = runner.run("upload", lambda: run_upload(options, checked, should_stop), target)
     report = run_report(
         options,
         state,
@@ -546,6 +501,66 @@ def ingest(options: IngestOptions, should_stop: Callable[[], bool] | None = None
             logger.info("--cleanup: deleting %s", directory)
             shutil.rmtree(directory)
     return report
+
+
+def start_state(options: IngestOptions, state: RunState | None, inputs: dict[str, Any]) -> RunState:
+    """Returns the state to run with: the earlier run's, or a new one (--restart clears)."""
+    if options.restart:
+        logger.warning("--restart: deleting the earlier run in %s", options.results_dir)
+        clear_directory(options.results_dir)
+        state = None
+    if state is None:
+        state = RunState(options.results_dir, inputs)
+        state.save()
+    return state
+
+
+def run_fetch(
+    options: IngestOptions, checked: Preflight, should_stop: Callable[[], bool]
+) -> fetch_input.FetchResult:
+    """The fetch step: the objects selected in the pre-flight, into the download dir."""
+    return fetch_input.fetch(
+        options.source,
+        options.download_dir,
+        stacks=options.stacks,
+        filter_regex=options.filter_regex,
+        jobs=options.jobs,
+        settings=fetch_settings(options),
+        show_progress=options.show_progress,
+        should_stop=should_stop,
+        objects=checked.objects,
+    )
+
+
+def run_convert(
+    options: IngestOptions, should_stop: Callable[[], bool]
+) -> ingest_ngs.ConversionResult:
+    """The convert step: the download into the results dir."""
+    return ingest_ngs.convert(
+        conversion_source(options),
+        options.results_dir,
+        options.parameters,
+        jobs=options.jobs,
+        show_progress=options.show_progress,
+        should_stop=should_stop,
+        order_file=options.order_file,
+        memory_limit=options.memory_limit,
+    )
+
+
+def run_upload(
+    options: IngestOptions, checked: Preflight, should_stop: Callable[[], bool]
+) -> upload_results.UploadResult:
+    """The upload step: the results dir to the container, verified."""
+    return upload_results.upload(
+        options.results_dir,
+        options.container,
+        checked.connection,
+        options.upload_options,
+        jobs=options.jobs,
+        show_progress=options.show_progress,
+        should_stop=should_stop,
+    )
 
 
 def run_report(

@@ -53,10 +53,6 @@ class ConversionResult:
         """Returns the result as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        """Returns the result as indented JSON."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 def is_complete(destination: Path) -> bool:
     """Returns whether ``destination`` holds a finished conversion (the publish contract)."""

@@ -887,6 +887,11 @@ def upload_objects(
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parses the command line of `upload_results`."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the parser of `upload_results`."""
     parser = argparse.ArgumentParser(
         prog="upload_results",
         description=__doc__.split("\n\n")[0],
@@ -919,7 +924,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.set_defaults(jobs=None)
     cli.add_logging_options(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

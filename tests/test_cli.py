@@ -126,3 +126,56 @@ def test_second_sigint_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.signal_number == signal.SIGINT
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def _options(parser: argparse.ArgumentParser, group_title: str) -> dict[str, tuple]:
+    """Returns the options of one group: flag -> what ``--help`` and parsing show of it."""
+    (group,) = [g for g in parser._action_groups if g.title == group_title]
+    return {
+        action.option_strings[-1]: (
+            action.dest,
+            action.help,
+            action.default,
+            action.type,
+            action.choices,
+            action.metavar,
+        )
+        for action in group._group_actions
+    }
+
+
+@pytest.mark.parametrize(
+    "step, group_title, own_options",
+    [
+        ("fetch_input", "fetching the input", {"--jobs", "--force", "--dry-run", "--output"}),
+        ("ingest_ngs", "conversion", {"--jobs"}),
+        ("upload_results", "upload to Swift", {"--dry-run", "--container"}),
+    ],
+)
+def test_ingest_offers_each_step_option_exactly_as_the_step_command_does(
+    step, group_title, own_options
+):
+    import importlib
+
+    from hbp_image_tasks import ingest
+
+    step_module = importlib.import_module(f"hbp_image_tasks.{step}")
+    if hasattr(step_module, "build_parser"):
+        step_parser = step_module.build_parser()
+    else:  # ingest_ngs builds its parser inside parse_command_line
+        step_parser = argparse.ArgumentParser()
+        step_module.add_conversion_options(step_parser)
+    shared = _options(step_parser, group_title)
+    in_ingest = _options(ingest.build_parser(), group_title)
+    # The destination is --download-dir in ingest; --settings reads both source and target.
+    renamed = {"--destination": "--download-dir"}
+    for flag, seen in shared.items():
+        if flag in own_options or (flag == "--settings" and step == "fetch_input"):
+            continue
+        assert in_ingest[renamed.get(flag, flag)] == seen, flag
+    # ingest's own variants: its --container may be left out with --no-upload.
+    if step == "upload_results":
+        container = ingest.build_parser().parse_args(
+            ["--source", "s", "--download-dir", "d", "--results-dir", "r", "--no-upload"]
+        )
+        assert container.container is None
