@@ -230,26 +230,18 @@ class _Done:
     bytes: int
 
 
+@dataclasses.dataclass
 class _StackFetcher:
     """Fetches single objects of a stack into ``destination``; safe to call from several
     threads."""
 
-    def __init__(
-        self,
-        destination: Path,
-        opener: Callable[[str, int], ObjectStream],
-        state: VerifiedFiles,
-        progress: Progress,
-        force: bool,
-        policy: RetryPolicy,
-    ):
-        self.destination = destination
-        self.opener = opener
-        self.state = state
-        self.progress = progress
-        self.force = force
-        self.policy = policy
-        self._made_directories: set[Path] = set()
+    destination: Path
+    opener: Callable[[str, int], ObjectStream]
+    state: VerifiedFiles
+    progress: Progress
+    force: bool
+    policy: RetryPolicy
+    _made_directories: set[Path] = dataclasses.field(default_factory=set)
 
     def fetch_one(self, info: ObjectInfo) -> _Done:
         """Fetches ``info`` unless a verified copy is there; returns what was done."""

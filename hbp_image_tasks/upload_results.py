@@ -286,8 +286,7 @@ class _Uploader:
                 etag = self.connection.put_object(container, name, contents, etag=md5, **options)
             except RemoteError as exc:
                 retries += self._retries_of_last_call()
-                status = getattr(exc, "http_status", None)
-                if status == 422 and attempt < PUT_ATTEMPTS:
+                if exc.http_status == 422 and attempt < PUT_ATTEMPTS:
                     logger.warning("%s; sending it again", exc)
                     retries += 1
                     continue
@@ -299,7 +298,8 @@ class _Uploader:
             if (etag or "").strip('"') != md5:
                 raise UploadError(
                     f"PUT {container}/{name}: Swift answered ETag "
-                    f"{etag!r}, expected the MD5 {md5} that was sent"
+                    f"{etag!r}, expected the MD5 {md5} that was sent",
+                    object_name=name,
                 )
             return md5, retries
         raise AssertionError("unreachable")  # pragma: no cover
@@ -700,9 +700,9 @@ def upload(
     runner = _Runner(jobs or default_upload_jobs(), show_progress, should_stop)
     exists = _prepare_container(connection, container, options)
     remote = _list_remote(connection, container, options.prefix) if exists else {}
-    logger.info(
-        "%d objects already under %s/%s", len(remote), container, listing_prefix(options.prefix)
-    )
+    if exists:
+        under = listing_prefix(options.prefix)
+        logger.info("%d objects already under %s/%s", len(remote), container, under)
     plan = _plan(
         results_dir,
         objects,
