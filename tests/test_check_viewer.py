@@ -386,7 +386,7 @@ def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
 ):
     from hbp_image_tasks.settings import load_settings
     from hbp_image_tasks.swift import SwiftConnection
-    from hbp_image_tasks.upload_results import upload
+    from hbp_image_tasks.upload_results import UploadOptions, upload
 
     site = "https://viewer.example.org"
     connection = SwiftConnection(load_settings(swift_settings_file))
@@ -395,8 +395,8 @@ def test_dataset_published_for_one_site_is_checked_as_that_site_sees_it(
             converted["segmentation"],
             unique_container(),
             connection,
+            UploadOptions(cors_origin=site),
             jobs=2,
-            cors_origin=site,
             show_progress=False,
         )
     finally:

@@ -19,7 +19,7 @@ from hbp_image_tasks.errors import InputError
 from hbp_image_tasks.ingest_ngs import convert
 from hbp_image_tasks.settings import load_settings
 from hbp_image_tasks.swift import SwiftConnection
-from hbp_image_tasks.upload_results import main, upload
+from hbp_image_tasks.upload_results import UploadOptions, main, upload
 
 ts = pytest.importorskip("tensorstore")
 swift = pytest.mark.swift
@@ -54,9 +54,8 @@ def test_tensorstore_reads_the_published_shards_over_http_as_the_unsharded_conve
         sharded,
         container,
         connection(swift_settings_file),
-        prefix="ds",
+        UploadOptions(prefix="ds", segment_size=2048),
         show_progress=False,
-        segment_size=2048,
     )
     info = json.loads((sharded / "info").read_text())
     assert result.uploaded == 1 + sum(
@@ -82,7 +81,11 @@ def test_range_get_through_a_static_large_shard_returns_its_bytes_with_cors(
     container = unique_container()
     unique_container("segments")
     result = upload(
-        sharded, container, connection(swift_settings_file), show_progress=False, segment_size=1000
+        sharded,
+        container,
+        connection(swift_settings_file),
+        UploadOptions(segment_size=1000),
+        show_progress=False,
     )
     key = json.loads((sharded / "info").read_text())["scales"][0]["key"]
     shard = max((sharded / key).iterdir(), key=lambda p: p.stat().st_size)
@@ -105,7 +108,11 @@ def test_range_get_through_a_static_large_shard_returns_its_bytes_with_cors(
     gets = [e for e in proxy_log.entries("GET") if e.path.endswith(shard.name)]
     assert [e.status for e in gets] == [206] * 3
     again = upload(
-        sharded, container, connection(swift_settings_file), show_progress=False, segment_size=1000
+        sharded,
+        container,
+        connection(swift_settings_file),
+        UploadOptions(segment_size=1000),
+        show_progress=False,
     )
     assert again.uploaded == 0
 
