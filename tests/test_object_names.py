@@ -8,8 +8,8 @@ from pathlib import PurePosixPath
 import pytest
 
 from hbp_image_tasks.errors import InputError, UsageError
+from hbp_image_tasks.layout import FETCH_MANIFEST_NAME
 from hbp_image_tasks.object_names import (
-    MANIFEST_NAME,
     check_layout,
     check_object_name,
     compile_filter,
@@ -108,8 +108,8 @@ def test_layout_refuses_a_name_that_is_also_a_directory():
 
 
 def test_layout_refuses_an_object_named_like_the_fetch_manifest():
-    with pytest.raises(InputError, match=MANIFEST_NAME):
-        check_layout([ObjectInfo(MANIFEST_NAME, 1, ""), ObjectInfo("a.png", 1, "")])
+    with pytest.raises(InputError, match=FETCH_MANIFEST_NAME):
+        check_layout([ObjectInfo(FETCH_MANIFEST_NAME, 1, ""), ObjectInfo("a.png", 1, "")])
 
 
 def test_layout_accepts_siblings_and_nested_files():
