@@ -57,6 +57,15 @@ def start(script: str, state: Path) -> dict:
     return json.loads(done.stdout)
 
 
+def attach(script: str, state: Path) -> dict:
+    """Returns the env of the caller's running scripts/local-<script>, never (re)starting it."""
+    command = [sys.executable, str(REPO / "scripts" / f"local_{script}.py"), "env"]
+    done = subprocess.run(command + ["--dir", str(state)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"no local {script} runs in {state}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def stop(script: str, state: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / f"local_{script}.py"), "stop", "--dir", str(state)],
@@ -164,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         "swift": args.swift_dir or work / "local-swift",
         "slurm": args.slurm_dir or work / "local-slurm",
     }
-    ours = [name for name, state in states.items() if not running(name, state)]
+    # Servers named by --swift-dir/--slurm-dir belong to the caller and are never
+    # stopped here, even when a busy machine makes their health check time out.
+    given = {"swift": args.swift_dir, "slurm": args.slurm_dir}
+    ours = [name for name, state in states.items() if not given[name] and not running(name, state)]
     try:
-        swift, slurm = (start(name, state) for name, state in states.items())
+        swift, slurm = (
+            attach(name, state) if given[name] else start(name, state)
+            for name, state in states.items()
+        )
         return run_benchmark(args, work, swift, slurm)
     finally:
         for name in ours:  # stops only what this run started
