@@ -524,6 +524,28 @@ def test_viewer_state_fits_the_volume_and_colours_rgb(num_channels, segments, ha
     assert state["showAxisLines"] is False and state["showScaleBar"] is False
 
 
+@pytest.mark.parametrize(
+    "info",
+    [
+        GOOD_INFO,
+        {**GOOD_INFO, "num_channels": 3},
+        {**GOOD_INFO, "type": "segmentation", "data_type": "uint32"},
+    ],
+    ids=["grey", "rgb", "segmentation"],
+)
+def test_published_link_shows_the_layer_the_check_renders(info):
+    from urllib.parse import unquote
+
+    from hbp_image_tasks.neuroglancer_link import neuroglancer_link
+
+    url = "https://swift.example.org/v1/AUTH_x/c/ds"
+    link = neuroglancer_link(url, "https://viewer.example.org/", name="dataset", info=info)
+    linked = json.loads(unquote(link.partition("#!")[2]))["layers"][0]
+    checked = cv.framed_state(url, info, info["type"])["layers"][0]
+    assert linked == checked
+    assert ("shader" in linked) == (info["num_channels"] == 3)
+
+
 def test_viewer_state_selects_segments_or_shows_all():
     info = {**GOOD_INFO, "type": "segmentation", "data_type": "uint32"}
 
