@@ -56,10 +56,12 @@ def sdist(tmp_path_factory) -> Path:
         ROOT,
         tree,
         ignore=shutil.ignore_patterns(
+            # what .gitignore leaves out: servers' state (sockets too), venvs, builds
             ".git",
-            ".venv",
+            ".venv*",
             ".tox",
-            ".local-swift",
+            ".local-*",
+            ".demo",
             "*.egg-info",
             "__pycache__",
             "build",
