@@ -200,32 +200,7 @@ class DatasetProxy:
         return response.status_code, kept, body
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _proxy(self) -> None:
-                headers = {
-                    name: self.headers[name]
-                    for name in FORWARDED_REQUEST_HEADERS
-                    if self.headers.get(name)
-                }
-                status, kept, body = proxy.forward(self.command, self.path, headers)
-                self.send_response(status)
-                for name, value in kept.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = do_OPTIONS = _proxy
-
-            def log_message(self, format: str, *args) -> None:
-                pass  # requests are logged by DatasetProxy._record
-
-        return Handler
+        return type("ProxyHandler", (_ProxyHandler,), {"proxy": self})
 
     def start(self) -> DatasetProxy:
         """Starts serving in a daemon thread; returns self."""
@@ -243,6 +218,91 @@ class DatasetProxy:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive handler that answers with a complete body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+
+class _ProxyHandler(_Handler):
+    """Forwards every request to ``proxy`` (a DatasetProxy, set by its subclass)."""
+
+    proxy: DatasetProxy
+
+    def _proxy(self) -> None:
+        headers = {
+            name: self.headers[name] for name in FORWARDED_REQUEST_HEADERS if self.headers.get(name)
+        }
+        status, kept, body = self.proxy.forward(self.command, self.path, headers)
+        self._send(status, body, kept)
+
+    do_GET = do_HEAD = do_OPTIONS = _proxy
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # requests are logged by DatasetProxy._record
+
+
+class _ClientHandler(_Handler):
+    """Serves ``client_dir`` under the client's prefix (both set by its subclass)."""
+
+    client_dir: Path
+    closing: threading.Event
+    prefix = f"/v/{CLIENT_TOKEN}/"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].split("#", 1)[0]
+        if path == f"/events/{CLIENT_TOKEN}":
+            self._hold_event_stream()
+            return
+        if not path.startswith(self.prefix):
+            self._send(204)  # other Python-integration endpoints: nothing to say
+            return
+        name = path[len(self.prefix) :] or "index.html"
+        target = (self.client_dir / name).resolve()
+        if self.client_dir not in target.parents or not target.is_file():
+            self._send(404, b"not found", {"Content-Type": "text/plain"})
+            return
+        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if target.suffix == ".wasm":
+            content_type = "application/wasm"  # needed for streaming compilation
+        self._send(200, target.read_bytes(), {"Content-Type": content_type})
+
+    do_HEAD = do_GET
+
+    def _hold_event_stream(self) -> None:
+        # An open, silent event stream keeps the client from showing
+        # "Disconnected from Python server" over the data.
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            while not self.closing.wait(1.0):
+                self.wfile.write(b": idle\n\n")
+                self.wfile.flush()
+        except OSError:
+            pass  # the page went away
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self._send(204)
+
+    def log_message(self, format: str, *args) -> None:
+        logger.debug("client server: " + format, *args)
 
 
 class ClientServer:
@@ -264,67 +324,8 @@ class ClientServer:
         return f"http://{host}:{port}/v/{CLIENT_TOKEN}/"
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        client_dir = self.client_dir.resolve()
-        closing = self._closing
-        prefix = f"/v/{CLIENT_TOKEN}/"
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _send(self, status: int, body: bytes = b"", content_type: str = "") -> None:
-                self.send_response(status)
-                if content_type:
-                    self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD" and body:
-                    self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0].split("#", 1)[0]
-                if path == f"/events/{CLIENT_TOKEN}":
-                    self._hold_event_stream()
-                    return
-                if not path.startswith(prefix):
-                    self._send(204)  # other Python-integration endpoints: nothing to say
-                    return
-                name = path[len(prefix) :] or "index.html"
-                target = (client_dir / name).resolve()
-                if client_dir not in target.parents or not target.is_file():
-                    self._send(404, b"not found", "text/plain")
-                    return
-                content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-                if target.suffix == ".wasm":
-                    content_type = "application/wasm"  # needed for streaming compilation
-                self._send(200, target.read_bytes(), content_type)
-
-            do_HEAD = do_GET
-
-            def _hold_event_stream(self) -> None:
-                # An open, silent event stream keeps the client from showing
-                # "Disconnected from Python server" over the data.
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                try:
-                    while not closing.wait(1.0):
-                        self.wfile.write(b": idle\n\n")
-                        self.wfile.flush()
-                except OSError:
-                    pass  # the page went away
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                self._send(204)
-
-            def log_message(self, format: str, *args) -> None:
-                logger.debug("client server: " + format, *args)
-
-        return Handler
+        attributes = {"client_dir": self.client_dir.resolve(), "closing": self._closing}
+        return type("ClientHandler", (_ClientHandler,), attributes)
 
     def start(self) -> ClientServer:
         """Starts serving in a daemon thread; returns self."""
