@@ -8,14 +8,18 @@ unit_conversion.py's job.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
 import numpy as np
 from neuroglancer_scripts.utils import ceil_div
 
+from . import shards
 from .errors import UsageError
 from .pyramid import dyadic_factors, level_capacities
+
+logger = logging.getLogger(__name__)
 
 Triple = tuple[int, int, int]
 
@@ -253,6 +257,14 @@ def check_memory_floor(memory_limit: int, chunk_size: int, jobs: int) -> None:
         )
 
 
+def shard_alignment(info: dict) -> Triple | None:
+    """Returns the scale-0 shard box in voxels (x, y, z), or None when scale 0 is
+    not sharded: units on it assemble and publish their own scale-0 shards."""
+    if "sharding" not in info["scales"][0]:
+        return None
+    return shards.box_voxels(info, 0)
+
+
 def plan_units(
     info: dict,
     memory_limit: int | None = None,
@@ -265,31 +277,60 @@ def plan_units(
 
     The units build the fewest scales (0..k) for which the finishing step fits;
     their boxes are the largest x-y tiles that fit, and z ranges of at least
-    ``sections_per_unit`` sections (one grid step by default). With
-    ``whole_sections``, each worker decodes whole sections to get a region (PNG).
-    Raises UsageError when no box fits the limit.
+    ``sections_per_unit`` sections (one grid step by default). With a sharded
+    scale 0, boxes are whole scale-0 shard boxes when one box's x-y tile fits
+    (a unit streams through z, so its depth costs no memory); else the plan
+    falls back to boxes that share shards. With ``whole_sections``, each worker
+    decodes whole sections to get a region (PNG). Raises UsageError when no box
+    fits the limit.
     """
     budget = memory_limit if memory_limit is not None else math.inf
-    count = len(info["scales"])
-    smallest = None
-    for top in range(count):
-        finishing = finishing_memory(info, top, jobs)
-        if finishing > budget:
-            continue
-        grid = alignment(info, top, extra_alignment)
-        tile = _fit_tile(info, top, grid, budget, jobs, whole_sections)
-        if tile is None:
-            need = _unit_memory(info, top, grid[:2], jobs, whole_sections)
-            smallest = need if smallest is None else min(smallest, need)
-            continue
+    box = shard_alignment(info)
+    if box is not None:
+        aligned = [math.lcm(int(e), b) for e, b in zip(extra_alignment, box)]
+        found = _fit(info, budget, jobs, aligned, whole_sections)
+        if isinstance(found, tuple):
+            top, tile = found
+            return make_plan(info, top, tile, sections_per_unit, jobs, aligned, whole_sections)
+        from .progress import format_bytes
+
+        logger.info(
+            "units share scale-0 shards (the finishing step assembles those): one shard "
+            "box of %d x %d voxels needs %s with %d job(s), over the memory limit of %s",
+            box[0],
+            box[1],
+            format_bytes(found),
+            jobs,
+            format_bytes(budget),
+        )
+    found = _fit(info, budget, jobs, extra_alignment, whole_sections)
+    if isinstance(found, tuple):
+        top, tile = found
         return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections)
     from .progress import format_bytes
 
     raise UsageError(
         f"--memory-limit {format_bytes(budget)} is below what the smallest unit of this "
-        f"conversion needs ({format_bytes(smallest or finishing_memory(info, 0, jobs))} "
-        f"with {jobs} job(s)); give a larger limit or fewer --jobs"
+        f"conversion needs ({format_bytes(found)} with {jobs} job(s)); "
+        "give a larger limit or fewer --jobs"
     )
+
+
+def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool):
+    """Returns (top scale, tile) of the fewest scales whose finishing step and some
+    tile on the grid fit ``budget``, else the bytes the smallest unit needs."""
+    smallest = None
+    for top in range(len(info["scales"])):
+        if finishing_memory(info, top, jobs) > budget:
+            continue
+        grid = alignment(info, top, extra)
+        tile = _fit_tile(info, top, grid, budget, jobs, whole)
+        if tile is not None:
+            return top, tile
+        least = [min(g, s) for g, s in zip(grid[:2], info["scales"][0]["size"])]
+        need = _unit_memory(info, top, least, jobs, whole)
+        smallest = need if smallest is None else min(smallest, need)
+    return smallest if smallest is not None else finishing_memory(info, 0, jobs)
 
 
 def make_plan(

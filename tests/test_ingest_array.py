@@ -120,8 +120,8 @@ def single_ingest_listing(reference_listings):
     return reference_listings(PARAMETERS)
 
 
-# Shards of 4 chunks: each unit assembles the shards inside its tile, the
-# finishing job those on the tiles' borders.
+# Shards of 2 x 2 x 1 chunks: the units' tiles lie on shard boxes, so each unit
+# assembles and uploads its own scale-0 shards.
 SHARDED = {**PARAMETERS, "sharding": True, "shard_size": 16384}
 
 
@@ -137,7 +137,7 @@ def test_array_publishes_the_same_objects_as_a_single_ingest(
     parameters,
 ):
     container = unique_container("array")
-    # A unit budget of 512 KiB cuts the example into 4 tiles of 112 x 128 x 16 voxels.
+    # A unit budget of 512 KiB cuts the example into 4 tiles of about 128 x 128 x 16 voxels.
     argv = argv_for(example_source, tmp_path, container, parameters=parameters)
     assert ingest.main(argv + ["--memory-limit", "512K", "--array", "4", "--wait"]) == 0
     published = listing(swift_client, container)

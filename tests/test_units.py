@@ -112,8 +112,15 @@ def single_pass(tmp_path_factory):
     return get
 
 
-def _run(plan: units.Plan, source: Path, params: ConversionParameters, out: Path) -> dict:
-    """Runs ``plan`` with the same writers as convert, returns the files written."""
+def _run(
+    plan: units.Plan,
+    source: Path,
+    params: ConversionParameters,
+    out: Path,
+    runner=unit_conversion.run_plan,
+) -> dict:
+    """Runs ``plan`` (with ``runner``) and the same writers as convert, returns the
+    files written."""
     input_source = sources.open_source(source, None, params.channels)
     info = json.loads((out / "info").read_text())
     accessor = shard_writer.open_accessor(
@@ -134,7 +141,7 @@ def _run(plan: units.Plan, source: Path, params: ConversionParameters, out: Path
             executor,
             encoder_options={"jpeg_quality": params.jpeg_quality},
         )
-        unit_conversion.run_plan(plan, context, out)
+        runner(plan, context, out)
     shutil.rmtree(out / unit_conversion.UNITS_DIR)
     shard_writer.check_finished(out)
     return chunk_files(out)
@@ -154,6 +161,49 @@ def test_units_and_finishing_write_the_single_pass_files_byte_for_byte(tmp_path,
         out.mkdir()
         (out / "info").write_bytes(expected["info"])
         assert _run(plan, source, params, out) == expected, f"units building scales 0-{top}"
+
+
+@pytest.mark.parametrize("over_budget", [False, True], ids=["aligned", "fallback"])
+def test_units_on_shard_boxes_assemble_every_scale0_shard_themselves(
+    tmp_path, single_pass, caplog, over_budget
+):
+    source, params, expected = single_pass("sharded")
+    info = json.loads(expected["info"])
+    box = units.shard_alignment(info)
+    key = info["scales"][0]["key"]
+    shard_count = sum(1 for path in expected if path.startswith(f"{key}/"))
+    assert shard_count > 4, "scale 0 has several shard boxes"
+    # The budget of one unit on a single shard box's x-y tile, or a byte less.
+    need = units.make_plan(info, 1, box[:2], jobs=2, extra_alignment=box).unit_memory
+    with caplog.at_level("INFO", logger="hbp_image_tasks.units"):
+        plan = units.plan_units(info, need - over_budget, jobs=2)
+    on_boxes = all(
+        start % size == 0 and (stop % size == 0 or stop == extent)
+        for unit in plan.units
+        for start, stop, size, extent in zip(
+            unit.box.start, unit.box.stop, box, info["scales"][0]["size"]
+        )
+    )
+    assert len(plan.units) > 4 and plan.finishing_scales
+    assert on_boxes == (not over_budget)
+    assert ("units share scale-0 shards" in caplog.text) == over_budget
+    # Scale-0 shards left unassembled after each unit (run in one process here, a
+    # shard that units share is assembled by whichever writes its last chunk).
+    pending = []
+
+    def units_then_finishing(plan, context, out):
+        for unit in plan.units:
+            unit_conversion.run_unit(unit, context, out)
+            pending.append(
+                sum(1 for p in layout.unassembled_shards(out) if p.parent.parent.name == key)
+            )
+        if not over_budget:  # none left for the finishing step
+            assert len(list((out / key).glob("*.shard"))) == shard_count
+        unit_conversion.run_finishing(plan, context, out)
+
+    (tmp_path / "info").write_bytes(expected["info"])
+    assert _run(plan, source, params, tmp_path, units_then_finishing) == expected
+    assert (max(pending) == 0) == (not over_budget)
 
 
 def test_bundled_example_in_tiled_units_equals_its_single_pass(tmp_path):
