@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from precomputed_reference import read_scale
 from test_ingest_ngs import chunk_files, smooth_volume, write_stack
 
-from hbp_image_tasks import errors, shard_writer, shards
+from hbp_image_tasks import errors, faults, shard_writer, shards
 from hbp_image_tasks.ingest_ngs import convert, is_complete
 from hbp_image_tasks.parameters import ConversionParameters
 
@@ -178,15 +177,13 @@ def test_killed_sharded_conversion_resumes_byte_identical_without_losing_a_shard
     argv = [str(BIN / "ingest_ngs"), str(tmp_path / "in"), "--parameters", params, "--jobs", "2"]
     subprocess.run(argv + ["-d", str(tmp_path / "whole")], check=True, capture_output=True)
     scale0 = tmp_path / "killed" / "10nm"
-    process = subprocess.Popen(argv + ["-d", str(tmp_path / "killed"), "--no-progress"])
-    try:
-        while process.poll() is None and not list(scale0.glob("*.shard")):
-            time.sleep(0.002)
-        process.send_signal(how)
-        process.wait(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode in (-signal.SIGKILL, 143), process.returncode
+    # 24 slabs of 8 sections; the first layer of shard boxes (32 sections deep) is
+    # complete after slab 4, the others are not after slab 6.
+    env = {**os.environ, faults.ENVIRONMENT_VARIABLE: f"slab-6:{how.name}"}
+    killed = subprocess.run(
+        argv + ["-d", str(tmp_path / "killed"), "--no-progress"], env=env, timeout=120
+    )
+    assert killed.returncode in (-signal.SIGKILL, 143), killed.returncode
     assert not is_complete(tmp_path / "killed")
     finished = {p.name: p.read_bytes() for p in scale0.glob("*.shard")}
     assert finished and shard_writer.unfinished_shards(tmp_path / "killed")
