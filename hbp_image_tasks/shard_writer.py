@@ -255,7 +255,7 @@ def add_sharding(info: dict, params) -> list[ShardSpec | None]:
     )
     for scale, spec in zip(info["scales"], specs):
         if spec is not None:
-            scale["sharding"] = spec.to_json()
+            scale["sharding"] = spec.to_dict()
     return specs
 
 

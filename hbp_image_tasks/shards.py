@@ -48,7 +48,7 @@ class ShardSpec:
         """Returns the size of the shard index at the start of every shard file."""
         return INDEX_ENTRY.size << self.minishard_bits
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         """Returns the ``sharding`` member of the scale's info."""
         return {
             "@type": SHARDING_TYPE,
@@ -61,7 +61,7 @@ class ShardSpec:
         }
 
     @classmethod
-    def from_json(cls, sharding: Mapping) -> ShardSpec:
+    def from_dict(cls, sharding: Mapping) -> ShardSpec:
         """Returns the spec of a ``sharding`` member this package writes."""
         if sharding.get("@type") != SHARDING_TYPE or sharding.get("hash") != "identity":
             raise ValueError(f"unsupported sharding {dict(sharding)!r}")
@@ -199,7 +199,7 @@ def box_voxels(info: Mapping, index: int) -> tuple[int, int, int]:
     """Returns the shard box of scale ``index`` of a sharded ``info`` in scale-0 voxels
     (x, y, z): units of work aligned to it never share a shard of that scale."""
     scale, full = info["scales"][index], info["scales"][0]
-    spec = ShardSpec.from_json(scale["sharding"])
+    spec = ShardSpec.from_dict(scale["sharding"])
     chunk = scale["chunk_sizes"][0]
     box = box_shape(grid_shape(scale["size"], chunk), spec.box_bits)
     factors = [round(r / r0) for r, r0 in zip(scale["resolution"], full["resolution"])]

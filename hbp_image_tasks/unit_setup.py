@@ -72,7 +72,7 @@ def stack_info(first_section: Path, depth: int, params: ConversionParameters) ->
 def sharding_specs(info: dict) -> list:
     """Returns each scale's ShardSpec (None: one file per chunk) from a sharded info."""
     return [
-        shards.ShardSpec.from_json(scale["sharding"]) if "sharding" in scale else None
+        shards.ShardSpec.from_dict(scale["sharding"]) if "sharding" in scale else None
         for scale in info["scales"]
     ]
 
@@ -171,7 +171,7 @@ def _chunk_names(scale: dict, ranges: list[range]) -> list[str]:
 def _whole_shard_names(scale: dict, ranges: list[range]) -> list[str]:
     """Returns the shard files whose whole box lies in ``ranges``: the unit assembles
     those itself; the finishing job assembles the shards that several units share."""
-    spec = shards.ShardSpec.from_json(scale["sharding"])
+    spec = shards.ShardSpec.from_dict(scale["sharding"])
     grid = shards.grid_shape(scale["size"], scale["chunk_sizes"][0])
     box = shards.box_shape(grid, spec.box_bits)
     starts = [range(r.start // b * b, r.stop, b) for r, b in zip(ranges, box)]

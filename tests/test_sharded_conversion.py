@@ -66,7 +66,7 @@ def test_tensorstore_reads_every_sharded_scale_as_the_unsharded_conversion(tmp_p
     for index, scale in enumerate(info["scales"]):
         names = sorted(p.name for p in (tmp_path / "sharded" / scale["key"]).iterdir())
         assert names and all(name.endswith(".shard") for name in names), names
-        spec = shards.ShardSpec.from_json(scale["sharding"])
+        spec = shards.ShardSpec.from_dict(scale["sharding"])
         assert spec.data_encoding == ("raw" if kind == "jpeg" else "gzip")
         np.testing.assert_array_equal(
             tensorstore_scale(tmp_path / "sharded", index),
@@ -83,7 +83,7 @@ def test_chunks_of_a_sharded_scale_are_the_unsharded_chunk_files(tmp_path):
     convert(tmp_path / "in", tmp_path / "plain", SMALL.replace(sharding=False), jobs=2)
     info = json.loads((tmp_path / "sharded" / "info").read_text())
     scale = info["scales"][0]
-    spec = shards.ShardSpec.from_json(scale["sharding"])
+    spec = shards.ShardSpec.from_dict(scale["sharding"])
     grid = shards.grid_shape(scale["size"], scale["chunk_sizes"][0])
     stored = {}
     for path in (tmp_path / "sharded" / scale["key"]).iterdir():
@@ -201,7 +201,7 @@ def test_pieces_of_separate_units_are_assembled_into_the_shards_of_one_process(t
     convert(tmp_path / "in", tmp_path / "whole", params, jobs=2, show_progress=False)
     info = json.loads((tmp_path / "whole" / "info").read_text())
     scale = info["scales"][0]
-    specs = [shards.ShardSpec.from_json(s["sharding"]) for s in info["scales"]]
+    specs = [shards.ShardSpec.from_dict(s["sharding"]) for s in info["scales"]]
     grid = shards.grid_shape(scale["size"], scale["chunk_sizes"][0])
     chunks = {}
     for path in (tmp_path / "whole" / scale["key"]).iterdir():

@@ -115,7 +115,7 @@ def _write_sharded(path: Path, volume: np.ndarray, chunk: tuple, shard_size: int
         "resolution": [1, 1, 1],
         "voxel_offset": [0, 0, 0],
         "encoding": "raw",
-        "sharding": spec.to_json(),
+        "sharding": spec.to_dict(),
     }
     info = {"type": "image", "data_type": "uint8", "num_channels": 1, "scales": [scale]}
     (path / "s0").mkdir(parents=True)
