@@ -229,7 +229,12 @@ def options_memory_limit(options: ingest.IngestOptions) -> int | None:
     return getattr(options, "memory_limit", None)
 
 
-def fetch_sections(options: ingest.IngestOptions, objects: list, directory: Path) -> list[Path]:
+def fetch_sections(
+    options: ingest.IngestOptions,
+    objects: list,
+    directory: Path,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Path]:
     """Fetches ``objects`` (listing entries) into ``directory``; returns their paths."""
     fetch_input.fetch(
         options.source,
@@ -239,6 +244,7 @@ def fetch_sections(options: ingest.IngestOptions, objects: list, directory: Path
         jobs=options.jobs,
         settings=ingest.fetch_settings(options),
         show_progress=False,
+        should_stop=should_stop,
         objects=objects,
     )
     return [directory / item.name for item in objects]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import (
+    array_job,
     cli,
     errors,
     ingest,
@@ -86,22 +87,10 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     z0, z1 = unit.box.start[2], unit.box.stop[2]
     directory = options.download_dir / f"sections-{z0}-{z1}"
     with locked(directory):
-        ingest.fetch_input.fetch(
-            options.source,
-            directory,
-            stacks=True,
-            filter_regex=options.filter_regex,
-            jobs=options.jobs,
-            settings=ingest.fetch_settings(options),
-            show_progress=False,
-            should_stop=should_stop,
-            objects=objects,
-        )
+        paths = array_job.fetch_sections(options, objects, directory, should_stop)
     results_dir = options.results_dir
     if unit_conversion.read_done(results_dir, unit) is None:
-        source = unit_setup.UnitSource(
-            [directory / item.name for item in objects], z0, options.parameters.channels
-        )
+        source = unit_setup.UnitSource(paths, z0, options.parameters.channels)
         context = unit_setup.make_context(
             job.info, source, options.parameters, results_dir, executor, should_stop
         )

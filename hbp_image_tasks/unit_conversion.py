@@ -43,6 +43,19 @@ class Context:
     on_chunk: Callable[[int], None] | None = None
     should_stop: Callable[[], bool] | None = None
 
+    def builder(self, info: dict, factors: list, sink: Any = None) -> PyramidBuilder:
+        """Returns a pyramid builder of ``info``'s scales with these writers."""
+        return PyramidBuilder(
+            info,
+            self.accessor,
+            self.downscaler,
+            self.executor,
+            encoder_options=self.encoder_options,
+            on_chunk=self.on_chunk,
+            factors=factors,
+            sink=sink,
+        )
+
 
 @dataclasses.dataclass
 class Counts:
@@ -127,16 +140,7 @@ def run_unit(unit: units.Unit, context: Context, destination: Path) -> Counts:
         shape = (top[2], int(info["num_channels"]), top[1], top[0])
         dtype = np.dtype(info["data_type"]).newbyteorder("<")
         piece = _PieceWriter(piece_path(destination, unit), shape, dtype)
-    builder = PyramidBuilder(
-        sub,
-        context.accessor,
-        context.downscaler,
-        context.executor,
-        encoder_options=context.encoder_options,
-        on_chunk=context.on_chunk,
-        factors=units.scale_factors(info)[: last + 1],
-        sink=piece,
-    )
+    builder = context.builder(sub, units.scale_factors(info)[: last + 1], sink=piece)
     region = (box.start[0], box.stop[0], box.start[1], box.stop[1])
     try:
         for z0 in range(box.start[2], box.stop[2], builder.slab_depth):
@@ -177,15 +181,7 @@ def run_finishing(plan: units.Plan, context: Context, destination: Path) -> Coun
         pieces.append((unit.box.scaled(cumulative), path))
     sub = copy.deepcopy(info)
     sub["scales"] = sub["scales"][first:]
-    builder = PyramidBuilder(
-        sub,
-        context.accessor,
-        context.downscaler,
-        context.executor,
-        encoder_options=context.encoder_options,
-        on_chunk=context.on_chunk,
-        factors=[(1, 1, 1)] + units.scale_factors(info)[first + 1 :],
-    )
+    builder = context.builder(sub, [(1, 1, 1)] + units.scale_factors(info)[first + 1 :])
     depth = sub["scales"][0]["size"][2]
     for z0 in range(0, depth, builder.slab_depth):
         z1 = min(z0 + builder.slab_depth, depth)
