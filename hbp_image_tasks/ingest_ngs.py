@@ -496,16 +496,7 @@ def _convert_in_slabs(
     show_progress: bool,
 ) -> tuple:
     """Converts the whole volume slab by slab with checkpoints; returns (counts, resumed)."""
-    from . import pyramid
-
-    builder = pyramid.PyramidBuilder(
-        context.info,
-        context.accessor,
-        context.downscaler,
-        context.executor,
-        encoder_options=context.encoder_options,
-        on_chunk=context.on_chunk,
-    )
+    builder = context.builder(context.info)
     depth_total = context.info["scales"][0]["size"][2]
     slab_depth = builder.slab_depth
     slab_count = -(-depth_total // slab_depth)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import errors, layout, units
+from . import errors, layout, pyramid, units
 from .pyramid import AtomicFileAccessor, PyramidBuilder
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ class Context:
     on_chunk: Callable[[int], None] | None = None
     should_stop: Callable[[], bool] | None = None
 
-    def builder(self, info: dict, factors: list, sink: Any = None) -> PyramidBuilder:
-        """Returns a pyramid builder of ``info``'s scales with these writers."""
-        return PyramidBuilder(
+    def builder(self, info: dict, factors: list | None = None, sink: Any = None) -> PyramidBuilder:
+        """Returns a pyramid builder of ``info``'s scales with these writers (``factors``:
+        see PyramidBuilder; None for a whole pyramid)."""
+        return pyramid.PyramidBuilder(
             info,
             self.accessor,
             self.downscaler,
