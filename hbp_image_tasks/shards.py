@@ -217,7 +217,9 @@ def box_chunk_count(position: Sequence[int], grid: Sequence[int], box: Sequence[
 
 def gzip_bytes(data) -> bytes:
     """Returns a gzip member of ``data`` without a timestamp (equal bytes on reruns)."""
-    return zlib.compress(data, 6, wbits=31)
+    # compressobj: zlib.compress takes wbits from Python 3.11 on only
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _minishard_index(entries: Sequence[tuple[int, int, int]]) -> bytes:
