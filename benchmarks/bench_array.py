@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from swift_servers import swift_connection
+
 REPO = Path(__file__).resolve().parent.parent
 BIGBRAIN = (6572, 5711, 7404)  # x, y, sections at 20 um
 ONE_MICRON_SECTION = (130000, 110000)
@@ -94,18 +96,7 @@ def brain_sections(size: int, count: int) -> dict[str, bytes]:
 
 def put_source(swift: dict, objects: dict[str, bytes]) -> str:
     """Uploads the sections to a new public container; returns its URL."""
-    import swiftclient
-    from keystoneauth1 import session
-    from keystoneauth1.identity import v3
-
-    auth = v3.Password(
-        auth_url=swift["auth_url"],
-        username=swift["username"],
-        password=swift["password"],
-        project_id=swift["project_id"],
-        user_domain_name="Default",
-    )
-    connection = swiftclient.Connection(session=session.Session(auth=auth))
+    connection = swift_connection(swift)
     name = f"bench-array-{uuid.uuid4().hex[:8]}"
     connection.put_container(name, headers={"X-Container-Read": ".r:*,.rlistings"})
     for key, data in objects.items():

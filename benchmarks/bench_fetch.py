@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import statistics
@@ -25,37 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from swift_servers import keystone_session, start_swift
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def start_swift(state: str) -> dict:
-    """Starts (or reuses) the local Swift; returns its env JSON."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", state],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"scripts/local-swift start failed:\n{done.stderr}")
-    return json.loads(done.stdout)
 
 
 def fill_container(env: dict, name: str, count: int, size: int) -> tuple[str, str]:
     """Creates the public container once; returns (token, its URL)."""
     import swiftclient
-    from keystoneauth1 import session
-    from keystoneauth1.identity import v3
 
-    auth = v3.Password(
-        auth_url=env["auth_url"],
-        username=env["username"],
-        password=env["password"],
-        project_id=env["project_id"],
-        user_domain_name="Default",
-    )
-    keystone = session.Session(auth=auth)
+    keystone = keystone_session(env)
     connection = swiftclient.Connection(session=keystone)
     try:
         existing = int(connection.head_container(name).get("x-object-count", -1))

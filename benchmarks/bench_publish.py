@@ -28,41 +28,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from swift_servers import start_swift, swift_connection
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 BIGBRAIN = (6572, 5711, 7404)  # section width, height, sections
 PARAMETERS = {"voxel_size": [20, 20, 20], "voxel_unit": "um"}
-
-
-def start_swift(state: str) -> dict:
-    """Starts (or reuses) the local Swift; returns its env JSON."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", state],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"scripts/local-swift start failed:\n{done.stderr}")
-    return json.loads(done.stdout)
-
-
-def swift_connection(env: dict):
-    """Returns a python-swiftclient connection of the local Swift's test user."""
-    import swiftclient
-    from keystoneauth1 import session
-    from keystoneauth1.identity import v3
-
-    auth = v3.Password(
-        auth_url=env["auth_url"],
-        username=env["username"],
-        password=env["password"],
-        project_id=env["project_id"],
-        user_domain_name="Default",
-    )
-    return swiftclient.Connection(session=session.Session(auth=auth))
 
 
 def section(brain, z: int, width: int, height: int) -> bytes:

@@ -26,6 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
+from swift_servers import keystone_session, start_swift, stop_swift
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -128,19 +130,9 @@ def swift_env(local: dict, pythonpath: str | None) -> tuple[dict, str]:
             }
         )
         return env, "its own Keystone v3 login"
-    from keystoneauth1 import session
-    from keystoneauth1.identity import v3
-
-    auth = v3.Password(
-        auth_url=local["auth_url"],
-        username=local["username"],
-        password=local["password"],
-        project_id=local["project_id"],
-        user_domain_name="Default",
-    )
     env.update(
         {
-            "OS_AUTH_TOKEN": session.Session(auth=auth).get_token(),
+            "OS_AUTH_TOKEN": keystone_session(local).get_token(),
             "OS_STORAGE_URL": local["storage_url"],
         }
     )
@@ -189,14 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-upload-"))
     state = work / "local-swift"
-    started = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", str(state)],
-        capture_output=True,
-        text=True,
-    )
-    if started.returncode != 0:
-        raise SystemExit(f"local Swift did not start: {started.stderr[-2000:]}")
-    local = json.loads(started.stdout)
+    local = start_swift(state)
     env, swift_auth = swift_env(local, args.swift_pythonpath)
     ours_env = dict(os.environ, SWIFT_SETTINGS=local["settings_file"])
     jobs = ["--jobs", str(args.jobs)] if args.jobs else []
@@ -251,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 upload_results + [str(small), "--container", many, "-q"] + jobs, ours_env
             )
     finally:
-        subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "local_swift.py"), "stop", "--dir", str(state)],
-            capture_output=True,
-        )
+        stop_swift(state)
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 

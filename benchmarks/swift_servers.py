@@ -1,0 +1,55 @@
+"""The local Swift of scripts/local-swift as the benchmarks use it: started (or
+reused) in a state directory, and sessions of its test user."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_swift(state: str | Path) -> dict:
+    """Starts (or reuses) the local Swift in ``state``; returns its env JSON."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"scripts/local-swift start failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def stop_swift(state: str | Path) -> None:
+    """Stops the local Swift that ``start_swift`` started in ``state``."""
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "stop", "--dir", str(state)],
+        capture_output=True,
+        check=False,
+    )
+
+
+def keystone_session(env: dict):
+    """Returns a keystoneauth1 session of the local Swift's test user."""
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(
+        auth_url=env["auth_url"],
+        username=env["username"],
+        password=env["password"],
+        project_id=env["project_id"],
+        user_domain_name="Default",
+    )
+    return session.Session(auth=auth)
+
+
+def swift_connection(env: dict):
+    """Returns a python-swiftclient connection of the local Swift's test user."""
+    import swiftclient
+
+    return swiftclient.Connection(session=keystone_session(env))
