@@ -26,6 +26,17 @@ import numpy as np
 from PIL import Image
 
 BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """Returns a console script: beside this interpreter, else the first on PATH."""
+    beside = BIN / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found beside {sys.executable} nor on PATH")
+    return found
+
+
 WRAPPER = r"""
 import json, resource, subprocess, sys, time
 start = time.monotonic()
@@ -133,9 +144,9 @@ def run_plain(stack: Path, out: Path, size: int, sections: int, fmt: str) -> dic
         )
     )
     steps = [
-        measure([str(BIN / "generate-scales-info"), str(fullres), str(out)]),
-        measure([str(BIN / "slices-to-precomputed"), "--flat", str(stack), str(out)]),
-        measure([str(BIN / "compute-scales"), "--flat", str(out)]),
+        measure([tool("generate-scales-info"), str(fullres), str(out)]),
+        measure([tool("slices-to-precomputed"), "--flat", str(stack), str(out)]),
+        measure([tool("compute-scales"), "--flat", str(out)]),
     ]
     fullres.unlink()
     return {
@@ -155,7 +166,7 @@ def run_ours(stack: Path, out: Path, jobs: int, extra: list, repeat: int = 1) ->
         runs.append(
             measure(
                 [
-                    str(BIN / "ingest_ngs"),
+                    tool("ingest_ngs"),
                     str(stack),
                     "--destination",
                     str(out),
