@@ -272,25 +272,29 @@ def plan_units(
     sections_per_unit: int | None = None,
     extra_alignment: Sequence[int] = (1, 1, 1),
     whole_sections: bool = False,
+    tasks: int | None = None,
 ) -> Plan:
     """Returns the units that convert ``info``'s volume within ``memory_limit`` bytes.
 
     The units build the fewest scales (0..k) for which the finishing step fits;
     their boxes are the largest x-y tiles that fit, and z ranges of at least
-    ``sections_per_unit`` sections (one grid step by default). With a sharded
-    scale 0, boxes are whole scale-0 shard boxes when one box's x-y tile fits
-    (a unit streams through z, so its depth costs no memory); else the plan
-    falls back to boxes that share shards. With ``whole_sections``, each worker
-    decodes whole sections to get a region (PNG). Raises UsageError when no box
-    fits the limit.
+    ``sections_per_unit`` sections (one grid step by default). With ``tasks``
+    (a job array's task count), units build as many scales as fit while every
+    task still gets ``UNITS_PER_TASK`` units, or as the user's ``sections_per_unit``
+    allows: the finishing step, which runs alone, is then left little work.
+    With a sharded scale 0, boxes are whole scale-0 shard boxes when one box's x-y
+    tile fits (a unit streams through z, so its depth costs no memory); else the
+    plan falls back to boxes that share shards. With ``whole_sections``, each
+    worker decodes whole sections to get a region (PNG). Raises UsageError when
+    no box fits the limit.
     """
     budget = memory_limit if memory_limit is not None else math.inf
     box = shard_alignment(info)
     if box is not None:
         aligned = [math.lcm(int(e), b) for e, b in zip(extra_alignment, box)]
         found = _fit(info, budget, jobs, aligned, whole_sections)
-        if isinstance(found, tuple):
-            top, tile = found
+        if isinstance(found, list):
+            top, tile = _deepest(info, found, aligned, sections_per_unit, tasks)
             return make_plan(info, top, tile, sections_per_unit, jobs, aligned, whole_sections)
         from .progress import format_bytes
 
@@ -304,8 +308,8 @@ def plan_units(
             format_bytes(budget),
         )
     found = _fit(info, budget, jobs, extra_alignment, whole_sections)
-    if isinstance(found, tuple):
-        top, tile = found
+    if isinstance(found, list):
+        top, tile = _deepest(info, found, extra_alignment, sections_per_unit, tasks)
         return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections)
     from .progress import format_bytes
 
@@ -316,21 +320,65 @@ def plan_units(
     )
 
 
+# A job array's units per task, at least, when units grow deeper to build more
+# scales: a task killed by its walltime loses at most about half its work.
+UNITS_PER_TASK = 2
+
+
 def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool):
-    """Returns (top scale, tile) of the fewest scales whose finishing step and some
-    tile on the grid fit ``budget``, else the bytes the smallest unit needs."""
-    smallest = None
+    """Returns the (top scale, tile) pairs whose finishing step and some tile on the
+    grid fit ``budget``, fewest scales first; else the bytes the smallest unit needs."""
+    smallest, fitting = None, []
     for top in range(len(info["scales"])):
         if finishing_memory(info, top, jobs) > budget:
             continue
         grid = alignment(info, top, extra)
         tile = _fit_tile(info, top, grid, budget, jobs, whole)
         if tile is not None:
-            return top, tile
+            fitting.append((top, tile))
+            continue
         least = [min(g, s) for g, s in zip(grid[:2], info["scales"][0]["size"])]
         need = _unit_memory(info, top, least, jobs, whole)
         smallest = need if smallest is None else min(smallest, need)
+    if fitting:
+        return fitting
     return smallest if smallest is not None else finishing_memory(info, 0, jobs)
+
+
+def _deepest(
+    info: dict,
+    fitting: list,
+    extra: Sequence[int],
+    sections_per_unit: int | None,
+    tasks: int | None,
+) -> tuple[int, list[int]]:
+    """Returns the (top scale, tile) of ``fitting`` to plan with: the fewest scales,
+    or with ``tasks``, the most scales whose tiles are as large and whose units are
+    no deeper than ``sections_per_unit`` asks, or else still ``UNITS_PER_TASK`` a task."""
+    fewest = fitting[0]
+    if tasks is None:
+        return fewest
+    width, height, depth = info["scales"][0]["size"]
+
+    def shape(top: int, tile: Sequence[int]) -> tuple[int, int]:
+        """Returns a plan's unit depth and unit count."""
+        grid_z = alignment(info, top, extra)[2]
+        step = min(grid_z * max(1, ceil_div(sections_per_unit or 1, grid_z)), depth)
+        return step, ceil_div(depth, step) * ceil_div(width, tile[0]) * ceil_div(height, tile[1])
+
+    least_step, most_units = shape(*fewest)
+    chosen = fewest
+    for top, tile in fitting[1:]:
+        step, count = shape(top, tile)
+        if tile[0] < fewest[1][0] or tile[1] < fewest[1][1]:
+            continue  # smaller tiles: sections read (or decoded whole) more often
+        if sections_per_unit is not None:
+            deep_enough = step <= least_step
+        else:
+            deep_enough = count >= min(most_units, UNITS_PER_TASK * tasks)
+        if deep_enough:
+            chosen = (top, tile)
+    return chosen
 
 
 def make_plan(

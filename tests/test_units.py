@@ -266,6 +266,43 @@ def test_plan_units_builds_the_fewest_scales_whose_finishing_step_fits():
     assert smaller.top_scale == 2 and smaller.unit_memory <= whole // 64
 
 
+@pytest.mark.parametrize(
+    "tasks, sections_per_unit, top, depth",
+    [
+        (None, None, 0, 64),  # a single process: the fewest scales
+        (1, None, 2, 256),  # two units of 256 sections build scales 0-2
+        (2, None, 1, 128),  # two units a task
+        (4, None, 0, 64),
+        (16, None, 0, 64),  # more tasks than units of any depth: one grid step
+        (2, 64, 0, 64),  # the user's depth wins
+        (2, 128, 1, 128),
+        (2, 200, 2, 256),  # rounded up to the grid: deep enough for scale 2
+    ],
+)
+def test_array_units_build_as_many_scales_as_their_count_allows(
+    tasks, sections_per_unit, top, depth
+):
+    info = pyramid.build_info(
+        "uint8", 1, (2048, 2048, 512), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
+    )
+    plan = units.plan_units(info, None, 1, sections_per_unit=sections_per_unit, tasks=tasks)
+    assert plan.top_scale == top
+    assert {unit.box.shape for unit in plan.units} == {(2048, 2048, depth)}
+    assert plan.finishing_scales == range(top + 1, 5)
+
+
+def test_deeper_array_units_keep_the_tiles_the_memory_limit_allows():
+    info = pyramid.build_info(
+        "uint8", 1, (4096, 4096, 1024), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
+    )
+    limit = units.single_pass_memory(info, jobs=2) // 8
+    fewest = units.plan_units(info, limit, jobs=2)
+    deeper = units.plan_units(info, limit, jobs=2, tasks=2)
+    assert deeper.top_scale > fewest.top_scale
+    assert deeper.tile == fewest.tile and deeper.unit_memory <= limit
+    assert len(deeper.units) >= 2 * 2
+
+
 def test_memory_limit_below_the_smallest_unit_is_one_line_before_any_output(tmp_path, capsys):
     # 16-bit samples: above the 8-bit floor of one chunk, below this input's smallest unit.
     write_tiff_stack(tmp_path / "in", brain_like((8, 64, 64), "uint16"))
