@@ -16,6 +16,7 @@ import logging
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,6 +145,27 @@ def _job_command(verb: str, results_dir: Path, submission: int) -> tuple[str, ..
     )
 
 
+def task_jobs(options: ingest.IngestOptions, user_options: tuple[str, ...]) -> int:
+    """Returns the workers of each job: --jobs, else the user's --cpus-per-task, else 1
+    (what Slurm gives a job that asks for no CPUs)."""
+    if options.jobs:
+        return options.jobs
+    for option in user_options:
+        name, _, value = option.partition("=")
+        if name in ("--cpus-per-task", "-c") and value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpus_option(user_options: tuple[str, ...], jobs: int) -> tuple[str, ...]:
+    """Returns sbatch's --cpus-per-task for a job of ``jobs`` workers, unless the
+    user's options already say how many CPUs to allocate."""
+    for option in user_options:
+        if option.startswith("--cpus-per-task") or option.startswith("-c"):
+            return ()
+    return (f"--cpus-per-task={jobs}",)
+
+
 def memory_option(user_options: tuple[str, ...], work_bytes: int) -> tuple[str, ...]:
     """Returns sbatch's --mem for a job whose work holds ``work_bytes``, unless the
     user's options already say how much memory to allocate."""
@@ -159,8 +181,12 @@ def job_requests(
     array: ArrayOptions,
     name: str,
     plan: units.Plan,
+    jobs: int = 1,
 ) -> tuple[slurm.JobRequest | None, slurm.JobRequest]:
-    """Returns the array's request (None when no unit is left) and the finishing job's."""
+    """Returns the array's request (None when no unit is left) and the finishing job's,
+    each asking for ``jobs`` CPUs and the memory its work needs."""
+    user = array.sbatch_options
+    cpus = cpus_option(user, jobs)
     tasks = None
     if task_count:
         tasks = slurm.JobRequest(
@@ -168,13 +194,13 @@ def job_requests(
             _job_command("task", run.results_dir, submission),
             run.logs / "task-%A_%a.log",
             array=slurm.array_spec(task_count, array.at_once),
-            options=memory_option(array.sbatch_options, plan.unit_memory) + array.sbatch_options,
+            options=cpus + memory_option(user, plan.unit_memory) + user,
         )
     finish = slurm.JobRequest(
         f"{name}-finish",
         _job_command("finish", run.results_dir, submission),
         run.logs / "finish-%j.log",
-        options=memory_option(array.sbatch_options, plan.finishing_memory) + array.sbatch_options,
+        options=cpus + memory_option(user, plan.finishing_memory) + user,
     )
     return tasks, finish
 
@@ -205,9 +231,10 @@ def load_or_make_plan(
     plan = units.plan_units(
         info,
         options_memory_limit(options),
-        options.jobs or 1,
+        task_jobs(options, array.sbatch_options),
         sections_per_unit=array.sections_per_unit,
         whole_sections=whole_sections,
+        tasks=array.tasks,
     )
     document = {
         "inputs": checked.inputs,
@@ -301,10 +328,12 @@ def submit(
     task_count = min(array.tasks, len(remaining))
     number = (run.submissions() or [0])[-1] + 1
     name = f"hbp-ingest-{options.results_dir.resolve().name}"
-    tasks, finish = job_requests(run, number, task_count, array, name, plan)
+    jobs = task_jobs(options, array.sbatch_options)
+    tasks, finish = job_requests(run, number, task_count, array, name, plan, jobs)
     record: dict[str, Any] = {
         "argv": task_argv(argv),
         "cwd": str(Path.cwd()),
+        "jobs": jobs,
         "report": str(Path(options.report_path).resolve()),
         "tasks": split_evenly(remaining, task_count) if task_count else [],
         "array_job": None,
@@ -388,8 +417,15 @@ def wait_for_run(
 ) -> dict[str, Any]:
     """Waits for the finishing job; returns its report or raises the error that ended the run."""
     record = run.read_submission(number)
-    state = slurm.wait(record["finish_job"], poll_seconds, should_stop)
     report = Path(record["report"])
+    outcome_path = run.outcome_path(f"finish-{record['finish_job']}")
+    since = time.time()
+
+    def ending() -> bool:
+        # The finishing job writes the report, then its outcome, then cleans up.
+        return outcome_path.exists() or _modified_since(report, since)
+
+    state = slurm.wait(record["finish_job"], poll_seconds, should_stop, ending=ending)
     if state == "COMPLETED" or (state == "UNKNOWN" and report.is_file()):
         # The report, not the outcome file: --cleanup deleted the results directory.
         return json.loads(report.read_text(encoding="utf-8"))
@@ -408,6 +444,14 @@ def wait_for_run(
         f"finishing job {record['finish_job']} ended {state} without a report; see "
         f"{run.logs}/finish-{record['finish_job']}.log"
     )
+
+
+def _modified_since(path: Path, since: float) -> bool:
+    """Returns whether ``path`` exists and changed after ``since`` (epoch seconds)."""
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
 
 
 def task_failure(run: ArrayRun, array_job: str) -> errors.HbpError | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -59,7 +60,10 @@ class Job:
         self.units = {unit.id: unit for unit in self.plan.units}
         # The ingest command line's relative paths are the submitter's.
         os.chdir(self.record["cwd"])
-        self.options = ingest.options_from_args(ingest.parse_command_line(self.record["argv"]))
+        options = ingest.options_from_args(ingest.parse_command_line(self.record["argv"]))
+        # The workers the submission planned memory for and asked Slurm's CPUs for.
+        jobs = self.record.get("jobs") or options.jobs or 1
+        self.options = dataclasses.replace(options, jobs=jobs)
         self.connection = None
         if self.options.upload:
             self.connection = SwiftConnection(self.options.settings, error_type=errors.UploadError)
@@ -127,7 +131,7 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
     """Runs the units of array task ``index`` that are not finished; returns how many ran."""
     unit_ids = job.record["tasks"][index]
     ran = 0
-    with ThreadPoolExecutor(max_workers=job.options.jobs or 1) as executor:
+    with ThreadPoolExecutor(max_workers=job.options.jobs) as executor:
         for number, unit_id in enumerate(unit_ids, 1):
             if job.run.unit_record(unit_id) is not None:
                 logger.info("unit %s: finished in an earlier run", unit_id)
@@ -195,7 +199,7 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
     records = [job.run.unit_record(unit_id) for unit_id in job.units]
     check_unit_files(job, records)
     options = job.options
-    with ThreadPoolExecutor(max_workers=options.jobs or 1) as executor:
+    with ThreadPoolExecutor(max_workers=options.jobs) as executor:
         context = unit_setup.make_context(
             job.info, None, options.parameters, options.results_dir, executor, should_stop
         )

@@ -163,15 +163,19 @@ def wait(
     poll_seconds: float = 5.0,
     should_stop: Callable[[], bool] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    ending: Callable[[], bool] | None = None,
 ) -> str:
     """Waits until job ``job_id`` (all its tasks) ended or can never run; returns its state.
 
     Polls every 0.5 s at first, then less often, up to every ``poll_seconds``.
+    ``ending`` (cheap, e.g. whether the job's outcome file exists) is asked every
+    ``ENDING_TICK`` seconds in between; once it is true, polling starts over at
+    0.5 s, so the wait ends about when the job does, not up to a poll later.
     Returns ``UNKNOWN`` when Slurm forgot the job (MinJobAge passed): the caller
     then decides from the files the job left.
     """
     last = None
-    delay = min(0.5, poll_seconds)
+    first_delay = delay = min(0.5, poll_seconds)
     while True:
         state = job_state(show_job(job_id))
         if state != last:
@@ -181,8 +185,23 @@ def wait(
             return state
         if should_stop and should_stop():
             raise Interrupted(f"stopped waiting for job {job_id} (it keeps running)")
-        sleep(delay)
+        if ending is not None and ending():
+            ending, delay = None, first_delay
+        if ending is None:
+            sleep(delay)
+        else:
+            _sleep_until(ending, delay, sleep)
         delay = min(poll_seconds, delay * 1.5)
+
+
+ENDING_TICK = 0.1
+
+
+def _sleep_until(ending: Callable[[], bool], seconds: float, sleep: Callable[[float], None]):
+    """Sleeps ``seconds``, or less once ``ending()`` is true."""
+    while seconds > 0 and not ending():
+        sleep(min(ENDING_TICK, seconds))
+        seconds -= ENDING_TICK
 
 
 def cancel(job_id: str) -> None:

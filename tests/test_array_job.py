@@ -35,6 +35,32 @@ def test_jobs_ask_for_their_planned_memory_unless_the_user_says(options, expecte
     assert array_job.memory_option(options, 1 << 20) == expected
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ((), ("--cpus-per-task=4",)),
+        (("--cpus-per-task=8",), ()),
+        (("-c8",), ()),
+        (("--partition=batch",), ("--cpus-per-task=4",)),
+    ],
+)
+def test_jobs_ask_for_the_cpus_of_their_workers_unless_the_user_says(options, expected):
+    assert array_job.cpus_option(options, 4) == expected
+
+
+@pytest.mark.parametrize(
+    "jobs, options, expected",
+    [(3, ("--cpus-per-task=8",), 3), (None, ("--cpus-per-task=8",), 8), (None, (), 1)],
+)
+def test_a_tasks_workers_are_its_jobs_else_its_cpus_else_one(jobs, options, expected):
+    class Options:
+        pass
+
+    given = Options()
+    given.jobs = jobs
+    assert array_job.task_jobs(given, options) == expected
+
+
 @pytest.mark.parametrize("text", ["0", "x", "4%0", "4%", "-1"])
 def test_bad_array_counts_are_usage_errors(text):
     class Args:

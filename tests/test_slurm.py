@@ -104,3 +104,31 @@ def test_cancelled_job_ends_cancelled(slurm_env, tmp_path):
     job = slurm.submit(python_job("sleeper", tmp_path, "import time; time.sleep(60)"))
     slurm.cancel(job)
     assert slurm.wait(job, poll_seconds=0.5) == "CANCELLED"
+
+
+class FakeClock:
+    """A job that runs until ``ends`` seconds of fake time, seen through scontrol."""
+
+    def __init__(self, ends: float):
+        self.now, self.ends, self.polls = 0.0, ends, 0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def show_job(self, job_id: str) -> list[dict[str, str]]:
+        self.polls += 1
+        return [{"JobState": "COMPLETED" if self.now >= self.ends else "RUNNING"}]
+
+
+@pytest.mark.parametrize("with_ending", [False, True])
+def test_wait_ends_soon_after_the_job_once_its_outcome_file_appears(monkeypatch, with_ending):
+    clock = FakeClock(ends=12.0)
+    monkeypatch.setattr(slurm, "show_job", clock.show_job)
+    # The job writes its outcome 0.3 s before Slurm reports it ended.
+    ending = (lambda: clock.now >= clock.ends - 0.3) if with_ending else None
+    assert slurm.wait("7", poll_seconds=5.0, sleep=clock.sleep, ending=ending) == "COMPLETED"
+    if with_ending:
+        assert clock.now - clock.ends < 0.6
+    else:  # polls at 0.5 s growing to 5 s: seen up to one poll late
+        assert clock.now - clock.ends > 3.0
+    assert clock.polls < 12  # never a poll per tick
