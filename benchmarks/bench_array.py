@@ -120,6 +120,17 @@ def ingest(argv: list[str], env: dict, cwd: Path) -> float:
     return time.monotonic() - started
 
 
+def plan_summary(results: Path) -> str:
+    """Returns what an array run's plan cut the stack into."""
+    plan = json.loads((results / ".hbp-array" / "plan.json").read_text())["plan"]
+    depths = sorted({u["stop"][2] - u["start"][2] for u in plan["units"]})
+    return (
+        f"{len(plan['units'])} units of {'/'.join(map(str, depths))} sections "
+        f"building scales 0-{plan['top_scale']}, the finishing job "
+        f"{plan['top_scale'] + 1}-{plan['scale_count'] - 1}"
+    )
+
+
 def unit_seconds(results: Path) -> list[float]:
     """Returns the seconds each unit took (fetch, convert, upload) in an array run."""
     records = sorted((results / ".hbp-array" / "units").glob("*.json"))
@@ -183,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict) -> int:
     source = put_source(swift, brain_sections(args.size, args.sections))
-    units = -(-args.sections // args.chunk)
     env = {
         **os.environ,
         "SLURM_CONF": slurm["slurm_conf"],
@@ -213,23 +223,23 @@ def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict
     per_unit = unit_seconds(results)
     finishing = json.loads((results / ".hbp-ingest-report.json").read_text())["array"]
     voxels = args.size * args.size * args.sections
-    report(args, walls, per_unit, finishing["finishing_seconds"], voxels, units)
+    for name in ("array1", "array2"):
+        print(f"plan of {name}: {plan_summary(work / name / 'results')}")
+    report(args, walls, per_unit, finishing["finishing_seconds"], voxels)
     (work / "results.json").write_text(
         json.dumps({"walls": walls, "units": per_unit, "finishing": finishing}, indent=1)
     )
     return 0
 
 
-def report(
-    args, walls: dict, per_unit: list[float], finishing: float, voxels: int, units: int
-) -> None:
+def report(args, walls: dict, per_unit: list[float], finishing: float, voxels: int) -> None:
     """Prints the measurements, the ratios and the projection."""
     single, one, two = walls.values()
-    print(f"stack: {args.sections} sections of {args.size} x {args.size}, {units} units")
+    print(f"stack: {args.sections} sections of {args.size} x {args.size}")
     for name, seconds in walls.items():
         print(f"  {name:28s} {seconds:7.1f} s")
     mean = sum(per_unit) / len(per_unit)
-    print(f"time per unit (1 core, fetch + convert): {mean:.1f} s, {len(per_unit)} units")
+    print(f"time per unit of array1 (1 core, fetch + convert): {mean:.1f} s, {len(per_unit)} units")
     fixed = max(0.0, one - sum(per_unit) - finishing)
     print(
         f"array overhead: {fixed:.1f} s per run (submission, scheduling, job start), "
