@@ -97,7 +97,8 @@ def add_array_options(parser) -> None:
         default=None,
         metavar="K",
         help="with --array: units of at least K sections (rounded up to the chunk "
-        "grid; default: one grid step, e.g. 64 sections)",
+        "grid), building every scale that depth allows (default: as deep as keeps "
+        "two units a task, e.g. 128 sections for 512 on 2 tasks)",
     )
 
 
