@@ -20,7 +20,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import array_state, errors, fetch_input, ingest, layout, slurm, sources, unit_setup, units
+from . import (
+    array_state,
+    errors,
+    fetch_input,
+    ingest,
+    ingest_ngs,
+    layout,
+    slurm,
+    sources,
+    unit_setup,
+    units,
+)
 from .array_state import ArrayRun, split_evenly
 
 logger = logging.getLogger(__name__)
@@ -76,7 +87,7 @@ def add_array_options(parser) -> None:
         help="submit a job array of N tasks (at most M running at once), each "
         "fetching, converting and uploading its share of the units, and a finishing "
         "job that builds the upper scales, verifies the container and writes the "
-        "report (needs --stacks and sbatch)",
+        "report (needs sbatch)",
     )
     group.add_argument(
         "--wait",
@@ -219,30 +230,34 @@ def load_or_make_plan(
             f"{options.results_dir} holds the plan of an --array run with other inputs "
             f"(changed: {changed}); rerun with --restart to delete it and start over"
         )
-    sections = unit_setup.ordered_sections(checked.objects, options.order_file)
-    # The first section tells the stack's shape and sample type; a dry run reads
-    # it into a temporary directory and writes nothing.
     with contextlib.ExitStack() as stack:
-        directory = options.download_dir / "first-section"
+        # A dry run reads what it must into a temporary directory and writes nothing.
+        scratch = None
         if options.dry_run:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        first = fetch_sections(options, sections[:1], directory)
-        info = unit_setup.stack_info(first[0], len(sections), options.parameters)
-        whole_sections = not sources.StackSource(first).reads_regions
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if options.stacks:
+            info, whole_sections, held, inputs = _stack_input(options, checked, scratch)
+        else:
+            info, whole_sections, held, inputs = _volume_input(options, scratch)
+    limit = options_memory_limit(options)
+    if limit is not None and held >= limit:
+        from .progress import format_bytes
+
+        raise errors.UsageError(
+            f"--memory-limit {format_bytes(limit)} is below the {format_bytes(held)} of "
+            f"samples each task holds of the compressed volume {options.source}"
+        )
     plan = units.plan_units(
         info,
-        options_memory_limit(options),
+        None if limit is None else limit - held,
         task_jobs(options, array.sbatch_options),
         sections_per_unit=array.sections_per_unit,
         whole_sections=whole_sections,
         tasks=array.tasks,
     )
-    document = {
-        "inputs": checked.inputs,
-        "sections": [[item.name, item.bytes, item.hash] for item in sections],
-        "info": info,
-        "plan": plan.to_dict(),
-    }
+    # A compressed volume is held whole by each task (sources.VolumeSource).
+    plan = dataclasses.replace(plan, unit_memory=plan.unit_memory + held)
+    document = {"inputs": checked.inputs, **inputs, "info": info, "plan": plan.to_dict()}
     if not options.dry_run:
         # Unfinished until the finishing job writes the complete marker.
         state = layout.ConversionState(layout.fingerprint_of(checked.inputs))
@@ -250,6 +265,34 @@ def load_or_make_plan(
         unit_setup.write_info(options.results_dir, info, options.parameters)
         run.write_plan(document)
     return document
+
+
+def _stack_input(options: ingest.IngestOptions, checked: ingest.Preflight, scratch: Path | None):
+    """Returns (info, whole sections, bytes held, plan entries) of a section stack,
+    learning its shape and sample type from the first section."""
+    sections = unit_setup.ordered_sections(checked.objects, options.order_file)
+    first = fetch_sections(options, sections[:1], scratch or options.download_dir / "first-section")
+    info = unit_setup.stack_info(first[0], len(sections), options.parameters)
+    whole_sections = not sources.StackSource(first).reads_regions
+    return info, whole_sections, 0, {"sections": [[i.name, i.bytes, i.hash] for i in sections]}
+
+
+def _volume_input(options: ingest.IngestOptions, scratch: Path | None):
+    """Returns (info, whole sections, bytes held, plan entries) of a single volume,
+    fetched once into the download directory (on the shared file system), where
+    every task reads it."""
+    directory = scratch or options.download_dir
+    fetch_input.fetch(
+        options.source,
+        directory,
+        jobs=options.jobs,
+        settings=ingest.fetch_settings(options),
+        show_progress=False,
+    )
+    path = Path(layout.read_fetch_manifest(directory / layout.FETCH_MANIFEST_NAME)[0][1])
+    volume = ingest_ngs.open_input(path, options.parameters, None, jobs=1)
+    info = unit_setup.source_info(volume, volume.size, options.parameters)
+    return info, False, volume.held_bytes, {"volume": str(path.resolve())}
 
 
 def options_memory_limit(options: ingest.IngestOptions) -> int | None:
@@ -306,8 +349,6 @@ def submit(
 
     With ``array.wait`` also waits for the finishing job and returns the run report.
     """
-    if not options.stacks:
-        raise errors.UsageError("--array needs --stacks: a single volume is converted by one job")
     if not options.dry_run:
         slurm.find_command("sbatch")
     checked = ingest.preflight(options)

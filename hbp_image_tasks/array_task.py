@@ -30,6 +30,7 @@ from . import (
     ingest,
     layout,
     shard_writer,
+    sources,
     unit_conversion,
     unit_setup,
     units,
@@ -64,6 +65,7 @@ class Job:
         # The workers the submission planned memory for and asked Slurm's CPUs for.
         jobs = self.record.get("jobs") or options.jobs or 1
         self.options = dataclasses.replace(options, jobs=jobs)
+        self.volume: sources.VolumeSource | None = None
         self.connection = None
         if self.options.upload:
             self.connection = SwiftConnection(self.options.settings, error_type=errors.UploadError)
@@ -72,6 +74,21 @@ class Job:
         """Returns the listing entries of a unit's sections."""
         z0, z1 = unit.box.start[2], unit.box.stop[2]
         return [ObjectInfo(name, size, md5) for name, size, md5 in self.document["sections"][z0:z1]]
+
+    def unit_source(self, unit: units.Unit, should_stop: Callable[[], bool]):
+        """Returns what a unit reads: the volume the submission fetched (opened once
+        a task), or the unit's own sections, fetched now."""
+        if "volume" in self.document:
+            if self.volume is None:
+                self.volume = sources.VolumeSource(Path(self.document["volume"]))
+            return self.volume
+        z0, z1 = unit.box.start[2], unit.box.stop[2]
+        directory = self.options.download_dir / f"sections-{z0}-{z1}"
+        with locked(directory):
+            paths = array_job.fetch_sections(
+                self.options, self.section_objects(unit), directory, should_stop
+            )
+        return unit_setup.UnitSource(paths, z0, self.options.parameters.channels)
 
 
 @contextlib.contextmanager
@@ -87,14 +104,9 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     """Fetches, converts and uploads one unit; returns its record."""
     started = time.monotonic()
     options = job.options
-    objects = job.section_objects(unit)
-    z0, z1 = unit.box.start[2], unit.box.stop[2]
-    directory = options.download_dir / f"sections-{z0}-{z1}"
-    with locked(directory):
-        paths = array_job.fetch_sections(options, objects, directory, should_stop)
+    source = job.unit_source(unit, should_stop)
     results_dir = options.results_dir
     if unit_conversion.read_done(results_dir, unit) is None:
-        source = unit_setup.UnitSource(paths, z0, options.parameters.channels)
         context = unit_setup.make_context(
             job.info, source, options.parameters, results_dir, executor, should_stop
         )
@@ -243,10 +255,10 @@ def finish_report(
         "mode": "array",
         "inputs": {
             "source": job.options.source,
-            "stacks": True,
+            "stacks": job.options.stacks,
             "filter": job.options.filter_regex,
             "listing_fingerprint": job.document["inputs"].get("listing"),
-            "files": len(job.document["sections"]),
+            "files": len(job.document.get("sections", ())) or 1,
         },
         "parameters": job.document["inputs"].get("parameters"),
         "array": {

@@ -148,6 +148,11 @@ class VolumeSource:
         """Returns whether planes are read region by region (uncompressed files)."""
         return not self._read_whole
 
+    @property
+    def held_bytes(self) -> int:
+        """Returns the bytes of the samples held once read (a compressed volume's all)."""
+        return int(np.prod(self.shape)) * self.dtype.itemsize if self._read_whole else 0
+
     def identity(self) -> list:
         """Returns what identifies the input for resuming."""
         stat = self.path.stat()

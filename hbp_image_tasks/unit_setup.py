@@ -62,9 +62,14 @@ def stack_info(first_section: Path, depth: int, params: ConversionParameters) ->
     """Returns the pyramid's info of a stack of ``depth`` sections shaped like the first."""
     source = sources.StackSource([first_section], params.channels)
     ingest_ngs.check_channels(first_section, source.channels, params)
-    info = ingest_ngs.dataset_info(source, (source.size[0], source.size[1], depth), params)
+    return source_info(source, (source.size[0], source.size[1], depth), params)
+
+
+def source_info(source, size: tuple, params: ConversionParameters) -> dict:
+    """Returns the pyramid's info, sharding included, as ``ingest_ngs.convert`` makes it."""
     from . import shard_writer
 
+    info = ingest_ngs.dataset_info(source, size, params)
     shard_writer.add_sharding(info, params)
     return info
 

@@ -107,16 +107,6 @@ def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path
         unit_setup.unit_files(tmp_path, info, unit)
 
 
-def test_array_of_a_single_volume_is_refused_before_any_work(tmp_path, caplog):
-    from hbp_image_tasks import ingest
-
-    argv = ["--source", "https://example.org/brain.nii.gz", "--no-upload"]
-    argv += ["--download-dir", str(tmp_path / "src"), "--results-dir", str(tmp_path / "out")]
-    assert ingest.main(argv + ["--array", "4"]) == errors.EXIT_USAGE
-    assert "--array needs --stacks" in caplog.text
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("option", [["--wait"], ["--sbatch-option=--qos=high"]])
 def test_array_options_without_array_are_refused(tmp_path, caplog, option):
     from hbp_image_tasks import ingest

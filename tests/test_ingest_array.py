@@ -285,3 +285,57 @@ def test_a_rerun_while_the_earlier_jobs_wait_is_refused(
     finally:
         slurm.cancel(first["array_job"])
         slurm.cancel(first["finish_job"])
+
+
+def volume_bytes(suffix: str, segmentation: bool) -> bytes:
+    """Returns a small NIfTI volume (signed brain-like image, or labels) as file bytes."""
+    import gzip
+
+    import nibabel
+    import numpy as np
+
+    z, y, x = np.mgrid[0:40, 0:60, 0:70].astype(np.float32)
+    radius = ((x - 35) / 30) ** 2 + ((y - 30) / 26) ** 2 + ((z - 20) / 18) ** 2
+    if segmentation:
+        volume = (np.floor(radius * 5) * (radius < 1)).astype(np.uint16)
+    else:
+        volume = (900 * np.sin(6 * radius) * (radius < 1) - 40).astype(np.int16)
+    image = nibabel.Nifti1Image(volume.transpose(2, 1, 0), np.diag([0.5, 0.5, 0.5, 1]))
+    data = image.to_bytes()
+    return gzip.compress(data, mtime=0) if suffix == ".nii.gz" else data
+
+
+@pytest.mark.parametrize(
+    "suffix, segmentation, extra",
+    [
+        (".nii.gz", False, ["--array", "2"]),
+        (".nii", True, ["--memory-limit", "512K", "--array", "3"]),
+    ],
+    ids=["compressed-image", "labels-in-tiles"],
+)
+def test_array_of_a_volume_publishes_the_same_objects_as_a_single_ingest(
+    cluster_env, local_swift, unique_container, swift_client, tmp_path, suffix, segmentation, extra
+):
+    source = unique_container("volume-source")
+    url = local_swift.create_container(
+        source, {f"brain{suffix}": volume_bytes(suffix, segmentation)}
+    )
+    parameters = {"chunk_size": 16, **({"type": "segmentation"} if segmentation else {})}
+
+    def argv(work: Path, container: str) -> list[str]:
+        return [
+            "--source", f"{url}/brain{suffix}",
+            "--download-dir", str(work / "source"), "--results-dir", str(work / "results"),
+            "--parameters", json.dumps(parameters), "--container", container, "--jobs", "1",
+        ]  # fmt: skip
+
+    single, array = unique_container("volume-single"), unique_container("volume-array")
+    assert ingest.main(argv(tmp_path / "single", single)) == 0
+    assert ingest.main(argv(tmp_path / "array", array) + extra + ["--wait"]) == 0
+    published = listing(swift_client, array)
+    assert published == listing(swift_client, single)
+    assert "info" in published and len(published) > 10
+    run = array_state.ArrayRun(tmp_path / "array" / "results")
+    assert len(run.finished_units()) >= int(extra[-1])
+    # The tasks read the one volume the submission fetched; none fetched sections.
+    assert not list((tmp_path / "array" / "source").glob("sections-*"))
