@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import layout, png_rows
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -305,22 +305,29 @@ def read_section_region(
     :func:`read_section`.
 
     Plain tiled or stripped TIFF sections are read tile by tile or strip by strip
-    (only those the region touches); other sections are decoded whole and cropped.
-    ``out`` (region rows, region columns) may receive a grey region's pixels.
+    (only those the region touches), non-interlaced PNG sections block of rows by
+    block of rows down to the region's last; other sections are decoded whole and
+    cropped. ``out`` (region rows, region columns) may receive a grey region's pixels.
     """
     x0, x1, y0, y1 = region
     array = None
-    if not grey and path.suffix.lower() in (".tif", ".tiff"):
+    suffix = path.suffix.lower()
+    if not grey and suffix in (".tif", ".tiff"):
         array = _read_tiff_region(path, expected, region, out)
+    elif suffix == ".png":
+        array = _read_png_region(path, expected, region, grey, out)
     if array is None:
         array = read_section(path, expected, grey=grey)[y0:y1, x0:x1]
     return array
 
 
-def reads_regions(path: Path, expected: SectionFormat) -> bool:
+def reads_regions(path: Path, expected: SectionFormat, grey: bool = False) -> bool:
     """Returns whether :func:`read_section_region` reads a region of ``path`` without
-    decoding the whole section (plain tiled or stripped TIFF)."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
+    decoding the whole section (plain tiled or stripped TIFF, non-interlaced PNG)."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return _png_header(path) is not None
+    if grey or suffix not in (".tif", ".tiff"):
         return False
     try:
         import tifffile
@@ -402,3 +409,52 @@ def _copy_segments(tiff, page, region, out: np.ndarray) -> None:
             a, b = max(y0, top), min(y1, top + segment.shape[0])
             c, d = max(x0, left), min(x1, left + segment.shape[1])
             out[a - y0 : b - y0, c - x0 : d - x0] = segment[a - top : b - top, c - left : d - left]
+
+
+def _png_header(path: Path) -> png_rows.PngHeader | None:
+    """Returns the header of a PNG whose rows stream (see :mod:`png_rows`), else None."""
+    header = png_rows.read_header(path)
+    return header if header is not None and header.streams else None
+
+
+def _read_png_region(
+    path: Path, expected: SectionFormat, region, grey: bool, out
+) -> np.ndarray | None:
+    """Returns a region of a non-interlaced PNG decoded block of rows by block of
+    rows, the samples that :func:`read_section` gives; None for other PNGs."""
+    header = _png_header(path)
+    if header is None:
+        return None
+    x0, x1, y0, y1 = region
+    with _open(path) as image:
+        found = _format_of(path, image)
+        if found != dataclasses.replace(expected, mode=found.mode) or len(image.tile) != 1:
+            return None  # read_section names what differs
+        shape = (y1 - y0, x1 - x0) + ((3,) if expected.channels == 3 and not grey else ())
+        if out is None or out.shape != shape or out.dtype != np.dtype(expected.dtype):
+            out = np.empty(shape, expected.dtype)
+        top = y0
+        for rows in png_rows.row_blocks(path, header, y0, y1):
+            out[top - y0 : top - y0 + len(rows)] = _png_samples(image, header, rows, x0, x1, grey)
+            top += len(rows)
+    return out
+
+
+def _png_samples(image, header, rows: np.ndarray, x0: int, x1: int, grey: bool) -> np.ndarray:
+    """Returns columns ``x0:x1`` of unfiltered PNG rows as Pillow decodes them (the
+    same raw mode unpacks them), alpha and palettes expanded as in read_section."""
+    rawmode = _raw_mode(image.tile[0])
+    left, width = x0, header.width
+    if header.pixel_bits % 8 == 0:  # whole bytes per pixel: crop before unpacking
+        rows = rows[:, x0 * header.step : x1 * header.step]
+        left, width = 0, x1 - x0
+    if not grey and (image.mode, rawmode) in _PLAIN_PNG:
+        dtype = ">u2" if rawmode == "I;16B" else "u1"
+        samples = rows.view(dtype).reshape(len(rows), width, -1)
+        return samples[..., 0] if samples.shape[-1] == 1 else samples
+    from PIL import Image
+
+    part = Image.frombytes(image.mode, (width, len(rows)), rows.tobytes(), "raw", rawmode)
+    if image.mode == "P":
+        part.putpalette(image.palette)
+    return _decode_with_pillow(part, grey)[:, left : left + x1 - x0]

@@ -47,7 +47,7 @@ class StackSource:
     def reads_regions(self) -> bool:
         """Returns whether a region of a section is read without decoding it whole
         (judged from the first section)."""
-        return not self.grey and sections.reads_regions(self.paths[0], self.format)
+        return sections.reads_regions(self.paths[0], self.format, self.grey)
 
     def identity(self) -> list:
         """Returns what identifies the input for resuming (names, sizes, mtimes)."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from test_ingest_ngs import chunk_files, write_nifti, write_stack
+from test_png_rows import write_png
 
 from hbp_image_tasks import (
     errors,
@@ -431,13 +432,17 @@ def test_tiff_region_reads_give_the_whole_sections_samples_cropped(tmp_path, mon
         assert part.dtype == whole.dtype and np.array_equal(part, whole[y0:y1, x0:x1])
 
 
-def test_only_plain_tiff_sections_are_read_by_region_and_planned_so(tmp_path):
+def test_plain_tiff_and_non_interlaced_png_sections_are_read_by_region_and_planned_so(tmp_path):
     plane = brain_like((1, 64, 64))[0]
     tifffile.imwrite(tmp_path / "tiled.tif", plane, tile=(16, 16))
     write_stack(tmp_path / "png", plane[np.newaxis])
-    tiff = sources.StackSource([tmp_path / "tiled.tif"])
-    png = sources.StackSource(sorted((tmp_path / "png").iterdir()))
-    assert tiff.reads_regions and not png.reads_regions
+    write_stack(tmp_path / "jpeg", plane[np.newaxis], ".jpg")
+    write_png(tmp_path / "interlaced.png", plane, interlace=True)
+    by_region = [sources.StackSource([tmp_path / "tiled.tif"])]
+    by_region.append(sources.StackSource(sorted((tmp_path / "png").iterdir())))
+    whole = [sources.StackSource([tmp_path / "interlaced.png"])]
+    whole.append(sources.StackSource(sorted((tmp_path / "jpeg").iterdir())))
+    assert [s.reads_regions for s in by_region + whole] == [True, True, False, False]
     info = pyramid.build_info(
         "uint8", 1, (8192, 8192, 64), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
     )
@@ -447,6 +452,28 @@ def test_only_plain_tiff_sections_are_read_by_region_and_planned_so(tmp_path):
     # Four workers decoding whole 64 MiB sections leave less room for the tiles.
     assert whole.unit_memory <= limit and by_region.unit_memory <= limit
     assert len(whole.units) > len(by_region.units)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((12, 150, 170), "uint8"), ((12, 150, 170), "uint16"), ((12, 100, 120, 3), "uint8")],
+    ids=["grey8", "grey16", "rgb"],
+)
+def test_png_stack_in_x_y_tiles_reads_rows_and_writes_the_single_pass_bytes(
+    tmp_path, monkeypatch, shape, dtype
+):
+    write_stack(tmp_path / "in", brain_like(shape, dtype))
+    argv = [str(tmp_path / "in"), "--parameters", '{"chunk_size": 16, "voxel_size": [1, 1, 1]}']
+    argv += ["--jobs", "2", "-q"]
+    assert ingest_ngs.main(argv + ["-d", str(tmp_path / "one")]) == 0
+    info = json.loads((tmp_path / "one" / "info").read_text())
+    limit = units.single_pass_memory(info, jobs=2) // 4
+    starts = [unit.box.start for unit in units.plan_units(info, limit, jobs=2).units]
+    assert len({x for x, _, _ in starts}) > 1 and len({y for _, y, _ in starts}) > 1
+    monkeypatch.setattr(sections, "read_section", None)  # no section decoded whole
+    limited = ["-d", str(tmp_path / "tiles"), "--memory-limit", f"{limit >> 10}K"]
+    assert ingest_ngs.main(argv + limited) == 0
+    assert chunk_files(tmp_path / "tiles") == chunk_files(tmp_path / "one")
 
 
 def test_sections_above_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
