@@ -24,7 +24,7 @@ except ImportError:
     import zlib
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BLOCK_BYTES = 8 << 20  # filtered rows unfiltered at once
+BLOCK_BYTES = 2 << 20  # filtered rows unfiltered at once (larger blocks are no faster)
 READ_BYTES = 256 << 10  # compressed bytes read from the file at once
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 # Bytes per pixel (the step of the Sub, Average and Paeth filters) -> the colour type
@@ -106,7 +106,7 @@ def row_blocks(
     ``block_bytes`` (default BLOCK_BYTES) or one row. Raises InputError naming the
     file if its data is corrupt or ends before row ``y1``."""
     stride = header.row_bytes + 1  # a filter type byte, then the row
-    count = max(1, (block_bytes or BLOCK_BYTES) // stride)
+    count = max(1, min((block_bytes or BLOCK_BYTES) // stride, max(y0, y1 - y0)))
     # The unfiltered row above a block (zeros above row 0), then the block's filtered rows.
     rows = bytearray(stride * (count + 1))
     with open(path, "rb") as handle:

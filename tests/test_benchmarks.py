@@ -70,6 +70,21 @@ def test_tiles_benchmark_converts_within_the_limit_and_matches_the_single_pass(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+REGIONS = BENCHMARK.parent / "bench_png_regions.py"
+
+
+def test_png_regions_benchmark_checks_each_region_against_the_whole_decode(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REGIONS), "--size", "256", "--tile", "64", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and " s |" in line]
+    assert len(rows) == 2 * 6  # two writers, six regions each
+
+
 PUBLISH = BENCHMARK.parent / "bench_publish.py"
 
 
