@@ -25,6 +25,7 @@ except ImportError:
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCK_BYTES = 2 << 20  # filtered rows unfiltered at once (larger blocks are no faster)
+SMALL_BLOCK_BYTES = 256 << 10  # below that, each block's own cost shows
 READ_BYTES = 256 << 10  # compressed bytes read from the file at once
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 # Bytes per pixel (the step of the Sub, Average and Paeth filters) -> the colour type
@@ -96,6 +97,13 @@ def read_header(path: Path) -> PngHeader | None:
     if colour not in _CHANNELS or compression != 0 or filtering != 0 or interlace > 1:
         return None
     return PngHeader(width, height, depth, colour, interlace == 1, offset)
+
+
+def block_bytes(region_bytes: int) -> int:
+    """Returns the block size for reading a region of ``region_bytes``: at most half
+    of it (a few blocks are held at once; the unit planner budgets two copies of a
+    worker's region), SMALL_BLOCK_BYTES at least, BLOCK_BYTES at most."""
+    return min(BLOCK_BYTES, max(region_bytes // 2, SMALL_BLOCK_BYTES))
 
 
 def row_blocks(

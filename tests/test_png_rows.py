@@ -79,6 +79,7 @@ def _written(name: str, path: Path) -> Path:
         "filters-grey8": ((37, 53), np.uint8),
         "filters-grey16": ((29, 31), np.uint16),
         "filters-grey-alpha": ((23, 41, 2), np.uint8),
+        "filters-grey-alpha16": ((17, 21, 2), np.uint16),
         "filters-rgb": ((37, 53, 3), np.uint8),
         "filters-rgba": ((19, 27, 4), np.uint8),
     }
@@ -97,7 +98,8 @@ def _written(name: str, path: Path) -> Path:
     return path
 
 
-STREAMED = ["filters-grey8", "filters-grey16", "filters-grey-alpha", "filters-rgb", "filters-rgba"]
+STREAMED = ["filters-grey8", "filters-grey16", "filters-grey-alpha", "filters-grey-alpha16"]
+STREAMED += ["filters-rgb", "filters-rgba"]
 STREAMED += [name for name in _png_variants(np.random.default_rng(0)) if "interlaced" not in name]
 GREYED = ["filters-rgb", "filters-rgba"] + list(COLOUR_VARIANTS)
 
