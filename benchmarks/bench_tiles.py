@@ -1,6 +1,7 @@
 """Benchmark: a conversion bounded by --memory-limit (x-y tiles) against the single pass.
 
-Generates brain-like 8-bit sections as tiled, deflated TIFF: a large stack whose
+Generates brain-like 8-bit sections as tiled, deflated TIFF (or, with --format
+png, as PNG, read block of rows by block of rows): a large stack whose
 single-pass slab exceeds the limit, and a reference stack that fits. In the same
 run it converts the reference in one pass and in tiles (checking that both write
 the same bytes), then the large stack within the limit, and prints wall time, CPU
@@ -9,6 +10,7 @@ interpreter's own base RSS (imports only).
 
     python benchmarks/bench_tiles.py --quick       # seconds
     python benchmarks/bench_tiles.py --size 16384 --sections 64 --limit 1G   # 16 GiB slab
+    python benchmarks/bench_tiles.py --format png --size 8192 --sections 64 --limit 512M
 """
 
 from __future__ import annotations
@@ -77,16 +79,24 @@ def brain_plane(z: int, depth: int, size: int, noise: np.ndarray) -> np.ndarray:
     return plane
 
 
-def write_stack(directory: Path, size: int, sections: int, tile: int) -> None:
-    """Writes ``sections`` tiled TIFF sections of size x size (deflate level 1)."""
+def write_stack(directory: Path, size: int, sections: int, tile: int, fmt: str = "tiff") -> None:
+    """Writes ``sections`` sections of size x size: tiled TIFF (deflate level 1) or
+    PNG (Pillow's default level and filters)."""
     directory.mkdir(parents=True, exist_ok=True)
     noise = np.random.default_rng(0).integers(0, 8, (min(size, 1024),) * 2, dtype=np.uint8)
     for z in range(sections):
-        if (directory / f"s{z:04d}.tif").is_file():
+        path = directory / f"s{z:04d}.{'png' if fmt == 'png' else 'tif'}"
+        if path.is_file():
             continue  # kept from an earlier run (--keep-input)
+        plane = brain_plane(z, sections, size, noise)
+        if fmt == "png":
+            from PIL import Image
+
+            Image.fromarray(plane).save(path)
+            continue
         tifffile.imwrite(
-            directory / f"s{z:04d}.tif",
-            brain_plane(z, sections, size, noise),
+            path,
+            plane,
             tile=(tile, tile),
             compression="zlib",
             compressionargs={"level": 1},
@@ -153,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", default="1G", help="--memory-limit of the large stack")
     parser.add_argument("--jobs", type=int, default=2, help="ingest_ngs --jobs")
     parser.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
+    parser.add_argument("--format", choices=("tiff", "png"), default="tiff", help="sections")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
     parser.add_argument(
         "--keep-input", action="store_true", help="keep the stacks for the next run (same sizes)"
@@ -176,8 +187,10 @@ def main(argv=None) -> int:
 
 
 def run(args, work: Path) -> dict:
-    write_stack(work / "reference", args.reference_size, args.sections, min(args.tile, 256))
-    write_stack(work / "large", args.size, args.sections, args.tile)
+    write_stack(
+        work / "reference", args.reference_size, args.sections, min(args.tile, 256), args.format
+    )
+    write_stack(work / "large", args.size, args.sections, args.tile, args.format)
     base = measure([sys.executable, "-c", IMPORTS], work / "imports.log")["rss_mb"]
     tiling = tiling_limit(args.reference_size, args.sections, args.jobs)
     rows = {
@@ -192,7 +205,10 @@ def run(args, work: Path) -> dict:
     shutil.rmtree(work / "one-pass")
     rows["tiled-large"] = convert(work / "large", work / "tiled-large", args.limit, args.jobs)
     limit_mb = parse_size(args.limit) / (1 << 20)
-    print(f"interpreter base RSS (imports only): {base:.0f} MB; --jobs {args.jobs}")
+    print(
+        f"{args.format} sections; interpreter base RSS (imports only): {base:.0f} MB; "
+        f"--jobs {args.jobs}"
+    )
     print("| run | voxels | wall | CPU | peak RSS | Mvoxel/s | speed / one pass |")
     print("|---|--:|--:|--:|--:|--:|--:|")
     one = rows["one-pass"]["mvoxel_per_s"]

@@ -52,11 +52,12 @@ def test_convert_benchmark_compares_both_tools_at_each_job_count(tmp_path):
 TILES = BENCHMARK.parent / "bench_tiles.py"
 
 
-def test_tiles_benchmark_converts_within_the_limit_and_matches_the_single_pass(tmp_path):
+@pytest.mark.parametrize("fmt", ["tiff", "png"])
+def test_tiles_benchmark_converts_within_the_limit_and_matches_the_single_pass(tmp_path, fmt):
     # 2048 x 2048 x 16 sections: a 64 MiB slab in one pass, 16 MiB allowed.
     done = subprocess.run(
         [sys.executable, str(TILES), "--size", "2048", "--reference-size", "512"]
-        + ["--sections", "16", "--limit", "16M", "--workdir", str(tmp_path)],
+        + ["--sections", "16", "--limit", "16M", "--workdir", str(tmp_path), "--format", fmt],
         capture_output=True,
         text=True,
         timeout=300,
