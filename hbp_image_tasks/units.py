@@ -285,8 +285,8 @@ def plan_units(
     With a sharded scale 0, boxes are whole scale-0 shard boxes when one box's x-y
     tile fits (a unit streams through z, so its depth costs no memory); else the
     plan falls back to boxes that share shards. With ``whole_sections``, each
-    worker decodes whole sections to get a region (PNG). Raises UsageError when
-    no box fits the limit.
+    worker decodes whole sections to get a region (JPEG, interlaced PNG). Raises
+    UsageError when no box fits the limit.
     """
     budget = memory_limit if memory_limit is not None else math.inf
     box = shard_alignment(info)
