@@ -237,7 +237,11 @@ def plan_conversion(
     )
     if memory_limit is not None and units.single_pass_memory(info, jobs) > memory_limit:
         plan.units = units.plan_units(
-            info, memory_limit, jobs, whole_sections=not input_source.reads_regions
+            info,
+            memory_limit,
+            jobs,
+            whole_sections=not input_source.reads_regions,
+            bands=input_source.reads_rows,
         )
     return plan
 

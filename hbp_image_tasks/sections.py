@@ -338,6 +338,12 @@ def reads_regions(path: Path, expected: SectionFormat, grey: bool = False) -> bo
         return False
 
 
+def reads_rows(path: Path) -> bool:
+    """Returns whether :func:`read_section_region` reads ``path`` by rows from its top
+    (non-interlaced PNG): a region costs every row above it, and whole rows."""
+    return path.suffix.lower() == ".png" and _png_header(path) is not None
+
+
 def _read_tiff_region(path: Path, expected: SectionFormat, region, out) -> np.ndarray | None:
     """Returns a region of a plain TIFF read segment by segment, None for other TIFFs."""
     with _open(path) as image:

@@ -49,6 +49,12 @@ class StackSource:
         (judged from the first section)."""
         return sections.reads_regions(self.paths[0], self.format, self.grey)
 
+    @property
+    def reads_rows(self) -> bool:
+        """Returns whether regions are read by rows from each section's top (PNG), so
+        that full-width bands cost least (judged from the first section)."""
+        return sections.reads_rows(self.paths[0])
+
     def identity(self) -> list:
         """Returns what identifies the input for resuming (names, sizes, mtimes)."""
         result = []
@@ -97,6 +103,7 @@ class VolumeSource:
     """A 3D (or 3D + channels) volume that nibabel reads; voxel (i, j, k) -> (x, y, z)."""
 
     kind = "volume"
+    reads_rows = False  # any box of planes is read alone
 
     def __init__(self, path: Path):
         import nibabel

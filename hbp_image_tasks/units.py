@@ -221,21 +221,37 @@ def _unit_memory(info: dict, top_scale: int, tile: Sequence[int], jobs: int, who
     return builder_memory(info, 0, last, tile[0], tile[1], jobs, decoded)
 
 
-def _fit_tile(info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, whole: bool):
-    """Returns the largest x-y tile on ``grid`` whose unit fits ``budget``, else None."""
+def _fit_tile(
+    info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, whole: bool, bands: bool
+):
+    """Returns the largest x-y tile on ``grid`` whose unit fits ``budget``, else None;
+    with ``bands``, the tallest full-width band instead where it is as large."""
+    tile = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, False)
+    if bands:
+        band = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, True)
+        if band is not None and (tile is None or band[0] * band[1] >= tile[0] * tile[1]):
+            return band
+    return tile
+
+
+def _halve_to_fit(
+    info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, whole: bool, rows: bool
+):
+    """Returns the first tile on ``grid``, from whole planes, whose unit fits
+    ``budget`` (else None), halving the longer side, or only the height (``rows``)."""
     width, height, _ = info["scales"][0]["size"]
     cells = [ceil_div(width, grid[0]), ceil_div(height, grid[1])]
     while True:
         tile = [min(cells[0] * grid[0], width), min(cells[1] * grid[1], height)]
         if _unit_memory(info, top_scale, tile, jobs, whole) <= budget:
             return tile
-        if cells == [1, 1]:
+        if cells == [1, 1] or (rows and cells[1] == 1):
             return None
         # Halve the longer side: tiles stay square-ish, whole rows while they fit.
         axis = 0 if cells[0] * grid[0] >= cells[1] * grid[1] and cells[0] > 1 else 1
         if cells[axis] == 1:
             axis = 1 - axis
-        cells[axis] = ceil_div(cells[axis], 2)
+        cells[1 if rows else axis] = ceil_div(cells[1 if rows else axis], 2)
 
 
 def check_memory_floor(memory_limit: int, chunk_size: int, jobs: int) -> None:
@@ -273,6 +289,7 @@ def plan_units(
     extra_alignment: Sequence[int] = (1, 1, 1),
     whole_sections: bool = False,
     tasks: int | None = None,
+    bands: bool = False,
 ) -> Plan:
     """Returns the units that convert ``info``'s volume within ``memory_limit`` bytes.
 
@@ -285,14 +302,16 @@ def plan_units(
     With a sharded scale 0, boxes are whole scale-0 shard boxes when one box's x-y
     tile fits (a unit streams through z, so its depth costs no memory); else the
     plan falls back to boxes that share shards. With ``whole_sections``, each
-    worker decodes whole sections to get a region (JPEG, interlaced PNG). Raises
-    UsageError when no box fits the limit.
+    worker decodes whole sections to get a region (JPEG, interlaced PNG). With
+    ``bands``, tiles are full-width bands while they fit: sections read by rows
+    from the top (PNG) then unfilter each row once instead of once per x tile.
+    Raises UsageError when no box fits the limit.
     """
     budget = memory_limit if memory_limit is not None else math.inf
     box = shard_alignment(info)
     if box is not None:
         aligned = [math.lcm(int(e), b) for e, b in zip(extra_alignment, box)]
-        found = _fit(info, budget, jobs, aligned, whole_sections)
+        found = _fit(info, budget, jobs, aligned, whole_sections, bands)
         if isinstance(found, list):
             top, tile = _deepest(info, found, aligned, sections_per_unit, tasks)
             return make_plan(info, top, tile, sections_per_unit, jobs, aligned, whole_sections)
@@ -307,7 +326,7 @@ def plan_units(
             jobs,
             format_bytes(budget),
         )
-    found = _fit(info, budget, jobs, extra_alignment, whole_sections)
+    found = _fit(info, budget, jobs, extra_alignment, whole_sections, bands)
     if isinstance(found, list):
         top, tile = _deepest(info, found, extra_alignment, sections_per_unit, tasks)
         return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections)
@@ -325,7 +344,7 @@ def plan_units(
 UNITS_PER_TASK = 2
 
 
-def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool):
+def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool, bands: bool):
     """Returns the (top scale, tile) pairs whose finishing step and some tile on the
     grid fit ``budget``, fewest scales first; else the bytes the smallest unit needs."""
     smallest, fitting = None, []
@@ -333,7 +352,7 @@ def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool
         if finishing_memory(info, top, jobs) > budget:
             continue
         grid = alignment(info, top, extra)
-        tile = _fit_tile(info, top, grid, budget, jobs, whole)
+        tile = _fit_tile(info, top, grid, budget, jobs, whole, bands)
         if tile is not None:
             fitting.append((top, tile))
             continue

@@ -443,6 +443,7 @@ def test_plain_tiff_and_non_interlaced_png_sections_are_read_by_region_and_plann
     whole = [sources.StackSource([tmp_path / "interlaced.png"])]
     whole.append(sources.StackSource(sorted((tmp_path / "jpeg").iterdir())))
     assert [s.reads_regions for s in by_region + whole] == [True, True, False, False]
+    assert [s.reads_rows for s in by_region + whole] == [False, True, False, False]
     info = pyramid.build_info(
         "uint8", 1, (8192, 8192, 64), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
     )
@@ -454,26 +455,58 @@ def test_plain_tiff_and_non_interlaced_png_sections_are_read_by_region_and_plann
     assert len(whole.units) > len(by_region.units)
 
 
+def test_sections_read_by_rows_get_full_width_bands_where_one_as_large_fits():
+    info = pyramid.build_info(
+        "uint8", 1, (8192, 8192, 64), (1, 1, 1), (0, 0, 0), "image", "raw", 64, None
+    )
+    limit = 512 << 20
+    tiles = units.plan_units(info, limit, jobs=2)
+    bands = units.plan_units(info, limit, jobs=2, bands=True)
+    assert tiles.tile[0] < 8192 and bands.tile[0] == 8192
+    assert len(bands.units) == len(tiles.units) and bands.unit_memory <= limit
+    # Narrow: no full-width band as large as the tile fits, so the tile stays.
+    small = pyramid.build_info(
+        "uint8", 1, (170, 150, 12), (1, 1, 1), (0, 0, 0), "image", "raw", 16, None
+    )
+    limit = units.single_pass_memory(small, jobs=2) // 4
+    assert units.plan_units(small, limit, jobs=2, bands=True) == units.plan_units(
+        small, limit, jobs=2
+    )
+
+
 @pytest.mark.parametrize(
-    "shape, dtype",
-    [((12, 150, 170), "uint8"), ((12, 150, 170), "uint16"), ((12, 100, 120, 3), "uint8")],
-    ids=["grey8", "grey16", "rgb"],
+    "shape, dtype, share, cut",
+    [
+        ((12, 150, 170), "uint8", 4, "x-y tiles"),
+        ((12, 150, 170), "uint16", 4, "x-y tiles"),
+        ((12, 100, 120, 3), "uint8", 4, "x-y tiles"),
+        ((16, 256, 512), "uint8", 2, "bands"),  # a band as large as a tile fits
+    ],
+    ids=["grey8", "grey16", "rgb", "grey8-bands"],
 )
-def test_png_stack_in_x_y_tiles_reads_rows_and_writes_the_single_pass_bytes(
-    tmp_path, monkeypatch, shape, dtype
+def test_png_stack_within_a_memory_limit_reads_rows_and_writes_the_single_pass_bytes(
+    tmp_path, monkeypatch, shape, dtype, share, cut
 ):
     write_stack(tmp_path / "in", brain_like(shape, dtype))
     argv = [str(tmp_path / "in"), "--parameters", '{"chunk_size": 16, "voxel_size": [1, 1, 1]}']
     argv += ["--jobs", "2", "-q"]
     assert ingest_ngs.main(argv + ["-d", str(tmp_path / "one")]) == 0
     info = json.loads((tmp_path / "one" / "info").read_text())
-    limit = units.single_pass_memory(info, jobs=2) // 4
-    starts = [unit.box.start for unit in units.plan_units(info, limit, jobs=2).units]
-    assert len({x for x, _, _ in starts}) > 1 and len({y for _, y, _ in starts}) > 1
+    limit = units.single_pass_memory(info, jobs=2) // share
+    plans, plan_units = [], units.plan_units
+
+    def recorded(*args, **kwargs):
+        plans.append(plan_units(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(units, "plan_units", recorded)
     monkeypatch.setattr(sections, "read_section", None)  # no section decoded whole
     limited = ["-d", str(tmp_path / "tiles"), "--memory-limit", f"{limit >> 10}K"]
     assert ingest_ngs.main(argv + limited) == 0
     assert chunk_files(tmp_path / "tiles") == chunk_files(tmp_path / "one")
+    boxes = [(unit.box.start, unit.box.stop) for unit in plans[0].units]
+    full_width = all(start[0] == 0 and stop[0] == shape[2] for start, stop in boxes)
+    assert len({start[1] for start, _ in boxes}) > 1 and full_width == (cut == "bands")
 
 
 def test_sections_above_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
