@@ -99,7 +99,7 @@ def read_header(path: Path) -> PngHeader | None:
     return PngHeader(width, height, depth, colour, interlace == 1, offset)
 
 
-def block_bytes(region_bytes: int) -> int:
+def block_size(region_bytes: int) -> int:
     """Returns the block size for reading a region of ``region_bytes``: at most half
     of it (a few blocks are held at once; the unit planner budgets two copies of a
     worker's region), SMALL_BLOCK_BYTES at least, BLOCK_BYTES at most."""

@@ -439,7 +439,7 @@ def _read_png_region(
         shape = (y1 - y0, x1 - x0) + ((3,) if expected.channels == 3 and not grey else ())
         if out is None or out.shape != shape or out.dtype != np.dtype(expected.dtype):
             out = np.empty(shape, expected.dtype)
-        block = png_rows.block_bytes(out.nbytes)
+        block = png_rows.block_size(out.nbytes)
         top = y0
         for rows in png_rows.row_blocks(path, header, y0, y1, block):
             out[top - y0 : top - y0 + len(rows)] = _png_samples(image, header, rows, x0, x1, grey)
