@@ -236,9 +236,10 @@ def load_or_make_plan(
         if options.dry_run:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if options.stacks:
-            info, whole_sections, held, inputs = _stack_input(options, checked, scratch)
+            found = _stack_input(options, checked, scratch)
         else:
-            info, whole_sections, held, inputs = _volume_input(options, scratch)
+            found = _volume_input(options, scratch)
+    info, held = found.info, found.held_bytes
     limit = options_memory_limit(options)
     if limit is not None and held >= limit:
         from .progress import format_bytes
@@ -252,12 +253,13 @@ def load_or_make_plan(
         None if limit is None else limit - held,
         task_jobs(options, array.sbatch_options),
         sections_per_unit=array.sections_per_unit,
-        whole_sections=whole_sections,
+        whole_sections=found.whole_sections,
         tasks=array.tasks,
+        bands=found.bands,
     )
     # A compressed volume is held whole by each task (sources.VolumeSource).
     plan = dataclasses.replace(plan, unit_memory=plan.unit_memory + held)
-    document = {"inputs": checked.inputs, **inputs, "info": info, "plan": plan.to_dict()}
+    document = {"inputs": checked.inputs, **found.entries, "info": info, "plan": plan.to_dict()}
     if not options.dry_run:
         # Unfinished until the finishing job writes the complete marker.
         state = layout.ConversionState(layout.fingerprint_of(checked.inputs))
@@ -267,20 +269,36 @@ def load_or_make_plan(
     return document
 
 
-def _stack_input(options: ingest.IngestOptions, checked: ingest.Preflight, scratch: Path | None):
-    """Returns (info, whole sections, bytes held, plan entries) of a section stack,
-    learning its shape and sample type from the first section."""
+@dataclasses.dataclass(frozen=True)
+class PlannedInput:
+    """What the plan needs to know of the input, and what the tasks read it from."""
+
+    info: dict
+    whole_sections: bool  # each worker decodes whole sections to get a region
+    bands: bool  # regions are read by rows: full-width bands cost least
+    held_bytes: int  # samples each task holds besides its units' buffers
+    entries: dict  # the plan's "sections" (listing entries) or "volume" (a path)
+
+
+def _stack_input(
+    options: ingest.IngestOptions, checked: ingest.Preflight, scratch: Path | None
+) -> PlannedInput:
+    """Returns a section stack's input, its shape and sample type from the first section."""
     sections = unit_setup.ordered_sections(checked.objects, options.order_file)
     first = fetch_sections(options, sections[:1], scratch or options.download_dir / "first-section")
-    info = unit_setup.stack_info(first[0], len(sections), options.parameters)
-    whole_sections = not sources.StackSource(first).reads_regions
-    return info, whole_sections, 0, {"sections": [[i.name, i.bytes, i.hash] for i in sections]}
+    stack = sources.StackSource(first)
+    return PlannedInput(
+        unit_setup.stack_info(first[0], len(sections), options.parameters),
+        whole_sections=not stack.reads_regions,
+        bands=stack.reads_rows,
+        held_bytes=0,
+        entries={"sections": [[i.name, i.bytes, i.hash] for i in sections]},
+    )
 
 
-def _volume_input(options: ingest.IngestOptions, scratch: Path | None):
-    """Returns (info, whole sections, bytes held, plan entries) of a single volume,
-    fetched once into the download directory (on the shared file system), where
-    every task reads it."""
+def _volume_input(options: ingest.IngestOptions, scratch: Path | None) -> PlannedInput:
+    """Returns a single volume's input, fetched once into the download directory (on
+    the shared file system), where every task reads it."""
     directory = scratch or options.download_dir
     fetch_input.fetch(
         options.source,
@@ -291,8 +309,13 @@ def _volume_input(options: ingest.IngestOptions, scratch: Path | None):
     )
     path = Path(layout.read_fetch_manifest(directory / layout.FETCH_MANIFEST_NAME)[0][1])
     volume = ingest_ngs.open_input(path, options.parameters, None, jobs=1)
-    info = unit_setup.source_info(volume, volume.size, options.parameters)
-    return info, False, volume.held_bytes, {"volume": str(path.resolve())}
+    return PlannedInput(
+        unit_setup.source_info(volume, volume.size, options.parameters),
+        whole_sections=False,
+        bands=volume.reads_rows,
+        held_bytes=volume.held_bytes,
+        entries={"volume": str(path.resolve())},
+    )
 
 
 def options_memory_limit(options: ingest.IngestOptions) -> int | None:
