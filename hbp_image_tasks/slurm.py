@@ -170,12 +170,12 @@ def wait(
     Polls every 0.5 s at first, then less often, up to every ``poll_seconds``.
     ``ending`` (cheap, e.g. whether the job's outcome file exists) is asked every
     ``ENDING_TICK`` seconds in between; once it is true, polling starts over at
-    0.5 s, so the wait ends about when the job does, not up to a poll later.
+    that tick, so the wait ends about when the job does, not up to a poll later.
     Returns ``UNKNOWN`` when Slurm forgot the job (MinJobAge passed): the caller
     then decides from the files the job left.
     """
     last = None
-    first_delay = delay = min(0.5, poll_seconds)
+    delay = min(0.5, poll_seconds)
     while True:
         state = job_state(show_job(job_id))
         if state != last:
@@ -186,7 +186,7 @@ def wait(
         if should_stop and should_stop():
             raise Interrupted(f"stopped waiting for job {job_id} (it keeps running)")
         if ending is not None and ending():
-            ending, delay = None, first_delay
+            ending, delay = None, ENDING_TICK
         if ending is None:
             sleep(delay)
         else:
