@@ -19,7 +19,7 @@ import resource
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -75,59 +75,20 @@ class Job:
         z0, z1 = unit.box.start[2], unit.box.stop[2]
         return [ObjectInfo(name, size, md5) for name, size, md5 in self.document["sections"][z0:z1]]
 
-    def fetch_unit_sections(self, unit: units.Unit, should_stop: Callable[[], bool]) -> list[Path]:
-        """Fetches a unit's sections (those already there and whole are kept); returns them."""
-        z0, z1 = unit.box.start[2], unit.box.stop[2]
-        directory = self.options.download_dir / f"sections-{z0}-{z1}"
-        with locked(directory):
-            return array_job.fetch_sections(
-                self.options, self.section_objects(unit), directory, should_stop
-            )
-
-    def unit_source(
-        self, unit: units.Unit, should_stop: Callable[[], bool], paths: list[Path] | None = None
-    ):
+    def unit_source(self, unit: units.Unit, should_stop: Callable[[], bool]):
         """Returns what a unit reads: the volume the submission fetched (opened once
-        a task), or the unit's own sections (``paths``, else fetched now)."""
+        a task), or the unit's own sections, fetched now."""
         if "volume" in self.document:
             if self.volume is None:
                 self.volume = sources.VolumeSource(Path(self.document["volume"]))
             return self.volume
-        if paths is None:
-            paths = self.fetch_unit_sections(unit, should_stop)
-        return unit_setup.UnitSource(paths, unit.box.start[2], self.options.parameters.channels)
-
-
-class SectionsAhead:
-    """Fetches a unit's sections in the background while the unit before it converts,
-    so that downloading overlaps converting (one unit ahead, on disk, not in memory)."""
-
-    def __init__(self, job: Job, should_stop: Callable[[], bool]):
-        self.job = job
-        self.should_stop = should_stop
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-ahead")
-        self._pending: dict[str, Future] = {}
-
-    def start(self, unit: units.Unit) -> None:
-        """Starts fetching ``unit``'s sections (a volume has none to fetch)."""
-        if "volume" not in self.job.document and unit.id not in self._pending:
-            self._pending[unit.id] = self._pool.submit(
-                self.job.fetch_unit_sections, unit, self.should_stop
+        z0, z1 = unit.box.start[2], unit.box.stop[2]
+        directory = self.options.download_dir / f"sections-{z0}-{z1}"
+        with locked(directory):
+            paths = array_job.fetch_sections(
+                self.options, self.section_objects(unit), directory, should_stop
             )
-
-    def take(self, unit: units.Unit, following: units.Unit | None = None) -> list[Path] | None:
-        """Returns ``unit``'s fetched sections once they are there (raising what the
-        fetch raised; None for a volume) and starts fetching ``following``'s."""
-        self.start(unit)
-        future = self._pending.pop(unit.id, None)
-        paths = None if future is None else future.result()
-        if following is not None:
-            self.start(following)
-        return paths
-
-    def close(self) -> None:
-        """Waits for a fetch under way (it stops when the task is asked to) and drops it."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        return unit_setup.UnitSource(paths, z0, self.options.parameters.channels)
 
 
 @contextlib.contextmanager
@@ -139,19 +100,11 @@ def locked(directory: Path):
         yield
 
 
-def run_unit(
-    job: Job,
-    unit: units.Unit,
-    executor,
-    should_stop: Callable[[], bool],
-    ahead: SectionsAhead,
-    following: units.Unit | None = None,
-) -> dict:
-    """Fetches, converts and uploads one unit, the next one's sections downloading
-    meanwhile; returns its record."""
+def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], bool]) -> dict:
+    """Fetches, converts and uploads one unit; returns its record."""
     started = time.monotonic()
     options = job.options
-    source = job.unit_source(unit, should_stop, ahead.take(unit, following))
+    source = job.unit_source(unit, should_stop)
     results_dir = options.results_dir
     if unit_conversion.read_done(results_dir, unit) is None:
         context = unit_setup.make_context(
@@ -189,30 +142,27 @@ def run_unit(
 def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
     """Runs the units of array task ``index`` that are not finished; returns how many ran."""
     unit_ids = job.record["tasks"][index]
-    todo = [unit_id for unit_id in unit_ids if job.run.unit_record(unit_id) is None]
-    for unit_id in sorted(set(unit_ids) - set(todo), key=unit_ids.index):
-        logger.info("unit %s: finished in an earlier run", unit_id)
-    ahead = SectionsAhead(job, should_stop)
-    try:
-        with ThreadPoolExecutor(max_workers=job.options.jobs) as executor:
-            for number, unit_id in enumerate(todo, 1):
-                if should_stop():
-                    raise errors.Interrupted(f"stopped before unit {unit_id}")
-                following = job.units[todo[number]] if number < len(todo) else None
-                logger.info("unit %s (%d/%d of this task): starting", unit_id, number, len(todo))
-                record = run_unit(job, job.units[unit_id], executor, should_stop, ahead, following)
-                job.run.record_unit(unit_id, record)
-                logger.info(
-                    "unit %s (%d/%d of this task): %d files in %s",
-                    unit_id,
-                    number,
-                    len(todo),
-                    len(record["files"]),
-                    format_duration(record["seconds"]),
-                )
-    finally:
-        ahead.close()
-    return len(todo)
+    ran = 0
+    with ThreadPoolExecutor(max_workers=job.options.jobs) as executor:
+        for number, unit_id in enumerate(unit_ids, 1):
+            if job.run.unit_record(unit_id) is not None:
+                logger.info("unit %s: finished in an earlier run", unit_id)
+                continue
+            if should_stop():
+                raise errors.Interrupted(f"stopped before unit {unit_id}")
+            logger.info("unit %s (%d/%d of this task): starting", unit_id, number, len(unit_ids))
+            record = run_unit(job, job.units[unit_id], executor, should_stop)
+            job.run.record_unit(unit_id, record)
+            ran += 1
+            logger.info(
+                "unit %s (%d/%d of this task): %d files in %s",
+                unit_id,
+                number,
+                len(unit_ids),
+                len(record["files"]),
+                format_duration(record["seconds"]),
+            )
+    return ran
 
 
 def seed_upload_manifest(job: Job, records: list[dict]) -> None:

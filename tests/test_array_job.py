@@ -3,7 +3,6 @@ the split of units among tasks, the jobs' memory and the files of a unit."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -155,59 +154,3 @@ def test_bad_order_files_name_the_line_or_the_problem(tmp_path, text, message):
     order.write_text(text)
     with pytest.raises(errors.InputError, match=message):
         unit_setup.ordered_sections(listing_entries(["d/s1.png"]), order)
-
-
-class FetchingJob:
-    """A job whose units' sections are "fetched" by recording them (one may fail)."""
-
-    def __init__(self, document: dict, failing: str | None = None):
-        self.document = document
-        self.failing = failing
-        self.fetched: list[str] = []
-
-    def fetch_unit_sections(self, unit, should_stop) -> list[Path]:
-        self.fetched.append(unit.id)
-        if unit.id == self.failing:
-            raise errors.InputError(f"{unit.id}: corrupt section")
-        return [Path(unit.id)]
-
-
-def three_units() -> list:
-    info = pyramid.build_info(
-        "uint8", 1, (32, 32, 48), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
-    )
-    return list(units.plan_units(info, None, 1).units)
-
-
-def test_the_next_units_sections_download_while_a_unit_converts():
-    from hbp_image_tasks.array_task import SectionsAhead
-
-    first, second, _ = three_units()
-    job = FetchingJob({"sections": []})
-    ahead = SectionsAhead(job, lambda: False)
-    assert ahead.take(first, second) == [Path(first.id)]
-    # The second unit's fetch started when the first unit's sections were taken.
-    for _ in range(100):
-        if second.id in job.fetched:
-            break
-        time.sleep(0.01)
-    assert job.fetched == [first.id, second.id]
-    assert ahead.take(second) == [Path(second.id)]
-    assert job.fetched == [first.id, second.id]  # not fetched twice
-    ahead.close()
-
-
-def test_a_failed_fetch_ahead_fails_its_own_unit_and_a_volume_fetches_nothing():
-    from hbp_image_tasks.array_task import SectionsAhead
-
-    first, second, third = three_units()
-    job = FetchingJob({"sections": []}, failing=second.id)
-    ahead = SectionsAhead(job, lambda: False)
-    assert ahead.take(first, second) == [Path(first.id)]
-    with pytest.raises(errors.InputError, match="corrupt section"):
-        ahead.take(second, third)
-    ahead.close()
-    volume = FetchingJob({"volume": "/data/brain.nii"})
-    ahead = SectionsAhead(volume, lambda: False)
-    assert ahead.take(first, second) is None and volume.fetched == []
-    ahead.close()
