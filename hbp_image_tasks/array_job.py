@@ -157,25 +157,30 @@ def _job_command(verb: str, results_dir: Path, submission: int) -> tuple[str, ..
     )
 
 
+def user_cpus(user_options: tuple[str, ...]) -> str | None:
+    """Returns the CPUs per task the user's sbatch options ask for (``--cpus-per-task=N``
+    or ``-cN``, as written), None when they do not say."""
+    for option in user_options:
+        if option.startswith("--cpus-per-task"):
+            return option.partition("=")[2]
+        if option.startswith("-c") and not option.startswith("--"):
+            return option[2:].lstrip("=")
+    return None
+
+
 def task_jobs(options: ingest.IngestOptions, user_options: tuple[str, ...]) -> int:
     """Returns the workers of each job: --jobs, else the user's --cpus-per-task, else 1
     (what Slurm gives a job that asks for no CPUs)."""
     if options.jobs:
         return options.jobs
-    for option in user_options:
-        name, _, value = option.partition("=")
-        if name in ("--cpus-per-task", "-c") and value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
+    cpus = user_cpus(user_options)
+    return int(cpus) if cpus and cpus.isdigit() and int(cpus) > 0 else 1
 
 
 def cpus_option(user_options: tuple[str, ...], jobs: int) -> tuple[str, ...]:
     """Returns sbatch's --cpus-per-task for a job of ``jobs`` workers, unless the
     user's options already say how many CPUs to allocate."""
-    for option in user_options:
-        if option.startswith("--cpus-per-task") or option.startswith("-c"):
-            return ()
-    return (f"--cpus-per-task={jobs}",)
+    return () if user_cpus(user_options) is not None else (f"--cpus-per-task={jobs}",)
 
 
 def memory_option(user_options: tuple[str, ...], work_bytes: int) -> tuple[str, ...]:

@@ -50,7 +50,13 @@ def test_jobs_ask_for_the_cpus_of_their_workers_unless_the_user_says(options, ex
 
 @pytest.mark.parametrize(
     "jobs, options, expected",
-    [(3, ("--cpus-per-task=8",), 3), (None, ("--cpus-per-task=8",), 8), (None, (), 1)],
+    [
+        (3, ("--cpus-per-task=8",), 3),
+        (None, ("--cpus-per-task=8",), 8),
+        (None, ("-c6",), 6),
+        (None, ("--comment=x", "--partition=batch"), 1),
+        (None, (), 1),
+    ],
 )
 def test_a_tasks_workers_are_its_jobs_else_its_cpus_else_one(jobs, options, expected):
     class Options:
