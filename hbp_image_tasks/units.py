@@ -382,7 +382,7 @@ def _deepest(
     def shape(top: int, tile: Sequence[int]) -> tuple[int, int]:
         """Returns a plan's unit depth and unit count."""
         grid_z = alignment(info, top, extra)[2]
-        step = min(grid_z * max(1, ceil_div(sections_per_unit or 1, grid_z)), depth)
+        step = min(unit_depth(grid_z, sections_per_unit), depth)
         return step, ceil_div(depth, step) * ceil_div(width, tile[0]) * ceil_div(height, tile[1])
 
     least_step, most_units = shape(*fewest)
@@ -398,6 +398,12 @@ def _deepest(
         if deep_enough:
             chosen = (top, tile)
     return chosen
+
+
+def unit_depth(grid_z: int, sections_per_unit: int | None) -> int:
+    """Returns the z extent of units on a z grid of ``grid_z`` sections: one grid
+    step, or the fewest steps holding ``sections_per_unit`` sections."""
+    return grid_z * max(1, ceil_div(sections_per_unit or 1, grid_z))
 
 
 def make_plan(
@@ -418,7 +424,7 @@ def make_plan(
         min(grid[axis] * ceil_div(t, grid[axis]), extent)
         for axis, (t, extent) in enumerate(zip(tile or (width, height), (width, height)))
     ]
-    step_z = grid[2] * max(1, ceil_div(sections_per_unit or 1, grid[2]))
+    step_z = unit_depth(grid[2], sections_per_unit)
     piece = top_scale + 1 < len(info["scales"])
     boxes = []
     for z0 in range(0, depth, step_z):
