@@ -238,6 +238,10 @@ def big_stack(local_swift):
     connection.close()
 
 
+# 32^3 chunks of the big stack: 4 x 4 x 6 at scale 0, about 120 objects in all.
+FEW_CHUNKS = {"chunk_size": 32, "voxel_size": [20, 20, 40], "voxel_unit": "um"}
+
+
 def section_paths(local_swift, container: str) -> str:
     return f"/v1/AUTH_{local_swift.project_id}/{container}/data/raw/original/s"
 
@@ -246,7 +250,10 @@ def test_killed_during_download_resumes_without_fetching_a_file_twice(
     big_stack, local_swift, swift_settings_file, unique_container, tmp_path, proxy_log
 ):
     container, volume = big_stack
-    argv = ingest_argv(public_url(local_swift, container), tmp_path, unique_container())
+    # Many sections, few chunks: the download is what gets killed.
+    argv = ingest_argv(
+        public_url(local_swift, container), tmp_path, unique_container(), parameters=FEW_CHUNKS
+    )
     argv[argv.index("--jobs") + 1] = "1"
     downloaded = tmp_path / "source" / "data" / "raw" / "original"
     process = run_ingest(argv, swift_settings_file)
@@ -255,6 +262,7 @@ def test_killed_during_download_resumes_without_fetching_a_file_twice(
     complete = len(list(downloaded.glob("s*.png")))
     assert complete < len(volume), "the download finished before the kill"
     proxy_log.mark()
+    argv[argv.index("--jobs") + 1] = "2"
     finish(argv, swift_settings_file)
     gets = proxy_log.count("GET", section_paths(local_swift, container))
     assert gets == len(volume) - complete
@@ -331,7 +339,7 @@ def test_killed_during_upload_resumes_sending_only_the_missing_objects(
 ):
     container, volume = big_stack
     output = unique_container("out")
-    argv = ingest_argv(public_url(local_swift, container), tmp_path, output)
+    argv = ingest_argv(public_url(local_swift, container), tmp_path, output, parameters=FEW_CHUNKS)
     argv[argv.index("--jobs") + 1] = "1"
     prefix = f"/v1/AUTH_{local_swift.project_id}/{output}/"
     proxy_log.mark()
