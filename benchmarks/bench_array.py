@@ -131,10 +131,20 @@ def plan_summary(results: Path) -> str:
     )
 
 
-def unit_seconds(results: Path) -> list[float]:
-    """Returns the seconds each unit took (fetch, convert, upload) in an array run."""
+def unit_records(results: Path) -> list[dict]:
+    """Returns the records of an array run's units (seconds, and seconds per phase)."""
     records = sorted((results / ".hbp-array" / "units").glob("*.json"))
-    return [json.loads(p.read_text())["seconds"] for p in records]
+    return [json.loads(p.read_text()) for p in records]
+
+
+def phase_summary(records: list[dict]) -> str:
+    """Returns the mean seconds of a unit and of its fetch, convert and upload."""
+    mean = sum(record["seconds"] for record in records) / len(records)
+    phases = {
+        name: sum(record["phases"][name] for record in records) / len(records)
+        for name in records[0]["phases"]
+    }
+    return f"{mean:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")"
 
 
 def duration(seconds: float) -> str:
@@ -220,11 +230,12 @@ def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict
         ),
     }
     results = work / "array1" / "results"
-    per_unit = unit_seconds(results)
+    per_unit = [record["seconds"] for record in unit_records(results)]
     finishing = json.loads((results / ".hbp-ingest-report.json").read_text())["array"]
     voxels = args.size * args.size * args.sections
     for name in ("array1", "array2"):
         print(f"plan of {name}: {plan_summary(work / name / 'results')}")
+        print(f"  a unit of {name}: {phase_summary(unit_records(work / name / 'results'))}")
     report(args, walls, per_unit, finishing["finishing_seconds"], voxels)
     (work / "results.json").write_text(
         json.dumps({"walls": walls, "units": per_unit, "finishing": finishing}, indent=1)

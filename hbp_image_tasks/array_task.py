@@ -105,12 +105,14 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     started = time.monotonic()
     options = job.options
     source = job.unit_source(unit, should_stop)
+    fetched = time.monotonic()
     results_dir = options.results_dir
     if unit_conversion.read_done(results_dir, unit) is None:
         context = unit_setup.make_context(
             job.info, source, options.parameters, results_dir, executor, should_stop
         )
         unit_conversion.run_unit(unit, context, results_dir)
+    converted = time.monotonic()
     files = unit_setup.unit_files(results_dir, job.info, unit)
     digests = {}
     if job.connection is not None:
@@ -122,9 +124,16 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
             jobs=options.jobs,
             should_stop=should_stop,
         )
+    ended = time.monotonic()
     return {
         "id": unit.id,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": round(ended - started, 3),
+        # Where a unit's time went, for the task's log and the benchmarks.
+        "phases": {
+            "fetch": round(fetched - started, 3),
+            "convert": round(converted - fetched, 3),
+            "upload": round(ended - converted, 3),
+        },
         # The task's peak so far (Linux counts KiB): what --mem must cover.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "files": [
@@ -155,12 +164,13 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
             job.run.record_unit(unit_id, record)
             ran += 1
             logger.info(
-                "unit %s (%d/%d of this task): %d files in %s",
+                "unit %s (%d/%d of this task): %d files in %s (%s)",
                 unit_id,
                 number,
                 len(unit_ids),
                 len(record["files"]),
                 format_duration(record["seconds"]),
+                ", ".join(f"{name} {seconds:.1f} s" for name, seconds in record["phases"].items()),
             )
     return ran
 

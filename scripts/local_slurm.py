@@ -110,8 +110,11 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 # A pass over the pending jobs every 0.1 s (default: 2 s), so that the next array
-# task or a dependent job starts as soon as a core is free, as on a busy cluster.
-SchedulerParameters=sched_min_interval=100000
+# task or a dependent job starts as soon as a core is free, as on a busy cluster;
+# batch_sched_delay=0 (default: 3 s) lets slurmctld's once-a-second loop start a
+# submitted array or a job whose dependency just ended at its next tick, not up
+# to 3 s later.
+SchedulerParameters=sched_min_interval=100000,batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU={max(1, memory_mb // cpus)}
