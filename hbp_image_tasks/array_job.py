@@ -308,7 +308,7 @@ def _volume_input(options: ingest.IngestOptions, scratch: Path | None) -> Planne
     fetch_input.fetch(
         options.source,
         directory,
-        jobs=options.jobs,
+        jobs=options.transfers,
         settings=ingest.fetch_settings(options),
         show_progress=False,
     )
@@ -340,7 +340,7 @@ def fetch_sections(
         directory,
         stacks=True,
         filter_regex=options.filter_regex,
-        jobs=options.jobs,
+        jobs=options.transfers,
         settings=ingest.fetch_settings(options),
         show_progress=False,
         should_stop=should_stop,

@@ -121,7 +121,7 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
             options.container,
             files,
             options.upload_options,
-            jobs=options.jobs,
+            jobs=options.transfers,
             should_stop=should_stop,
         )
     ended = time.monotonic()
@@ -247,7 +247,7 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             options.container,
             job.connection,
             options.upload_options,
-            jobs=options.jobs,
+            jobs=options.transfers,
             show_progress=False,
             should_stop=should_stop,
         ).to_dict()

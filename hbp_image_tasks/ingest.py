@@ -83,6 +83,7 @@ class IngestOptions:
     upload: bool = True
     upload_options: upload_results.UploadOptions = upload_results.UploadOptions()
     jobs: int | None = None
+    transfers: int | None = None
     memory_limit: int | None = None
     cleanup: bool = False
     restart: bool = False
@@ -173,8 +174,15 @@ def add_job_options(job: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="check everything and print what would be done, without writing",
     )
-    cli.add_jobs_option(
-        job, "parallel workers in each step (downloads, decoding and encoding, uploads)"
+    cli.add_jobs_option(job, "parallel workers decoding sections and writing chunks")
+    job.add_argument(
+        "--transfers",
+        type=cli.positive_int,
+        default=None,
+        metavar="N",
+        help="parallel downloads and uploads; they wait on the network more than on a "
+        f"core, so --jobs does not limit them (default: {fetch_input.DEFAULT_JOBS} downloads, "
+        "uploads as upload_results: 4 per CPU, 8 to 32)",
     )
 
 
@@ -223,6 +231,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
             upload_results.UploadOptions.from_args(args), dry_run=False
         ),
         jobs=args.jobs,
+        transfers=args.transfers,
         cleanup=args.cleanup,
         restart=args.restart,
         dry_run=args.dry_run,
@@ -524,7 +533,7 @@ def run_fetch(
         options.download_dir,
         stacks=options.stacks,
         filter_regex=options.filter_regex,
-        jobs=options.jobs,
+        jobs=options.transfers,
         settings=fetch_settings(options),
         show_progress=options.show_progress,
         should_stop=should_stop,
@@ -557,7 +566,7 @@ def run_upload(
         options.container,
         checked.connection,
         options.upload_options,
-        jobs=options.jobs,
+        jobs=options.transfers,
         show_progress=options.show_progress,
         should_stop=should_stop,
     )

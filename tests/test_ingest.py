@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from precomputed_reference import assert_pyramid
 
-from hbp_image_tasks import errors, ingest, layout
+from hbp_image_tasks import errors, fetch_input, ingest, layout, pool, upload_results
 from hbp_image_tasks.upload_plan import check_conversion_complete
 
 pytestmark = pytest.mark.swift
@@ -255,6 +255,7 @@ def test_killed_during_download_resumes_without_fetching_a_file_twice(
         public_url(local_swift, container), tmp_path, unique_container(), parameters=FEW_CHUNKS
     )
     argv[argv.index("--jobs") + 1] = "1"
+    argv += ["--transfers", "1"]  # one transfer at a time: time to stop it mid-way
     downloaded = tmp_path / "source" / "data" / "raw" / "original"
     process = run_ingest(argv, swift_settings_file)
     wait_for(lambda: downloaded.is_dir() and len(list(downloaded.glob("s*.png"))) >= 20, process)
@@ -341,6 +342,7 @@ def test_killed_during_upload_resumes_sending_only_the_missing_objects(
     output = unique_container("out")
     argv = ingest_argv(public_url(local_swift, container), tmp_path, output, parameters=FEW_CHUNKS)
     argv[argv.index("--jobs") + 1] = "1"
+    argv += ["--transfers", "1"]  # one transfer at a time: time to stop it mid-way
     prefix = f"/v1/AUTH_{local_swift.project_id}/{output}/"
     proxy_log.mark()
     process = run_ingest(argv, swift_settings_file)
@@ -364,6 +366,7 @@ def test_sigterm_saves_the_state_and_exits_with_the_interrupted_code(
     container, volume = big_stack
     argv = ingest_argv(public_url(local_swift, container), tmp_path, None)
     argv[argv.index("--jobs") + 1] = "1"
+    argv += ["--transfers", "1"]  # one transfer at a time: time to stop it mid-way
     downloaded = tmp_path / "source" / "data" / "raw" / "original"
     process = run_ingest(argv, swift_settings_file)
     wait_for(lambda: downloaded.is_dir() and len(list(downloaded.glob("s*.png"))) >= 10, process)
@@ -414,6 +417,41 @@ def test_rerun_to_another_container_uploads_again_without_converting_again(
         )
 
     assert names(second) == names(first) and "info" in names(second)
+
+
+@pytest.mark.parametrize(
+    "extra, fetching, uploading",
+    [
+        ((), fetch_input.DEFAULT_JOBS, upload_results.default_upload_jobs()),
+        (("--transfers", "3"), 3, 3),
+    ],
+    ids=["defaults", "transfers-3"],
+)
+def test_one_worker_still_downloads_and_uploads_in_parallel(
+    make_container,
+    unique_container,
+    settings_env,
+    tmp_path,
+    monkeypatch,
+    extra,
+    fetching,
+    uploading,
+):
+    widths: dict[str, set[int]] = {}
+    real_run_bounded = pool.run_bounded
+
+    def recording(items, work, *, jobs, what, **kwargs):
+        widths.setdefault(what, set()).add(jobs)
+        return real_run_bounded(items, work, jobs=jobs, what=what, **kwargs)
+
+    monkeypatch.setattr(pool, "run_bounded", recording)
+    monkeypatch.setattr(upload_results, "run_bounded", recording)
+    source = make_container(stack_objects(smooth_stack(4, 16, 16), with_decoys=False))
+    argv = ingest_argv(source.url, tmp_path, unique_container(), *extra)
+    argv[argv.index("--jobs") + 1] = "1"
+    assert ingest.main(argv) == 0
+    assert widths["fetching"] == {fetching}
+    assert widths["uploading"] == {uploading}
 
 
 @pytest.fixture
