@@ -202,8 +202,34 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def delete_containers(swift: dict, names: list[str]) -> None:
+    """Deletes the containers this run made (the caller's Swift keeps only its own)."""
+    connection = swift_connection(swift)
+    for name in names:
+        try:
+            _, objects = connection.get_container(name, full_listing=True)
+        except Exception:  # never made: the run stopped before it
+            continue
+        for item in objects:
+            connection.delete_object(name, item["name"])
+        connection.delete_container(name)
+    connection.close()
+
+
 def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict) -> int:
+    made: list[str] = []
+    try:
+        return measure(args, work, swift, slurm, made)
+    finally:
+        delete_containers(swift, made)
+
+
+def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
     source = put_source(swift, brain_sections(args.size, args.sections))
+    made.append(source.rsplit("/", 1)[1])
+    # Every job is a new interpreter: start it from bytecode, as after a pip install
+    # (a source tree run with PYTHONDONTWRITEBYTECODE compiles the package each time).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "hbp_image_tasks")])
     env = {
         **os.environ,
         "SLURM_CONF": slurm["slurm_conf"],
@@ -214,6 +240,7 @@ def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict
 
     def argv(name: str, *extra: str) -> list[str]:
         target = ["--container", f"bench-{name}-{uuid.uuid4().hex[:6]}"]
+        made.append(target[1])
         return [
             "--source", source, "--stacks", "--filter", r"stack/s\d+\.png",
             "--download-dir", str(work / name / "source"),

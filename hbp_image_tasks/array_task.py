@@ -195,13 +195,17 @@ def check_unit_files(job: Job, records: list[dict]) -> None:
     """Refuses a results directory whose unit files changed since they were recorded."""
     for record in records:
         for entry in record["files"]:
-            path = job.options.results_dir / Path(entry["name"] + ".gz")
-            if not path.exists():
-                path = job.options.results_dir / entry["name"]
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = None
+            size = None
+            # A gzipped chunk is on disk as NAME.gz (one stat for each file).
+            for path in (
+                job.options.results_dir / (entry["name"] + ".gz"),
+                job.options.results_dir / entry["name"],
+            ):
+                try:
+                    size = path.stat().st_size
+                    break
+                except FileNotFoundError:
+                    continue
             if size != entry["bytes"]:
                 raise errors.ConversionError(
                     f"{path}: recorded by unit {record['id']} with {entry['bytes']} bytes, "

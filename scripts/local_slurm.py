@@ -104,7 +104,9 @@ SlurmdPidFile={state / "run" / "slurmd.pid"}
 SlurmctldLogFile={state / "logs" / "slurmctld.log"}
 SlurmdLogFile={state / "logs" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# Each job runs on the cores it was given (sched_setaffinity), as on a production
+# cluster: a job that asked for one CPU cannot spread onto the idle ones.
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
