@@ -204,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def delete_containers(swift: dict, names: list[str]) -> None:
     """Deletes the containers this run made (the caller's Swift keeps only its own)."""
+    from swiftclient.exceptions import ClientException
+
     connection = swift_connection(swift)
     for name in names:
         try:
             _, objects = connection.get_container(name, full_listing=True)
-        except Exception:  # never made: the run stopped before it
-            continue
+        except ClientException as exc:
+            if exc.http_status == 404:  # never made: the run stopped before it
+                continue
+            raise
         for item in objects:
             connection.delete_object(name, item["name"])
         connection.delete_container(name)
