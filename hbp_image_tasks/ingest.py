@@ -181,8 +181,8 @@ def add_job_options(job: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="N",
         help="parallel downloads and uploads; they wait on the network more than on a "
-        f"core, so --jobs does not limit them (default: {fetch_input.DEFAULT_JOBS} downloads, "
-        "uploads as upload_results: 4 per CPU, 8 to 32)",
+        f"core, so --jobs does not limit them (default: {fetch_input.DEFAULT_JOBS} downloads; "
+        f"uploads as upload_results, {upload_results.DEFAULT_UPLOAD_JOBS_HELP})",
     )
 
 

@@ -97,6 +97,10 @@ class UploadResult:
         return dataclasses.asdict(self)
 
 
+# How default_upload_jobs() sizes the uploads, for the commands' --help.
+DEFAULT_UPLOAD_JOBS_HELP = "4 per CPU, between 8 and 32"
+
+
 def default_upload_jobs() -> int:
     """Returns the default number of parallel uploads: requests wait on the network."""
     return min(32, max(8, 4 * cli.default_jobs()))
@@ -919,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=cli.positive_int,
         metavar="N",
-        help=f"parallel uploads (default: 4 per CPU, between 8 and 32; here "
+        help=f"parallel uploads (default: {DEFAULT_UPLOAD_JOBS_HELP}; here "
         f"{default_upload_jobs()})",
     )
     parser.set_defaults(jobs=None)
