@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from swift_servers import swift_connection
+from swift_servers import delete_container, swift_connection
 
 REPO = Path(__file__).resolve().parent.parent
 BIGBRAIN = (6572, 5711, 7404)  # x, y, sections at 20 um
@@ -202,30 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def delete_containers(swift: dict, names: list[str]) -> None:
-    """Deletes the containers this run made (the caller's Swift keeps only its own)."""
-    from swiftclient.exceptions import ClientException
-
-    connection = swift_connection(swift)
-    for name in names:
-        try:
-            _, objects = connection.get_container(name, full_listing=True)
-        except ClientException as exc:
-            if exc.http_status == 404:  # never made: the run stopped before it
-                continue
-            raise
-        for item in objects:
-            connection.delete_object(name, item["name"])
-        connection.delete_container(name)
-    connection.close()
-
-
 def run_benchmark(args: argparse.Namespace, work: Path, swift: dict, slurm: dict) -> int:
     made: list[str] = []
     try:
         return measure(args, work, swift, slurm, made)
     finally:
-        delete_containers(swift, made)
+        for name in made:
+            delete_container(swift, name)
 
 
 def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from swift_servers import start_swift, swift_connection
+from swift_servers import delete_container, start_swift, swift_connection
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -71,27 +71,6 @@ def fill_source(env: dict, container: str, sections: int, width: int, height: in
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(put, range(sections)))
     return f"{env['storage_url']}/{container}"
-
-
-def delete_container(env: dict, container: str) -> None:
-    """Deletes a container, its segments container and their objects (bulk deletes)."""
-    from urllib.parse import quote
-
-    import swiftclient
-
-    connection = swift_connection(env)
-    for name in (container, f"{container}_segments"):
-        try:
-            _, objects = connection.get_container(name, full_listing=True)
-        except swiftclient.ClientException:
-            continue
-        paths = [f"/{quote(name)}/{quote(o['name'])}" for o in objects] + [f"/{quote(name)}"]
-        for start in range(0, len(paths), 1000):
-            connection.post_account(
-                headers={"Content-Type": "text/plain", "Accept": "application/json"},
-                data="\n".join(paths[start : start + 1000]),
-                query_string="bulk-delete",
-            )
 
 
 def run_ingest(env: dict, source: str, work: Path, sharding: bool, jobs: int | None) -> dict:

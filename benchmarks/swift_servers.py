@@ -53,3 +53,28 @@ def swift_connection(env: dict):
     import swiftclient
 
     return swiftclient.Connection(session=keystone_session(env))
+
+
+def delete_container(env: dict, container: str) -> None:
+    """Deletes a container, its segments container and their objects (bulk deletes);
+    a container that is not there (never made) is skipped."""
+    from urllib.parse import quote
+
+    import swiftclient
+
+    connection = swift_connection(env)
+    for name in (container, f"{container}_segments"):
+        try:
+            _, objects = connection.get_container(name, full_listing=True)
+        except swiftclient.ClientException as exc:
+            if exc.http_status == 404:
+                continue
+            raise
+        paths = [f"/{quote(name)}/{quote(o['name'])}" for o in objects] + [f"/{quote(name)}"]
+        for start in range(0, len(paths), 1000):
+            connection.post_account(
+                headers={"Content-Type": "text/plain", "Accept": "application/json"},
+                data="\n".join(paths[start : start + 1000]),
+                query_string="bulk-delete",
+            )
+    connection.close()
