@@ -6,8 +6,9 @@ Puts a brain-like stack of PNG sections in the local Swift, then converts it
 process with --jobs 2, and ``ingest --array N --wait`` with --jobs 1 (one core
 per task): one task running all units (N=1) and two concurrent tasks (N=2).
 Prints the time per unit, the array's overhead against the single process, the
-speed-up of two concurrent tasks, and a linear projection for the full BigBrain
-and for 1 um sections.
+speed-up of two concurrent tasks, that of two conversions alone (two units'
+fetched sections converted at once by ``ingest_ngs``, no Swift on the cores),
+and a linear projection for the full BigBrain and for 1 um sections.
 
 examples:
   benchmarks/bench_array.py                       # 1024 x 1024 x 256, 4 units
@@ -107,6 +108,7 @@ def put_source(swift: dict, objects: dict[str, bytes]) -> str:
 
 def ingest(argv: list[str], env: dict, cwd: Path) -> float:
     """Runs ingest to completion; returns its wall-clock seconds."""
+    os.sync()  # the previous run's files are on disk: no writeback during this one
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "hbp_image_tasks.ingest", *argv, "-q"],
@@ -118,6 +120,39 @@ def ingest(argv: list[str], env: dict, cwd: Path) -> float:
     if done.returncode != 0:
         raise SystemExit(f"ingest {' '.join(argv[-6:])} failed:\n{done.stderr[-3000:]}")
     return time.monotonic() - started
+
+
+def convert(directories: list[Path], parameters: dict, env: dict, out: Path) -> float:
+    """Runs one ``ingest_ngs --jobs 1`` per directory of sections, all at once;
+    returns the wall-clock seconds until the last one ends."""
+
+    def command(directory: Path) -> list[str]:
+        destination = out / f"{directory.name}-{len(directories)}"
+        return [
+            sys.executable, "-m", "hbp_image_tasks.ingest_ngs", str(directory),
+            "--destination", str(destination), "--parameters", json.dumps(parameters),
+            "--jobs", "1", "--no-progress", "-q",
+        ]  # fmt: skip
+
+    os.sync()
+    started = time.monotonic()
+    processes = [
+        subprocess.Popen(command(directory), env=env, stdout=subprocess.DEVNULL)
+        for directory in directories
+    ]
+    if any([process.wait() != 0 for process in processes]):  # waits for every one
+        raise SystemExit(f"ingest_ngs of {directories} failed")
+    return time.monotonic() - started
+
+
+def conversion_scaling(sections: Path, parameters: dict, env: dict, out: Path) -> float:
+    """Converts two units' fetched sections, one alone, then two at once (no fetch,
+    no Swift): returns the throughput of two at once over one (2.0: no contention)."""
+    first, second = sorted(sections.glob("sections-*"))[:2]
+    alone = convert([first], parameters, env, out)
+    both = convert([first, second], parameters, env, out)
+    shutil.rmtree(out, ignore_errors=True)
+    return 2 * alone / both
 
 
 def plan_summary(results: Path) -> str:
@@ -142,7 +177,7 @@ def phase_summary(records: list[dict]) -> str:
     mean = sum(record["seconds"] for record in records) / len(records)
     phases = {
         name: sum(record["phases"][name] for record in records) / len(records)
-        for name in records[0]["phases"]
+        for name in ("fetch", "convert", "upload")
     }
     return f"{mean:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")"
 
@@ -243,6 +278,9 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
             argv("array2", "--jobs", "1", "--array", "2", "--wait"), env, work
         ),
     }
+    # The array's ceiling without the object store on the same cores: the
+    # conversion of two units' sections by two processes at once against one.
+    scaling = conversion_scaling(work / "array2" / "source", parameters, env, work / "scaling")
     results = work / "array1" / "results"
     per_unit = [record["seconds"] for record in unit_records(results)]
     finishing = json.loads((results / ".hbp-ingest-report.json").read_text())["array"]
@@ -250,14 +288,19 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
     for name in ("array1", "array2"):
         print(f"plan of {name}: {plan_summary(work / name / 'results')}")
         print(f"  a unit of {name}: {phase_summary(unit_records(work / name / 'results'))}")
-    report(args, walls, per_unit, finishing["finishing_seconds"], voxels)
+    report(args, walls, per_unit, finishing["finishing_seconds"], voxels, scaling)
     (work / "results.json").write_text(
-        json.dumps({"walls": walls, "units": per_unit, "finishing": finishing}, indent=1)
+        json.dumps(
+            {"walls": walls, "units": per_unit, "finishing": finishing, "scaling": scaling},
+            indent=1,
+        )
     )
     return 0
 
 
-def report(args, walls: dict, per_unit: list[float], finishing: float, voxels: int) -> None:
+def report(
+    args, walls: dict, per_unit: list[float], finishing: float, voxels: int, scaling: float
+) -> None:
     """Prints the measurements, the ratios and the projection."""
     single, one, two = walls.values()
     print(f"stack: {args.sections} sections of {args.size} x {args.size}")
@@ -272,6 +315,7 @@ def report(args, walls: dict, per_unit: list[float], finishing: float, voxels: i
     )
     print(f"array (2 tasks) / single ingest (2 cores): {two / single:.2f} (target <= 1.15)")
     print(f"2 concurrent tasks vs 1: {one / two:.2f}x (target >= 1.7x)")
+    print(f"  the conversion alone (fetched sections, no Swift), 2 processes vs 1: {scaling:.2f}x")
     unit_cost, finish_cost = sum(per_unit) / voxels, finishing / voxels
     bigbrain = BIGBRAIN[0] * BIGBRAIN[1] * BIGBRAIN[2]
     section = ONE_MICRON_SECTION[0] * ONE_MICRON_SECTION[1]

@@ -146,6 +146,8 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
     assert "2 concurrent tasks vs 1:" in done.stdout and "BigBrain 20 um" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["units"]) == 2 and results["finishing"]["units"] == 2
+    assert "the conversion alone (fetched sections, no Swift), 2 processes vs 1:" in done.stdout
+    assert results["scaling"] > 0 and not (tmp_path / "scaling").exists()
 
 
 HEADERS = BENCHMARK.parent / "bench_headers.py"
