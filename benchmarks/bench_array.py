@@ -127,6 +127,8 @@ def convert(directories: list[Path], parameters: dict, env: dict, out: Path) -> 
     returns the wall-clock seconds until the last one ends."""
 
     def command(directory: Path) -> list[str]:
+        # A destination of its own per round: ingest_ngs would resume, not redo,
+        # a conversion whose output the round before left there.
         destination = out / f"{directory.name}-{len(directories)}"
         return [
             sys.executable, "-m", "hbp_image_tasks.ingest_ngs", str(directory),
