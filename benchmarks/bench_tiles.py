@@ -130,8 +130,9 @@ def same_files(one: Path, other: Path) -> bool:
     return all(filecmp.cmp(one / n, other / n, shallow=False) for n in names(one))
 
 
-def tiling_limit(size: int, sections: int, jobs: int) -> int:
-    """Returns a memory limit that cuts a size x size stack into several x-y tiles."""
+def tiling_limit(size: int, sections: int, jobs: int, rows: bool) -> int:
+    """Returns a memory limit that cuts a size x size stack into several x-y tiles
+    (sections read by rows: PNG)."""
     from hbp_image_tasks import pyramid, units
 
     info = pyramid.build_info(
@@ -140,7 +141,7 @@ def tiling_limit(size: int, sections: int, jobs: int) -> int:
     limit = units.single_pass_memory(info, jobs) // 4
     while True:
         try:
-            plan = units.plan_units(info, limit, jobs)
+            plan = units.plan_units(info, limit, jobs, bands=rows)
         except Exception:
             limit = limit * 5 // 4
             continue
@@ -192,7 +193,7 @@ def run(args, work: Path) -> dict:
     )
     write_stack(work / "large", args.size, args.sections, args.tile, args.format)
     base = measure([sys.executable, "-c", IMPORTS], work / "imports.log")["rss_mb"]
-    tiling = tiling_limit(args.reference_size, args.sections, args.jobs)
+    tiling = tiling_limit(args.reference_size, args.sections, args.jobs, args.format == "png")
     rows = {
         "base_rss_mb": base,
         "one-pass": convert(work / "reference", work / "one-pass", "64G", args.jobs),

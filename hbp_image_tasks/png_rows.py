@@ -106,6 +106,16 @@ def block_size(region_bytes: int) -> int:
     return min(BLOCK_BYTES, max(region_bytes // 2, SMALL_BLOCK_BYTES))
 
 
+def reader_bytes(region_bytes: int, row_bytes: int, height: int) -> int:
+    """Returns the bytes a reader of a region of ``region_bytes`` holds besides the
+    region, in sections of ``height`` rows of ``row_bytes``: the compressed bytes
+    read and their unconsumed tail, and a block of filtered rows three times (the
+    rows, their copy as an in-memory PNG, the unfiltered rows)."""
+    image = (row_bytes + 1) * height
+    block = min(max(block_size(region_bytes), row_bytes + 1), image)
+    return 2 * min(READ_BYTES, image) + 3 * block
+
+
 def row_blocks(
     path: Path, header: PngHeader, y0: int, y1: int, block_bytes: int | None = None
 ) -> Iterator[np.ndarray]:

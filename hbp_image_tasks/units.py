@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from neuroglancer_scripts.utils import ceil_div
 
-from . import shards
+from . import png_rows, shards
 from .errors import UsageError
 from .pyramid import dyadic_factors, level_capacities
 
@@ -176,10 +176,12 @@ def builder_memory(
     height: int,
     jobs: int,
     decoded: Sequence[int] | None = None,
+    reader: int = 0,
 ) -> int:
     """Returns the bytes a builder of scales first..last over a width x height box of
     scale ``first`` holds, with ``jobs`` workers each decoding the box's region of a
-    section (or ``decoded``: the x-y extent they decode to get it)."""
+    section (or ``decoded``: the x-y extent they decode to get it) with a reader
+    that holds ``reader`` bytes besides."""
     factors = scale_factors(info)
     sizes, chunks, total = [], [], [1, 1, 1]
     depth = info["scales"][first]["size"][2]
@@ -197,7 +199,7 @@ def builder_memory(
     chunk = int(np.prod(chunks[0])) * sample
     task = min(TASK_CHUNKS, ceil_div(width, chunks[0][0])) * TASK_COPIES * chunk
     region = decoded[0] * decoded[1] if decoded is not None else width * height
-    return buffers + jobs * (REGION_COPIES * region * sample + task)
+    return buffers + jobs * (REGION_COPIES * region * sample + task + reader)
 
 
 def single_pass_memory(info: dict, jobs: int) -> int:
@@ -215,10 +217,19 @@ def finishing_memory(info: dict, top_scale: int, jobs: int) -> int:
     return builder_memory(info, first, len(info["scales"]) - 1, width, height, jobs)
 
 
-def _unit_memory(info: dict, top_scale: int, tile: Sequence[int], jobs: int, whole: bool) -> int:
+def _unit_memory(
+    info: dict, top_scale: int, tile: Sequence[int], jobs: int, whole: bool, rows: bool = False
+) -> int:
+    """Returns the bytes of a unit over an x-y ``tile`` whose workers decode whole
+    sections (``whole``), read them by rows (``rows``: PNG), or read the tile alone."""
     last = min(top_scale + 1, len(info["scales"]) - 1)
     decoded = info["scales"][0]["size"][:2] if whole else None
-    return builder_memory(info, 0, last, tile[0], tile[1], jobs, decoded)
+    reader = 0
+    if rows and not whole:
+        sample = _sample_bytes(info)
+        width, height, _ = info["scales"][0]["size"]
+        reader = png_rows.reader_bytes(tile[0] * tile[1] * sample, width * sample, height)
+    return builder_memory(info, 0, last, tile[0], tile[1], jobs, decoded, reader)
 
 
 def _fit_tile(
@@ -226,32 +237,40 @@ def _fit_tile(
 ):
     """Returns the largest x-y tile on ``grid`` whose unit fits ``budget``, else None;
     with ``bands``, the tallest full-width band instead where it is as large."""
-    tile = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, False)
+    tile = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, bands, False)
     if bands:
-        band = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, True)
+        band = _halve_to_fit(info, top_scale, grid, budget, jobs, whole, bands, True)
         if band is not None and (tile is None or band[0] * band[1] >= tile[0] * tile[1]):
             return band
     return tile
 
 
 def _halve_to_fit(
-    info: dict, top_scale: int, grid: Triple, budget: int, jobs: int, whole: bool, rows: bool
+    info: dict,
+    top_scale: int,
+    grid: Triple,
+    budget: int,
+    jobs: int,
+    whole: bool,
+    rows: bool,
+    heights_only: bool,
 ):
     """Returns the first tile on ``grid``, from whole planes, whose unit fits
-    ``budget`` (else None), halving the longer side, or only the height (``rows``)."""
+    ``budget`` (else None), halving the longer side, or only the height
+    (``heights_only``); ``whole`` and ``rows`` say how sections are read."""
     width, height, _ = info["scales"][0]["size"]
     cells = [ceil_div(width, grid[0]), ceil_div(height, grid[1])]
     while True:
         tile = [min(cells[0] * grid[0], width), min(cells[1] * grid[1], height)]
-        if _unit_memory(info, top_scale, tile, jobs, whole) <= budget:
+        if _unit_memory(info, top_scale, tile, jobs, whole, rows) <= budget:
             return tile
-        if cells == [1, 1] or (rows and cells[1] == 1):
+        if cells == [1, 1] or (heights_only and cells[1] == 1):
             return None
         # Halve the longer side: tiles stay square-ish, whole rows while they fit.
         axis = 0 if cells[0] * grid[0] >= cells[1] * grid[1] and cells[0] > 1 else 1
         if cells[axis] == 1:
             axis = 1 - axis
-        cells[1 if rows else axis] = ceil_div(cells[1 if rows else axis], 2)
+        cells[1 if heights_only else axis] = ceil_div(cells[1 if heights_only else axis], 2)
 
 
 def check_memory_floor(memory_limit: int, chunk_size: int, jobs: int) -> None:
@@ -314,7 +333,9 @@ def plan_units(
         found = _fit(info, budget, jobs, aligned, whole_sections, bands)
         if isinstance(found, list):
             top, tile = _deepest(info, found, aligned, sections_per_unit, tasks)
-            return make_plan(info, top, tile, sections_per_unit, jobs, aligned, whole_sections)
+            return make_plan(
+                info, top, tile, sections_per_unit, jobs, aligned, whole_sections, bands
+            )
         from .progress import format_bytes
 
         logger.info(
@@ -329,7 +350,9 @@ def plan_units(
     found = _fit(info, budget, jobs, extra_alignment, whole_sections, bands)
     if isinstance(found, list):
         top, tile = _deepest(info, found, extra_alignment, sections_per_unit, tasks)
-        return make_plan(info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections)
+        return make_plan(
+            info, top, tile, sections_per_unit, jobs, extra_alignment, whole_sections, bands
+        )
     from .progress import format_bytes
 
     raise UsageError(
@@ -357,7 +380,7 @@ def _fit(info: dict, budget: float, jobs: int, extra: Sequence[int], whole: bool
             fitting.append((top, tile))
             continue
         least = [min(g, s) for g, s in zip(grid[:2], info["scales"][0]["size"])]
-        need = _unit_memory(info, top, least, jobs, whole)
+        need = _unit_memory(info, top, least, jobs, whole, bands)
         smallest = need if smallest is None else min(smallest, need)
     if fitting:
         return fitting
@@ -414,6 +437,7 @@ def make_plan(
     jobs: int = 1,
     extra_alignment: Sequence[int] = (1, 1, 1),
     whole_sections: bool = False,
+    rows: bool = False,
 ) -> Plan:
     """Returns the plan whose units build scales 0..top_scale of x-y tiles of ``tile``
     voxels (rounded up to the grid; default: whole planes) and z ranges of at
@@ -441,6 +465,6 @@ def make_plan(
         top_scale=top_scale,
         scale_count=len(info["scales"]),
         tile=tuple(tile),  # type: ignore[arg-type]
-        unit_memory=_unit_memory(info, top_scale, tile, jobs, whole_sections),
+        unit_memory=_unit_memory(info, top_scale, tile, jobs, whole_sections, rows),
         finishing_memory=finishing_memory(info, top_scale, jobs),
     )

@@ -137,9 +137,10 @@ def test_array_publishes_the_same_objects_as_a_single_ingest(
     parameters,
 ):
     container = unique_container("array")
-    # A unit budget of 512 KiB cuts the example into 4 tiles of about 128 x 128 x 16 voxels.
+    # A unit budget of 768 KiB (a third of it for the PNG row reader) cuts the example
+    # into 4 tiles of about 128 x 128 x 16 voxels.
     argv = argv_for(example_source, tmp_path, container, parameters=parameters)
-    assert ingest.main(argv + ["--memory-limit", "512K", "--array", "4", "--wait"]) == 0
+    assert ingest.main(argv + ["--memory-limit", "768K", "--array", "4", "--wait"]) == 0
     published = listing(swift_client, container)
     assert published == reference_listings(parameters)
     assert any(name.endswith(".shard") for name in published) == ("sharding" in parameters)
@@ -168,7 +169,7 @@ def test_cancelled_task_ends_the_wait_with_143_and_a_rerun_submits_only_unfinish
     from hbp_image_tasks import slurm
 
     container = unique_container("array")
-    argv = argv_for(example_source, tmp_path, container, "--memory-limit", "512K", "--array", "4")
+    argv = argv_for(example_source, tmp_path, container, "--memory-limit", "768K", "--array", "4")
     waiting = subprocess.Popen(
         [sys.executable, "-m", "hbp_image_tasks.ingest", *argv, "--wait"],
         stdout=subprocess.PIPE,
@@ -237,7 +238,7 @@ def test_no_sbatch_on_path_fails_before_anything_is_written(
 def test_more_tasks_than_units_or_a_plan_of_other_inputs_are_refused_before_submitting(
     cluster_env, example_source, tmp_path, caplog
 ):
-    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "512K")
+    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "768K")
     assert ingest.main(argv + ["--array", "5"]) == 2
     assert "--array 5: the plan has only 4 unit(s)" in caplog.text
     run = array_state.ArrayRun(tmp_path / "results")
@@ -255,7 +256,7 @@ def test_dry_run_prints_the_units_and_sbatch_lines_and_writes_nothing(
     example_source, swift_settings_file, monkeypatch, tmp_path, capsys
 ):
     monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
-    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "512K")
+    argv = argv_for(example_source, tmp_path, "never-made", "--memory-limit", "768K")
     argv += ["--array", "3", "--dry-run", "--sbatch-option=--time=0:10:00"]
     assert ingest.main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -271,7 +272,7 @@ def test_a_rerun_while_the_earlier_jobs_wait_is_refused(
 ):
     from hbp_image_tasks import slurm
 
-    argv = argv_for(example_source, tmp_path, unique_container("array"), "--memory-limit", "512K")
+    argv = argv_for(example_source, tmp_path, unique_container("array"), "--memory-limit", "768K")
     argv += ["--array", "2", "--sbatch-option=--begin=now+1hour"]
     assert ingest.main(argv) == 0
     run = array_state.ArrayRun(tmp_path / "results")

@@ -20,6 +20,7 @@ from hbp_image_tasks import (
     ingest_ngs,
     layout,
     memory,
+    png_rows,
     pyramid,
     sections,
     shard_writer,
@@ -42,6 +43,15 @@ def brain_like(shape: tuple, dtype: str = "uint8", seed: int = 0) -> np.ndarray:
     volume = np.clip(1.1 - radius, 0, 1) * top * 0.8 + rng.integers(0, top // 10, size=shape)
     volume[radius > 0.95] = 0
     return volume.astype(dtype)
+
+
+def png_limit(info: dict, share: int, jobs: int = 2) -> int:
+    """Returns 1/``share`` of the single pass's buffers plus what ``jobs`` PNG row
+    readers hold: a limit that cuts a small PNG stack into several tiles."""
+    width, height, _ = info["scales"][0]["size"]
+    sample = np.dtype(info["data_type"]).itemsize * info["num_channels"]
+    reader = png_rows.reader_bytes(0, width * sample, height)  # small: tile-independent
+    return units.single_pass_memory(info, jobs) // share + jobs * reader
 
 
 def write_tiff_stack(directory: Path, volume: np.ndarray, **options) -> None:
@@ -336,8 +346,8 @@ def test_interrupted_unit_conversion_resumes_skipping_finished_units(tmp_path, m
     params = ConversionParameters(chunk_size=16, voxel_size=(10, 10, 10))
     convert(tmp_path / "in", tmp_path / "one", params, jobs=2, show_progress=False)
     info = json.loads((tmp_path / "one" / "info").read_text())
-    limit = units.single_pass_memory(info, jobs=2) // 3
-    assert len(units.plan_units(info, limit, jobs=2).units) > 4
+    limit = png_limit(info, 3)
+    assert len(units.plan_units(info, limit, jobs=2, bands=True).units) > 4
     ran = []
     real_run_unit = unit_conversion.run_unit
 
@@ -468,10 +478,12 @@ def test_sections_read_by_rows_get_full_width_bands_where_one_as_large_fits():
     small = pyramid.build_info(
         "uint8", 1, (170, 150, 12), (1, 1, 1), (0, 0, 0), "image", "raw", 16, None
     )
-    limit = units.single_pass_memory(small, jobs=2) // 4
-    assert units.plan_units(small, limit, jobs=2, bands=True) == units.plan_units(
-        small, limit, jobs=2
-    )
+    limit = png_limit(small, 4)
+    narrow = units.plan_units(small, limit, jobs=2, bands=True)
+    assert narrow.tile[0] < 170 and narrow.unit_memory <= limit
+    band_rows = units.alignment(small, narrow.top_scale)[1]
+    band = units._unit_memory(small, narrow.top_scale, (170, band_rows), 2, False, True)
+    assert band > limit or 170 * band_rows < narrow.tile[0] * narrow.tile[1]
 
 
 @pytest.mark.parametrize(
@@ -492,7 +504,7 @@ def test_png_stack_within_a_memory_limit_reads_rows_and_writes_the_single_pass_b
     argv += ["--jobs", "2", "-q"]
     assert ingest_ngs.main(argv + ["-d", str(tmp_path / "one")]) == 0
     info = json.loads((tmp_path / "one" / "info").read_text())
-    limit = units.single_pass_memory(info, jobs=2) // share
+    limit = png_limit(info, share)
     plans, plan_units = [], units.plan_units
 
     def recorded(*args, **kwargs):
@@ -549,8 +561,8 @@ def test_ingest_within_a_memory_limit_publishes_the_single_pass_objects(
     info = pyramid.build_info(
         "uint8", 1, (240, 200, 12), (2e4, 2e4, 4e4), (0, 0, 0), "image", "raw", 16, None
     )
-    limit = units.single_pass_memory(info, jobs=2) // 3
-    assert len(units.plan_units(info, limit, jobs=2).units) > 4
+    limit = png_limit(info, 3)
+    assert len(units.plan_units(info, limit, jobs=2, bands=True).units) > 4
     listings = []
     for name, extra in (("one", []), ("tiles", ["--memory-limit", f"{limit >> 10}K"])):
         container = unique_container(name)
