@@ -1,4 +1,5 @@
-"""The conversion's memory budget: `--memory-limit SIZE` parsed, or its default.
+"""The conversion's memory budget: `--memory-limit SIZE` parsed, or its default;
+and freed memory handed back, so that the process stays within it.
 
 The default is the Slurm allocation's memory when the job has one, else a share
 of the machine's physical memory; the interpreter's own base is left out of it.
@@ -6,9 +7,11 @@ of the machine's physical memory; the interpreter's own base is left out of it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .errors import UsageError
 
@@ -56,3 +59,24 @@ def default_memory_limit(environ: Mapping[str, str] | None = None) -> int:
     if allocated is not None:
         return max(allocated - BASE_BYTES, allocated // 2)
     return int(physical_memory() * PHYSICAL_SHARE)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """Returns glibc's malloc_trim, None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the system (glibc; elsewhere nothing).
+
+    Decoders that allocate and resize buffers of varying sizes from several threads
+    leave the heap fragmented: without this, freed memory stays in the process and
+    its RSS creeps above the budget as a conversion goes on.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

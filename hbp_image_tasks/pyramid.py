@@ -23,6 +23,7 @@ from neuroglancer_scripts.file_accessor import NO_COMPRESS_MIME_TYPES, FileAcces
 from neuroglancer_scripts.scripts.generate_scales_info import set_info_params
 from neuroglancer_scripts.utils import ceil_div
 
+from . import memory
 from .atomic import write_bytes_atomically
 
 
@@ -390,9 +391,11 @@ class PyramidBuilder:
         return level.buffer[:, :depth]
 
     def push(self, depth: int, last: bool) -> None:
-        """Writes the filled slab and every lower-scale chunk it completes."""
+        """Writes the filled slab and every lower-scale chunk it completes, then
+        hands the heap's free pages back (the slab's decoders fragment it)."""
         self.levels[0].filled = depth
         self._flush(0, last)
+        memory.release_free_memory()
 
     def _flush(self, index: int, last: bool) -> None:
         level = self.levels[index]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -519,6 +521,44 @@ def test_png_stack_within_a_memory_limit_reads_rows_and_writes_the_single_pass_b
     boxes = [(unit.box.start, unit.box.stop) for unit in plans[0].units]
     full_width = all(start[0] == 0 and stop[0] == shape[2] for start, stop in boxes)
     assert len({start[1] for start, _ in boxes}) > 1 and full_width == (cut == "bands")
+
+
+# Runs a command; prints its peak RSS in MiB (RUSAGE_CHILDREN: that command's alone).
+PEAK_RSS = (
+    "import resource, subprocess, sys; "
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+)
+CONVERSION_IMPORTS = (
+    "import hbp_image_tasks.ingest_ngs, hbp_image_tasks.unit_conversion, imagecodecs, "
+    "tifffile, PIL.Image, neuroglancer_scripts.chunk_encoding, isal, zlib_ng"
+)
+
+
+def peak_rss_mib(command: list) -> float:
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *command], check=True, capture_output=True, text=True
+    )
+    return float(done.stdout)
+
+
+def test_noisy_png_stack_in_many_units_stays_within_the_memory_limit(tmp_path):
+    # Sections with texture everywhere (no blank background): reading each unit's
+    # rows inflates most of every section, in buffers of many sizes from two
+    # threads. Freed, they must go back to the system: the peak stays within the
+    # limit plus the interpreter's base (it was 15-17 MiB above the base when they
+    # stayed in the process, and grew with the units' depth in the sections).
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 2048).astype(np.uint8)
+    write_stack(tmp_path / "in", rng.integers(0, 8, (8, 4096, 2048), dtype=np.uint8) + ramp)
+    base = peak_rss_mib([sys.executable, "-c", CONVERSION_IMPORTS])
+    command = [str(Path(sys.executable).parent / "ingest_ngs"), str(tmp_path / "in")]
+    command += ["-d", str(tmp_path / "out"), "--parameters", '{"voxel_size": [1, 1, 1]}']
+    peak = peak_rss_mib(command + ["--jobs", "2", "--memory-limit", "12M", "-q"])
+    assert ingest_ngs.is_complete(tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "info").read_text())
+    assert info["scales"][0]["size"] == [2048, 4096, 8]
+    assert peak <= base + 12, f"peak RSS {peak:.1f} MiB, base {base:.1f} MiB + 12 MiB"
 
 
 def test_sections_above_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
