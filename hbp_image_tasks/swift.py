@@ -324,6 +324,9 @@ class SwiftConnection:
 
     Each thread gets its own swiftclient connection (keep-alive); all of them
     share one keystoneauth session, which renews the token after a 401.
+    The first request with a new token goes alone: the proxy then asks Keystone
+    to validate the token once and caches it, instead of once per thread at the
+    start of every parallel transfer.
     """
 
     def __init__(
@@ -346,6 +349,8 @@ class SwiftConnection:
         )
         self._local = threading.local()
         self._storage_url: str | None = None
+        self._first_request = threading.Lock()
+        self._accepted_token: str | None = None
 
     def connection(self):
         """Returns this thread's swiftclient connection."""
@@ -398,7 +403,9 @@ class SwiftConnection:
         from swiftclient.exceptions import ClientException
 
         try:
-            return getattr(self.connection(), method)(*args, **kwargs)
+            if method == "get_auth":  # Keystone only: the proxy sees no token
+                return self.connection().get_auth()
+            return self._call_with_accepted_token(method, *args, **kwargs)
         except ClientException as exc:
             status = exc.http_status
             if status is None:
@@ -422,6 +429,30 @@ class SwiftConnection:
                     f"{type(exc).__name__}: {exc}"
                 ) from None
             raise
+
+    def _call_with_accepted_token(self, method: str, *args, **kwargs):
+        """Calls swiftclient's ``method``, alone while the token is new to the proxy."""
+        call = getattr(self.connection(), method)
+        if self._keystone is None or self._keystone.get_token() == self._accepted_token:
+            return call(*args, **kwargs)
+        with self._first_request:
+            if self._keystone.get_token() != self._accepted_token:
+                return self._first_call(call, *args, **kwargs)
+        return call(*args, **kwargs)
+
+    def _first_call(self, call: Callable, *args, **kwargs):
+        """Makes the first call with the session's token; notes the token once the
+        proxy has taken it (any answer but 401: a 404 comes after the token check)."""
+        from swiftclient.exceptions import ClientException
+
+        try:
+            result = call(*args, **kwargs)
+        except ClientException as exc:
+            if exc.http_status not in (None, 401):
+                self._accepted_token = self._keystone.get_token()
+            raise
+        self._accepted_token = self._keystone.get_token()
+        return result
 
     @staticmethod
     def _hint(status: int) -> str:

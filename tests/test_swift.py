@@ -9,10 +9,14 @@ import hashlib
 import io
 import logging
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import responses
+import swiftclient
 from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 
 from hbp_image_tasks import cli, errors
@@ -188,6 +192,76 @@ def test_keystone_v3_auth_finds_the_storage_url_in_the_catalog(settings, local_s
         "c",
         "p/q",
     )
+
+
+def record_open_calls(monkeypatch, parties: int, first_delay: float | None = None):
+    """Wraps swiftclient's GET of an object and returns the calls' [start, end].
+
+    With ``first_delay``, the first call sleeps that long and every other call waits
+    until ``parties`` of them run at once; without it, every call waits so. The wait
+    is a barrier: it breaks, and the calls fail, if they are made one at a time.
+    """
+    original = swiftclient.Connection.get_object
+    calls: list[list[float]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(parties, timeout=10)
+
+    def get_object(self, *args, **kwargs):
+        with lock:
+            call = [time.monotonic(), 0.0]
+            calls.append(call)
+            first = len(calls) == 1
+        if first and first_delay is not None:
+            time.sleep(first_delay)
+        else:
+            barrier.wait()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            call[1] = time.monotonic()
+
+    monkeypatch.setattr(swiftclient.Connection, "get_object", get_object)
+    return calls
+
+
+def read_in_threads(connection: SwiftConnection, container: str, name: str, count: int) -> list:
+    """Reads ``container/name`` from ``count`` threads at once."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(
+            pool.map(lambda _: read_all(connection.open_object(container, name)), range(count))
+        )
+
+
+@swift
+def test_first_request_with_a_new_token_goes_alone_then_requests_run_in_parallel(
+    settings, unique_container, monkeypatch
+):
+    # Keystone validates a token the proxy has not seen once per request that
+    # carries it: sent by 4 threads at once, a new token is validated 4 times.
+    container = unique_container()
+    writer = SwiftConnection(settings)
+    writer.ensure_container(container)
+    writer.put_object(container, "o", b"x")
+    calls = record_open_calls(monkeypatch, parties=3, first_delay=0.3)
+    assert read_in_threads(SwiftConnection(settings), container, "o", 4) == [b"x"] * 4
+    first, *later = sorted(calls)
+    assert all(start >= first[1] for start, _ in later)
+
+
+@swift
+def test_a_missing_object_as_first_answer_lets_the_next_requests_run_in_parallel(
+    settings, unique_container, monkeypatch
+):
+    # A 404 comes after the proxy took the token: nothing is left to wait for.
+    container = unique_container()
+    writer = SwiftConnection(settings)
+    writer.ensure_container(container)
+    writer.put_object(container, "o", b"x")
+    fresh = SwiftConnection(settings, retries=1)
+    with pytest.raises(RemoteError, match="404"):
+        fresh.open_object(container, "missing")
+    record_open_calls(monkeypatch, parties=3)
+    assert read_in_threads(fresh, container, "o", 3) == [b"x"] * 3
 
 
 @swift
