@@ -148,6 +148,8 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
     assert len(results["units"]) == 2 and results["finishing"]["units"] == 2
     assert "the conversion alone (fetched sections, no Swift), 2 processes vs 1:" in done.stdout
     assert results["scaling"] > 0 and not (tmp_path / "scaling").exists()
+    assert "the busiest task's units (no job start, no finishing job), 2 vs 1:" in done.stdout
+    assert results["tasks_alone"] > 0
 
 
 HEADERS = BENCHMARK.parent / "bench_headers.py"
