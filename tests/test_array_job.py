@@ -3,11 +3,20 @@ the split of units among tasks, the jobs' memory and the files of a unit."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
 
-from hbp_image_tasks import array_job, array_state, errors, pyramid, unit_setup, units
+from hbp_image_tasks import (
+    array_job,
+    array_state,
+    array_task,
+    errors,
+    pyramid,
+    unit_setup,
+    units,
+)
 
 
 def test_tasks_get_the_ingest_argv_without_the_submission_options():
@@ -111,6 +120,40 @@ def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path
     unit = units.plan_units(info, None, 1).units[0]
     with pytest.raises(errors.ConversionError, match="was not written"):
         unit_setup.unit_files(tmp_path, info, unit)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda path: path.write_bytes(b"longer"), "with 3 bytes, now 6 bytes"),
+        (lambda path: path.unlink(), "with 3 bytes, now missing"),
+    ],
+)
+def test_a_unit_file_changed_after_its_unit_was_recorded_stops_the_finishing_step(
+    tmp_path: Path, change, message
+):
+    # Gzipped chunks are on disk as NAME.gz, the other files under their name.
+    (tmp_path / "20um").mkdir()
+    (tmp_path / "20um" / "0-8_0-8_0-8.gz").write_bytes(b"abc")
+    (tmp_path / "20um" / "8-16_0-8_0-8").write_bytes(b"def")
+    records = [
+        {
+            "id": "unit-a",
+            "files": [
+                {"name": "20um/0-8_0-8_0-8", "bytes": 3},
+                {"name": "20um/8-16_0-8_0-8", "bytes": 3},
+            ],
+        }
+    ]
+    job = types.SimpleNamespace(options=types.SimpleNamespace(results_dir=tmp_path))
+    array_task.check_unit_files(job, records)
+    change(tmp_path / "20um" / "8-16_0-8_0-8")
+    with pytest.raises(errors.ConversionError) as caught:
+        array_task.check_unit_files(job, records)
+    assert str(caught.value) == (
+        f"{tmp_path / '20um' / '8-16_0-8_0-8'}: recorded by unit unit-a {message}; "
+        "run with --restart"
+    )
 
 
 @pytest.mark.parametrize("option", [["--wait"], ["--sbatch-option=--qos=high"]])
