@@ -5,9 +5,13 @@ Starts (or reuses) the local Swift of scripts/local-swift, fills a public
 container once with OBJECTS objects of SIZE bytes, then downloads it
 alternately with python-swiftclient's CLI (default 10 object threads, MD5
 checked) and with fetch_input (MD5 checked), each into a fresh directory, and
-prints the median times and their ratio. Not a test: run it by hand:
+prints the median times and their ratio. With --private, fetch_input also
+reads the container with the test user's credentials (--settings, a Keystone v3
+login and token per run), and the CPU seconds the local Keystone spent per run
+are printed for each command. Not a test: run it by hand:
 
   python benchmarks/bench_fetch.py --objects 600 --size 262144 --repeat 3
+  python benchmarks/bench_fetch.py --objects 128 --size 2500000 --private
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swift_servers import keystone_session, start_swift
+from swift_servers import keystone_cpu_seconds, keystone_session, start_swift
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -77,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=None, help="fetch_input --jobs (default: its own default)"
     )
     parser.add_argument(
+        "--private",
+        action="store_true",
+        help="also run fetch_input --settings (reading with the test user's credentials)",
+    )
+    parser.add_argument(
         "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
     )
     args = parser.parse_args(argv)
@@ -96,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     fetch = [str(BIN / "fetch_input"), "--stacks", "-q", "--destination", "."]
     fetch += ["--jobs", str(args.jobs)] if args.jobs else []
     fetch.append(url)
-    times: dict[str, list[float]] = {"swift download": [], "fetch_input": []}
+    commands = {"swift download": swift, "fetch_input": fetch}
+    if args.private:
+        commands["fetch_input --settings"] = fetch[:-1] + ["--settings", env["settings_file"], url]
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    keystone: dict[str, list[float]] = {label: [] for label in commands}
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as scratch:
         for run in range(args.repeat):
-            for label, command in (("swift download", swift), ("fetch_input", fetch)):
-                target = Path(scratch) / f"{label.split()[0]}-{run}"
+            for label, command in commands.items():
+                target = Path(scratch) / f"{label.split()[0]}-{label.count('-')}-{run}"
                 target.mkdir()
+                before = keystone_cpu_seconds(env)
                 times[label].append(timed(command, target))
+                keystone[label].append(keystone_cpu_seconds(env) - before)
                 files = [p for p in target.rglob("*.tif") if p.is_file()]
                 assert len(files) == args.objects, (label, len(files))
                 shutil.rmtree(target)
@@ -111,16 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     medians = {label: statistics.median(values) for label, values in times.items()}
     for label, values in times.items():
         print(
-            f"  {label:15s} median {medians[label]:6.2f} s "
+            f"  {label:22s} median {medians[label]:6.2f} s "
             f"({total / 2**20 / medians[label]:6.1f} MiB/s; runs "
             + ", ".join(f"{v:.2f}" for v in values)
             + ")"
         )
+        if args.private:
+            print(f"  {'':22s} Keystone CPU per run {statistics.median(keystone[label]):.2f} s")
     ratio = medians["swift download"] / medians["fetch_input"]
     print(
         f"  speed ratio fetch_input / swift download: {ratio:.2f}x "
         f"({'at least as fast' if ratio >= 1 else 'slower'})"
     )
+    if args.private:
+        private = medians["fetch_input"] / medians["fetch_input --settings"]
+        print(f"  speed ratio fetch_input --settings / fetch_input anonymous: {private:.2f}x")
     return 0
 
 

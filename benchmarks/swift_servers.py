@@ -4,6 +4,7 @@ reused) in a state directory, and sessions of its test user."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,17 @@ def stop_swift(state: str | Path) -> None:
         capture_output=True,
         check=False,
     )
+
+
+def keystone_cpu_seconds(env: dict) -> float:
+    """Returns the CPU seconds the local Keystone (gunicorn and its workers) has used."""
+    master = env["pids"]["keystone"]
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    total = 0.0
+    for pid in [master, *map(int, children)]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def keystone_session(env: dict):

@@ -166,3 +166,22 @@ def test_headers_benchmark_times_the_check_against_decoding(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "decode every section (baseline)" in done.stdout
     assert done.stdout.count("faster than decoding") == 2
+
+
+FETCH_BENCHMARK = BENCHMARK.parent / "bench_fetch.py"
+
+
+@pytest.mark.swift
+def test_fetch_benchmark_times_both_tools_and_the_reading_with_credentials(local_swift):
+    done = subprocess.run(
+        [sys.executable, str(FETCH_BENCHMARK), "--objects", "6", "--size", "1000"]
+        + ["--repeat", "1", "--private", "--state", local_swift.env["state_dir"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for label in ("swift download", "fetch_input", "fetch_input --settings"):
+        assert f"  {label:22s} median" in done.stdout
+    assert done.stdout.count("Keystone CPU per run") == 3
+    assert "speed ratio fetch_input --settings / fetch_input anonymous:" in done.stdout
