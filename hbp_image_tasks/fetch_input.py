@@ -31,6 +31,7 @@ from .object_names import (
 from .progress import Progress, format_bytes
 from .settings import SwiftSettings, add_settings_option, load_settings_from
 from .swift import (
+    ContainerUrl,
     ObjectInfo,
     ObjectStream,
     PublicContainer,
@@ -134,9 +135,16 @@ def selection_fingerprint(objects: Iterable[ObjectInfo]) -> str:
 # --------------------------------------------------------------------------
 
 
+SourceContainer = tuple[
+    ContainerUrl,
+    Callable[..., Iterable[ObjectInfo]],
+    Callable[[str, int], ObjectStream],
+]
+
+
 def _open_container(
     source_url: str, settings: SwiftSettings | None, jobs: int, policy: RetryPolicy
-):
+) -> SourceContainer:
     """Returns (location, lister(prefix, page_size), opener(name, start))."""
     location = parse_container_url(source_url)
     if settings is None:
@@ -179,16 +187,18 @@ def select_objects(
     settings: SwiftSettings | None = None,
     page_size: int | None = None,
     policy: RetryPolicy = DEFAULT_RETRY,
+    container: SourceContainer | None = None,
 ) -> list[ObjectInfo]:
     """Returns the container's objects whose whole name matches ``filter_regex``.
 
     Lists every page (``marker``; ``page_size`` None asks for the server's
     maximum, ``container_listing_limit``), narrowed by the URL's path and the regex's
     literal prefix; pseudo-directory markers are dropped; raises InputError for
-    unsafe or colliding names and UsageError when nothing matches.
+    unsafe or colliding names and UsageError when nothing matches. ``container``,
+    when given, is the source already opened (its connection and token reused).
     """
     pattern = compile_filter(filter_regex)
-    location, lister, _ = _open_container(source_url, settings, 1, policy)
+    location, lister, _ = container or _open_container(source_url, settings, 1, policy)
     prefix = location.prefix
     if pattern is not None:
         regex_prefix = literal_prefix(pattern.pattern)
@@ -320,10 +330,11 @@ def _fetch_stack(
     show_progress: bool,
     should_stop: Callable[[], bool],
     policy: RetryPolicy,
+    container: SourceContainer,
 ) -> FetchResult:
     """Fetches the selected ``objects``; the manifest is written only once all are there."""
     started = time.monotonic()
-    _, _, opener = _open_container(source, settings, jobs, policy)
+    _, _, opener = container
     # An old manifest would describe an input set that is not complete any more.
     (destination / layout.FETCH_MANIFEST_NAME).unlink(missing_ok=True)
     results: dict[str, _Done] = {}
@@ -623,8 +634,10 @@ def fetch(
         )
     if output is not None:
         raise UsageError("--output applies to a single URL, not to --stacks")
+    # One connection (and one Keystone token) for the listing and the downloads.
+    container = _open_container(source, settings, jobs, policy)
     if objects is None:
-        objects = select_objects(source, filter_regex, settings, page_size, policy)
+        objects = select_objects(source, filter_regex, settings, page_size, policy, container)
     if dry_run:
         return _dry_run_stack(destination, objects)
     destination.mkdir(parents=True, exist_ok=True)
@@ -639,6 +652,7 @@ def fetch(
         show_progress=show_progress,
         should_stop=should_stop,
         policy=policy,
+        container=container,
     )
 
 

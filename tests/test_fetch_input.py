@@ -687,13 +687,20 @@ def test_corrupted_or_missing_local_files_are_detected_and_fetched_again(
 
 @pytest.mark.swift
 def test_private_container_needs_the_settings(
-    make_container, swift_settings_file, tmp_path, caplog
+    make_container, swift_settings_file, tmp_path, caplog, monkeypatch
 ):
+    from keystoneauth1.identity import v3
+
     objects = {f"p/{i}.png": content(f"p/{i}.png") for i in range(3)}
     container = make_container(objects, public=False)
     code = fetch_input.main(["--stacks", "--destination", str(tmp_path / "a"), "-q", container.url])
     assert code == errors.EXIT_SOURCE
     assert re.search(r"40[13]", caplog.text)
+    logins = []
+    log_in = v3.Password.get_auth_ref
+    monkeypatch.setattr(
+        v3.Password, "get_auth_ref", lambda self, *a, **k: logins.append(1) or log_in(self, *a, **k)
+    )
     code = fetch_input.main(
         [
             "--stacks",
@@ -709,6 +716,7 @@ def test_private_container_needs_the_settings(
     assert {
         k: v for k, v in local_files(tmp_path / "b").items() if k != layout.FETCH_MANIFEST_NAME
     } == objects
+    assert len(logins) == 1  # the listing and the downloads share the token
     settings = load_settings(swift_settings_file)
     assert settings.os_password.reveal() not in caplog.text
 
