@@ -232,16 +232,24 @@ def read_in_threads(connection: SwiftConnection, container: str, name: str, coun
         )
 
 
-@swift
-def test_first_request_with_a_new_token_goes_alone_then_requests_run_in_parallel(
-    settings, unique_container, monkeypatch
-):
-    # Keystone validates a token the proxy has not seen once per request that
-    # carries it: sent by 4 threads at once, a new token is validated 4 times.
+@pytest.fixture
+def container_of_one_object(settings, unique_container) -> str:
+    """Returns a new container holding the object "o" (b"x"), written by its own
+    connection."""
     container = unique_container()
     writer = SwiftConnection(settings)
     writer.ensure_container(container)
     writer.put_object(container, "o", b"x")
+    return container
+
+
+@swift
+def test_first_request_with_a_new_token_goes_alone_then_requests_run_in_parallel(
+    settings, container_of_one_object, monkeypatch
+):
+    # Keystone validates a token the proxy has not seen once per request that
+    # carries it: sent by 4 threads at once, a new token is validated 4 times.
+    container = container_of_one_object
     calls = record_open_calls(monkeypatch, parties=3, first_delay=0.3)
     assert read_in_threads(SwiftConnection(settings), container, "o", 4) == [b"x"] * 4
     first, *later = sorted(calls)
@@ -250,13 +258,10 @@ def test_first_request_with_a_new_token_goes_alone_then_requests_run_in_parallel
 
 @swift
 def test_a_missing_object_as_first_answer_lets_the_next_requests_run_in_parallel(
-    settings, unique_container, monkeypatch
+    settings, container_of_one_object, monkeypatch
 ):
     # A 404 comes after the proxy took the token: nothing is left to wait for.
-    container = unique_container()
-    writer = SwiftConnection(settings)
-    writer.ensure_container(container)
-    writer.put_object(container, "o", b"x")
+    container = container_of_one_object
     fresh = SwiftConnection(settings, retries=1)
     with pytest.raises(RemoteError, match="404"):
         fresh.open_object(container, "missing")
