@@ -325,14 +325,14 @@ def _fetch_stack(
     *,
     filter_regex: str | None,
     jobs: int,
-    settings: SwiftSettings | None,
     force: bool,
     show_progress: bool,
     should_stop: Callable[[], bool],
     policy: RetryPolicy,
     container: SourceContainer,
 ) -> FetchResult:
-    """Fetches the selected ``objects``; the manifest is written only once all are there."""
+    """Fetches the selected ``objects`` from the opened ``container``; the manifest is
+    written only once all are there."""
     started = time.monotonic()
     _, _, opener = container
     # An old manifest would describe an input set that is not complete any more.
@@ -647,7 +647,6 @@ def fetch(
         objects,
         filter_regex=filter_regex,
         jobs=jobs,
-        settings=settings,
         force=force,
         show_progress=show_progress,
         should_stop=should_stop,
