@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swift_servers import keystone_cpu_seconds, keystone_session, start_swift
+from swift_servers import attach_swift, keystone_cpu_seconds, keystone_session, start_swift
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -88,9 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
     )
+    parser.add_argument(
+        "--swift-dir",
+        default=None,
+        help="state directory of a running local Swift to use as it is (instead of --state)",
+    )
     args = parser.parse_args(argv)
 
-    env = start_swift(args.state)
+    env = attach_swift(args.swift_dir) if args.swift_dir else start_swift(args.state)
     container = f"bench-fetch-{args.objects}x{args.size}"
     token, url = fill_container(env, container, args.objects, args.size)
     swift = [

@@ -25,6 +25,20 @@ def start_swift(state: str | Path) -> dict:
     return json.loads(done.stdout)
 
 
+def attach_swift(state: str | Path) -> dict:
+    """Returns the env JSON of the local Swift running in ``state``, never (re)starting
+    it (a start with other options would restart it on new ports)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "env", "--dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"no local Swift runs in {state}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def stop_swift(state: str | Path) -> None:
     """Stops the local Swift that ``start_swift`` started in ``state``."""
     subprocess.run(

@@ -175,7 +175,7 @@ FETCH_BENCHMARK = BENCHMARK.parent / "bench_fetch.py"
 def test_fetch_benchmark_times_both_tools_and_the_reading_with_credentials(local_swift):
     done = subprocess.run(
         [sys.executable, str(FETCH_BENCHMARK), "--objects", "6", "--size", "1000"]
-        + ["--repeat", "1", "--private", "--state", local_swift.env["state_dir"]],
+        + ["--repeat", "1", "--private", "--swift-dir", local_swift.env["state_dir"]],
         capture_output=True,
         text=True,
         timeout=300,
@@ -185,3 +185,12 @@ def test_fetch_benchmark_times_both_tools_and_the_reading_with_credentials(local
         assert f"  {label:22s} median" in done.stdout
     assert done.stdout.count("Keystone CPU per run") == 3
     assert "speed ratio fetch_input --settings / fetch_input anonymous:" in done.stdout
+    # The session's Swift was used as it is: same servers, same ports.
+    now = subprocess.run(
+        [sys.executable, str(BENCHMARK.parent.parent / "scripts" / "local_swift.py"), "env"]
+        + ["--dir", local_swift.env["state_dir"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(now.stdout)["pids"] == local_swift.env["pids"]
