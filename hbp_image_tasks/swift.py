@@ -301,18 +301,25 @@ def _keystone_session(settings: SwiftSettings, timeout: float):
 
 
 class _RenewingSession:
-    """The shared keystoneauth session as swiftclient sees it: a 401 always renews.
+    """The shared keystoneauth session as one thread's swiftclient sees it: a 401
+    always leads to a retry with the session's newest token.
 
     keystoneauth's ``invalidate()`` answers False when another thread already
     dropped the shared token, and swiftclient then gives up on the request
     instead of fetching the new token; swiftclient renews once per request.
+    The token is dropped only while it is the one refused (``refused_token``:
+    the token the thread's connection sent): a thread that still held the old
+    token takes the one another thread already renewed, instead of logging in again.
     """
 
-    def __init__(self, session):
+    def __init__(self, session, refused_token: Callable[[], str | None]):
         self._session = session
+        self._refused_token = refused_token
 
     def invalidate(self) -> bool:
-        self._session.invalidate()
+        current = self._session.auth.auth_ref
+        if current is None or current.auth_token == self._refused_token():
+            self._session.invalidate()
         return True
 
     def __getattr__(self, name: str):
@@ -385,7 +392,10 @@ class SwiftConnection:
             else None,
         )
         if self._keystone is not None:
-            return Connection(session=_RenewingSession(self._keystone), **common)
+            connection = Connection(**common)
+            # swiftclient calls invalidate() before it forgets the refused token.
+            connection.session = _RenewingSession(self._keystone, lambda: connection.token)
+            return connection
         return Connection(
             authurl=self.settings.os_auth_url,
             user=self.settings.os_username,

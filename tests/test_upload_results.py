@@ -745,7 +745,9 @@ def test_rejected_token_mid_run_is_renewed_and_the_upload_continues(fake_swift, 
 
     fake_swift.after_put = revoke_once
     result = upload(dataset, "c", fake_swift.connection(), show_progress=False, jobs=2)
-    assert 2 <= fake_swift.issued <= 3  # each of the 2 threads may renew it once
+    # One renewal: the thread (or the main thread's listing) refused after another
+    # renewed takes the new token instead of logging in again.
+    assert fake_swift.issued == 2
     assert result.uploaded == result.total_objects
     assert_everything_stored(fake_swift, dataset, "c")
 
