@@ -12,31 +12,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_swift(state: str | Path) -> dict:
-    """Starts (or reuses) the local Swift in ``state``; returns its env JSON."""
+def _local_swift_env(verb: str, state: str | Path, failure: str) -> dict:
+    """Runs ``scripts/local-swift VERB --dir STATE``; returns its env JSON, or exits
+    with ``failure`` and the script's error."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "start", "--dir", str(state)],
+        [sys.executable, str(REPO / "scripts" / "local_swift.py"), verb, "--dir", str(state)],
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
-        sys.exit(f"scripts/local-swift start failed:\n{done.stderr[-2000:]}")
+        sys.exit(f"{failure}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout)
+
+
+def start_swift(state: str | Path) -> dict:
+    """Starts (or reuses) the local Swift in ``state``; returns its env JSON."""
+    return _local_swift_env("start", state, "scripts/local-swift start failed")
 
 
 def attach_swift(state: str | Path) -> dict:
     """Returns the env JSON of the local Swift running in ``state``, never (re)starting
     it (a start with other options would restart it on new ports)."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_swift.py"), "env", "--dir", str(state)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"no local Swift runs in {state}:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    return _local_swift_env("env", state, f"no local Swift runs in {state}")
 
 
 def stop_swift(state: str | Path) -> None:
