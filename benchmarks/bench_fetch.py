@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     keystone: dict[str, list[float]] = {label: [] for label in commands}
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as scratch:
         for run in range(args.repeat):
-            for label, command in commands.items():
-                target = Path(scratch) / f"{label.split()[0]}-{label.count('-')}-{run}"
+            for index, (label, command) in enumerate(commands.items()):
+                target = Path(scratch) / f"{index}-{run}"
                 target.mkdir()
                 before = keystone_cpu_seconds(env)
                 times[label].append(timed(command, target))
