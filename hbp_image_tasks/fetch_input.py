@@ -142,15 +142,21 @@ SourceContainer = tuple[
 ]
 
 
-def _open_container(
-    source_url: str, settings: SwiftSettings | None, jobs: int, policy: RetryPolicy
+def open_container(
+    source_url: str,
+    settings: SwiftSettings | None,
+    jobs: int | None = None,
+    policy: RetryPolicy = DEFAULT_RETRY,
+    login: SwiftConnection | None = None,
 ) -> SourceContainer:
-    """Returns (location, lister(prefix, page_size), opener(name, start))."""
+    """Returns (location, lister(prefix, page_size), opener(name, start)) for
+    ``jobs`` parallel downloads; anonymous when ``settings`` is None, else with
+    the Keystone token of ``login`` when given (a connection with those settings)."""
     location = parse_container_url(source_url)
     if settings is None:
         container = PublicContainer(
             location,
-            session=http_session(jobs, policy.attempts, policy.backoff),
+            session=http_session(jobs or DEFAULT_JOBS, policy.attempts, policy.backoff),
             error_type=FetchError,
         )
         return (location, container.iter_objects, container.open_object)
@@ -161,6 +167,7 @@ def _open_container(
         starting_backoff=policy.backoff,
         max_backoff=policy.max_backoff,
         error_type=FetchError,
+        login=login,
     )
 
     def lister(prefix: str = "", page_size: int | None = None):
@@ -198,7 +205,7 @@ def select_objects(
     when given, is the source already opened (its connection and token reused).
     """
     pattern = compile_filter(filter_regex)
-    location, lister, _ = container or _open_container(source_url, settings, 1, policy)
+    location, lister, _ = container or open_container(source_url, settings, 1, policy)
     prefix = location.prefix
     if pattern is not None:
         regex_prefix = literal_prefix(pattern.pattern)
@@ -606,12 +613,14 @@ def fetch(
     objects: list[ObjectInfo] | None = None,
     policy: RetryPolicy = DEFAULT_RETRY,
     page_size: int | None = None,
+    container: SourceContainer | None = None,
 ) -> FetchResult:
     """Fetches ``source`` into ``destination``; returns what was done.
 
     With ``stacks``, ``source`` is a Swift container URL and every object
     whose whole name matches ``filter_regex`` is fetched (``objects``, if
-    given, is the selection already made by :func:`select_objects`).
+    given, is the selection already made by :func:`select_objects`;
+    ``container``, if given, is ``source`` already opened by :func:`open_container`).
     Raises FetchError for remote failures, UsageError/InputError for bad
     options or names, Interrupted when ``should_stop()`` became true.
     """
@@ -635,7 +644,7 @@ def fetch(
     if output is not None:
         raise UsageError("--output applies to a single URL, not to --stacks")
     # One connection (and one Keystone token) for the listing and the downloads.
-    container = _open_container(source, settings, jobs, policy)
+    container = container or open_container(source, settings, jobs, policy)
     if objects is None:
         objects = select_objects(source, filter_regex, settings, page_size, policy, container)
     if dry_run:

@@ -375,9 +375,11 @@ def banner(number: int, total: int, title: str) -> None:
 
 @dataclasses.dataclass
 class Preflight:
-    """What the pre-flight checks found: the selection and the inputs' fingerprint."""
+    """What the pre-flight checks found: the upload's connection, the source
+    container opened (stacks), the selection and the inputs' fingerprint."""
 
     connection: SwiftConnection | None
+    source: fetch_input.SourceContainer | None
     objects: list | None
     listing: str
     inputs: dict[str, Any]
@@ -395,11 +397,13 @@ def preflight(options: IngestOptions) -> Preflight:
     if connection is not None:
         storage_url = connection.check_credentials()
         logger.info("credentials accepted; storage URL %s", storage_url)
-    objects = None
+    source = objects = None
     if options.stacks:
-        objects = fetch_input.select_objects(
-            options.source, options.filter_regex, settings=fetch_settings(options)
+        # The source shares the upload's login: one Keystone token for the run.
+        source = fetch_input.open_container(
+            options.source, fetch_settings(options), options.transfers, login=connection
         )
+        objects = fetch_input.select_objects(options.source, options.filter_regex, container=source)
         logger.info(
             "source: %d objects selected, %s",
             len(objects),
@@ -411,7 +415,7 @@ def preflight(options: IngestOptions) -> Preflight:
         listing = fetch_input.selection_fingerprint(objects)
     else:
         listing = hashlib.sha256(options.source.encode()).hexdigest()
-    return Preflight(connection, objects, listing, inputs_fingerprint(options, listing))
+    return Preflight(connection, source, objects, listing, inputs_fingerprint(options, listing))
 
 
 def fetch_settings(options: IngestOptions) -> SwiftSettings | None:
@@ -538,6 +542,7 @@ def run_fetch(
         show_progress=options.show_progress,
         should_stop=should_stop,
         objects=checked.objects,
+        container=checked.source,
     )
 
 

@@ -225,8 +225,8 @@ class PublicContainer:
             if response.status_code in (401, 403):
                 raise self.error_type(
                     f"listing {self.location.url}: {describe_status(response)} "
-                    f"(is the container public with .rlistings? for a private "
-                    f"container pass --settings)",
+                    f"(is the container public with .rlistings? to read a private one "
+                    f"with the credentials: fetch_input --settings, ingest --source-private)",
                     http_status=response.status_code,
                 )
             if response.status_code >= 400:
@@ -300,6 +300,13 @@ def _keystone_session(settings: SwiftSettings, timeout: float):
     return ks_session.Session(auth=auth, timeout=timeout)
 
 
+def same_credentials(first: SwiftSettings, second: SwiftSettings) -> bool:
+    """True when the two settings log in as the same user to the same project."""
+    return dataclasses.replace(first, os_storage_url=None, source="") == dataclasses.replace(
+        second, os_storage_url=None, source=""
+    )
+
+
 class _RenewingSession:
     """The shared keystoneauth session as one thread's swiftclient sees it: a 401
     always leads to a retry with the session's newest token.
@@ -334,6 +341,8 @@ class SwiftConnection:
     The first request with a new token goes alone: the proxy then asks Keystone
     to validate the token once and caches it, instead of once per thread at the
     start of every parallel transfer.
+    ``login``, a connection with the same credentials (its storage URL aside),
+    lends its Keystone session: both then use one token, logged in once.
     """
 
     def __init__(
@@ -344,16 +353,21 @@ class SwiftConnection:
         max_backoff: float = 32,
         timeout: float = 300.0,
         error_type: type[RemoteError] = RemoteError,
+        login: SwiftConnection | None = None,
     ):
+        if login is not None and not same_credentials(login.settings, settings):
+            raise ValueError("a shared login needs the same credentials")
         self.settings = settings
         self.retries = retries
         self.starting_backoff = starting_backoff
         self.max_backoff = max_backoff
         self.timeout = timeout
         self.error_type = error_type
-        self._keystone = (
-            _keystone_session(settings, timeout) if settings.auth_version == "3" else None
-        )
+        self._keystone = None
+        if login is not None:
+            self._keystone = login._keystone
+        elif settings.auth_version == "3":
+            self._keystone = _keystone_session(settings, timeout)
         self._local = threading.local()
         self._storage_url: str | None = None
         self._first_request = threading.Lock()

@@ -419,6 +419,28 @@ def test_rerun_to_another_container_uploads_again_without_converting_again(
     assert names(second) == names(first) and "info" in names(second)
 
 
+def test_private_source_is_read_and_published_with_one_login(
+    make_container, unique_container, local_swift, settings_env, tmp_path, capsys, monkeypatch
+):
+    from keystoneauth1.identity import v3
+
+    volume = smooth_stack(12, 40, 56)
+    source = make_container(stack_objects(volume), public=False)
+    output = unique_container("out")
+    code, error = preflight_failure(ingest_argv(source.url, tmp_path, output), capsys)
+    assert code == errors.EXIT_SOURCE and nothing_downloaded(tmp_path)
+    assert source.name in error and "--source-private" in error
+    logins = []
+    log_in = v3.Password.get_auth_ref
+    monkeypatch.setattr(
+        v3.Password, "get_auth_ref", lambda self, *a, **k: logins.append(1) or log_in(self, *a, **k)
+    )
+    assert ingest.main(ingest_argv(source.url, tmp_path, output, "--source-private")) == 0
+    # The account check, the listing, the downloads and the upload share one token.
+    assert len(logins) == 1
+    assert_pyramid(public_url(local_swift, output), volume[None], "average")
+
+
 @pytest.mark.parametrize(
     "extra, fetching, uploading",
     [

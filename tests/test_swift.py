@@ -194,6 +194,21 @@ def test_keystone_v3_auth_finds_the_storage_url_in_the_catalog(settings, local_s
     )
 
 
+@swift
+def test_a_connection_sharing_a_login_uses_its_token_for_another_storage_url(
+    settings, local_swift, make_container
+):
+    container = make_container({"a": b"1"}, public=False)
+    upload = SwiftConnection(dataclasses.replace(settings, os_storage_url=None))
+    assert upload.check_credentials() == local_swift.storage_url
+    source_settings = dataclasses.replace(settings, os_storage_url=container.url.rsplit("/", 1)[0])
+    source = SwiftConnection(source_settings, login=upload)
+    assert [info.name for info in source.iter_objects(container.name)] == ["a"]
+    assert source.connection().token == upload.connection().token
+    with pytest.raises(ValueError, match="same credentials"):
+        SwiftConnection(dataclasses.replace(settings, os_username="someone-else"), login=upload)
+
+
 def record_open_calls(monkeypatch, parties: int, first_delay: float | None = None):
     """Wraps swiftclient's GET of an object and returns the calls' [start, end].
 
