@@ -290,7 +290,12 @@ def _stack_input(
 ) -> PlannedInput:
     """Returns a section stack's input, its shape and sample type from the first section."""
     sections = unit_setup.ordered_sections(checked.objects, options.order_file)
-    first = fetch_sections(options, sections[:1], scratch or options.download_dir / "first-section")
+    first = fetch_sections(
+        options,
+        sections[:1],
+        scratch or options.download_dir / "first-section",
+        container=checked.source,
+    )
     stack = sources.StackSource(first)
     return PlannedInput(
         unit_setup.stack_info(first[0], len(sections), options.parameters),
@@ -333,8 +338,10 @@ def fetch_sections(
     objects: list,
     directory: Path,
     should_stop: Callable[[], bool] | None = None,
+    container: fetch_input.SourceContainer | None = None,
 ) -> list[Path]:
-    """Fetches ``objects`` (listing entries) into ``directory``; returns their paths."""
+    """Fetches ``objects`` (listing entries) into ``directory``; returns their paths.
+    ``container`` is the source opened once (its login shared), else it is opened now."""
     fetch_input.fetch(
         options.source,
         directory,
@@ -345,6 +352,7 @@ def fetch_sections(
         show_progress=False,
         should_stop=should_stop,
         objects=objects,
+        container=container,
     )
     return [directory / item.name for item in objects]
 

@@ -27,6 +27,7 @@ from . import (
     array_job,
     cli,
     errors,
+    fetch_input,
     ingest,
     layout,
     shard_writer,
@@ -69,6 +70,18 @@ class Job:
         self.connection = None
         if self.options.upload:
             self.connection = SwiftConnection(self.options.settings, error_type=errors.UploadError)
+        self._source: fetch_input.SourceContainer | None = None
+
+    def source_container(self) -> fetch_input.SourceContainer:
+        """Returns the source container, opened once a task with the upload's login."""
+        if self._source is None:
+            self._source = fetch_input.open_container(
+                self.options.source,
+                ingest.fetch_settings(self.options),
+                self.options.transfers,
+                login=self.connection,
+            )
+        return self._source
 
     def section_objects(self, unit: units.Unit) -> list[ObjectInfo]:
         """Returns the listing entries of a unit's sections."""
@@ -86,7 +99,11 @@ class Job:
         directory = self.options.download_dir / f"sections-{z0}-{z1}"
         with locked(directory):
             paths = array_job.fetch_sections(
-                self.options, self.section_objects(unit), directory, should_stop
+                self.options,
+                self.section_objects(unit),
+                directory,
+                should_stop,
+                container=self.source_container(),
             )
         return unit_setup.UnitSource(paths, z0, self.options.parameters.channels)
 

@@ -25,20 +25,30 @@ FILTER = r"brain-stack/brain_s\d+\.png"
 PARAMETERS = {"chunk_size": 16, "voxel_size": [20, 20, 20], "voxel_unit": "um"}
 
 
-@pytest.fixture(scope="module")
-def example_source(local_swift):
-    """A public container holding the bundled example stack; returns its URL."""
+def example_container(local_swift, public: bool):
+    """Yields the URL of a container holding the bundled example stack."""
     import uuid
 
     from conftest import bulk_delete
 
     name = f"array-example-{uuid.uuid4().hex[:8]}"
     objects = {f"brain-stack/{p.name}": p.read_bytes() for p in sorted(EXAMPLE.glob("*.png"))}
-    url = local_swift.create_container(name, objects)
-    yield url
+    yield local_swift.create_container(name, objects, public)
     connection = local_swift.connection()
     bulk_delete(connection, name)
     connection.close()
+
+
+@pytest.fixture(scope="module")
+def example_source(local_swift):
+    """A public container holding the bundled example stack; returns its URL."""
+    yield from example_container(local_swift, public=True)
+
+
+@pytest.fixture(scope="module")
+def private_example_source(local_swift):
+    """The example stack in a private container, read with --source-private."""
+    yield from example_container(local_swift, public=False)
 
 
 def argv_for(
@@ -125,21 +135,28 @@ def single_ingest_listing(reference_listings):
 SHARDED = {**PARAMETERS, "sharding": True, "shard_size": 16384}
 
 
-@pytest.mark.parametrize("parameters", [PARAMETERS, SHARDED], ids=["chunk-files", "sharded"])
+@pytest.mark.parametrize(
+    "parameters, private",
+    [(PARAMETERS, False), (SHARDED, True)],
+    ids=["chunk-files", "sharded-private-source"],
+)
 def test_array_publishes_the_same_objects_as_a_single_ingest(
     cluster_env,
-    example_source,
+    request,
     reference_listings,
     unique_container,
     swift_client,
     tmp_path,
     capsys,
     parameters,
+    private,
 ):
     container = unique_container("array")
+    source = request.getfixturevalue("private_example_source" if private else "example_source")
+    extra = ["--source-private"] if private else []
     # A unit budget of 768 KiB (a third of it for the PNG row reader) cuts the example
     # into 4 tiles of about 128 x 128 x 16 voxels.
-    argv = argv_for(example_source, tmp_path, container, parameters=parameters)
+    argv = argv_for(source, tmp_path, container, *extra, parameters=parameters)
     assert ingest.main(argv + ["--memory-limit", "768K", "--array", "4", "--wait"]) == 0
     published = listing(swift_client, container)
     assert published == reference_listings(parameters)
