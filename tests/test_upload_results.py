@@ -172,6 +172,15 @@ def test_segment_size_option(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.parametrize(
+    "flags, skip_identical",
+    [([], True), (["--force"], False), (["--no-skip-identical"], False)],
+)
+def test_force_and_no_skip_identical_send_every_object_again(flags, skip_identical):
+    args = upload_results.parse_command_line(["results", "--container", "c", *flags])
+    assert UploadOptions.from_args(args).skip_identical is skip_identical
+
+
 def test_dotfiles_and_symlinks_are_never_uploaded(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -314,6 +323,8 @@ def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
             "bb/8um/",
             "--settings",
             str(swift_settings_file),
+            "--viewer-base",
+            "https://viewer.example.org/ng/",
             "-q",
         ]
     )
@@ -322,6 +333,7 @@ def test_uploaded_dataset_is_read_back_anonymously_as_a_viewer_would(
     public_url = re.search(r"^public URL: (\S+)$", out, re.M).group(1)
     assert public_url.endswith(f"/{container}/bb/8um")
     link = re.search(r"^Neuroglancer: (\S+)$", out, re.M).group(1)
+    assert link.startswith("https://viewer.example.org/ng/#!")
     assert f"precomputed://{public_url}" in unquote(link)
     chunks = read_back_as_a_viewer(public_url, results, volume)
     assert chunks == len(local_objects(results)) - 3  # info, info_fullres.json, transform.json
