@@ -557,8 +557,8 @@ def parse_command_line(argv: Iterable[str] | None) -> argparse.Namespace:
         "--chromium",
         default=None,
         metavar="PATH",
-        help="Chromium binary; None: $CHROMIUM, else "
-        "/usr/lib/chromium/chromium or chromium on the PATH",
+        help="Chromium binary (default: $CHROMIUM, else "
+        "/usr/lib/chromium/chromium or chromium on the PATH)",
     )
     cli.add_logging_options(parser)
     return parser.parse_args(None if argv is None else list(argv))
@@ -571,7 +571,7 @@ def add_view_options(parser: argparse.ArgumentParser) -> None:
         dest="layer_type",
         choices=("image", "segmentation"),
         default=None,
-        help="layer type; None: the 'type' in 'info'",
+        help="layer type (default: the 'type' in the dataset's 'info')",
     )
     parser.add_argument(
         "--segments",
@@ -579,7 +579,7 @@ def add_view_options(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="ID",
-        help="segments to select in a segmentation; none: show all",
+        help="segments to select in a segmentation (default: show all)",
     )
     parser.add_argument(
         "--screenshot",
@@ -615,9 +615,8 @@ def add_view_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="URL",
         help="check CORS as seen from this viewer site (e.g. "
-        "https://neuroglancer.example.org) instead of from any site; "
-        "None: the dataset must be readable from any site "
-        "(Access-Control-Allow-Origin for the checking page)",
+        "https://neuroglancer.example.org) (default: the dataset must be "
+        "readable from any site: Access-Control-Allow-Origin for the checking page)",
     )
 
 
