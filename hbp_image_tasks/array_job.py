@@ -27,12 +27,15 @@ from . import (
     ingest,
     ingest_ngs,
     layout,
+    png_rows,
     slurm,
     sources,
     unit_setup,
     units,
 )
 from .array_state import ArrayRun, split_evenly
+from .progress import format_bytes
+from .swift import ObjectInfo
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,9 @@ ERROR_BY_EXIT_CODE: dict[int, type[errors.HbpError]] = {
 }
 # Asked of Slurm beyond a job's planned work: the interpreter, libraries, upload buffers.
 JOB_BASE_BYTES = 512 << 20
+# A PNG section's header (the chunks before its image data) is read from this
+# much of the first section: the submission does not fetch a whole 14 GB section.
+HEADER_BYTES = 1 << 20
 # How Slurm ended a task that could not say why itself.
 EXIT_CODE_OF_STATE = {
     "CANCELLED": errors.EXIT_INTERRUPTED,
@@ -247,8 +253,6 @@ def load_or_make_plan(
     info, held = found.info, found.held_bytes
     limit = options_memory_limit(options)
     if limit is not None and held >= limit:
-        from .progress import format_bytes
-
         raise errors.UsageError(
             f"--memory-limit {format_bytes(limit)} is below the {format_bytes(held)} of "
             f"samples each task holds of the compressed volume {options.source}"
@@ -290,20 +294,41 @@ def _stack_input(
 ) -> PlannedInput:
     """Returns a section stack's input, its shape and sample type from the first section."""
     sections = unit_setup.ordered_sections(checked.objects, options.order_file)
-    first = fetch_sections(
-        options,
-        sections[:1],
-        scratch or options.download_dir / "first-section",
-        container=checked.source,
-    )
-    stack = sources.StackSource(first)
-    return PlannedInput(
-        unit_setup.stack_info(first[0], len(sections), options.parameters),
-        whole_sections=not stack.reads_regions,
-        bands=stack.reads_rows,
-        held_bytes=0,
-        entries={"sections": [[i.name, i.bytes, i.hash] for i in sections]},
-    )
+    with tempfile.TemporaryDirectory(prefix="hbp-header-") as head_dir:
+        first = _planning_copy(options, checked, sections[0], Path(head_dir), scratch)
+        stack = sources.StackSource([first])
+        return PlannedInput(
+            unit_setup.stack_info(first, len(sections), options.parameters),
+            whole_sections=not stack.reads_regions,
+            bands=stack.reads_rows,
+            held_bytes=0,
+            entries={"sections": [[i.name, i.bytes, i.hash] for i in sections]},
+        )
+
+
+def _planning_copy(
+    options: ingest.IngestOptions,
+    checked: ingest.Preflight,
+    section: ObjectInfo,
+    head_dir: Path,
+    scratch: Path | None,
+) -> Path:
+    """Returns a local copy of the first section that tells its size, samples and row
+    layout: the first HEADER_BYTES of a larger PNG when its header (every chunk
+    before the image data) lies within them, else the whole section (a TIFF's
+    directory may lie at its end)."""
+    if section.name.lower().endswith(".png") and section.bytes > HEADER_BYTES:
+        head = fetch_input.fetch_head(checked.source, section, head_dir, HEADER_BYTES)
+        if png_rows.read_header(head) is not None:
+            logger.info(
+                "planning from the header of %s (the first %s of %s)",
+                section.name,
+                format_bytes(HEADER_BYTES),
+                format_bytes(section.bytes),
+            )
+            return head
+    directory = scratch or options.download_dir / "first-section"
+    return fetch_sections(options, [section], directory, container=checked.source)[0]
 
 
 def _volume_input(options: ingest.IngestOptions, scratch: Path | None) -> PlannedInput:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,48 @@ def test_dry_run_prints_the_units_and_sbatch_lines_and_writes_nothing(
     assert "--array=0-2" in array_line and "--time=0:10:00" in array_line
     assert "--dependency=afterok:" in finish_line and "array_task finish" in finish_line
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def with_text_chunk(png: bytes, size: int) -> bytes:
+    """Returns ``png`` with a tEXt chunk of ``size`` bytes after its IHDR (none for 0)."""
+    if not size:
+        return png
+    data = b"comment\0" + b"x" * size
+    crc = zlib.crc32(b"tEXt" + data)
+    return (
+        png[:33] + struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", crc) + png[33:]
+    )
+
+
+@pytest.mark.parametrize(
+    "text_bytes, from_header", [(0, True), (4096, False)], ids=["header", "header-beyond"]
+)
+def test_the_plan_reads_only_the_first_sections_header_when_it_lies_in_the_prefix(
+    make_container,
+    swift_settings_file,
+    monkeypatch,
+    tmp_path,
+    capsys,
+    caplog,
+    text_bytes,
+    from_header,
+):
+    objects = {
+        f"brain-stack/{p.name}": with_text_chunk(p.read_bytes(), text_bytes)
+        for p in EXAMPLE.glob("*.png")
+    }
+    source = make_container(objects)
+    monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
+    argv = argv_for(source.url, tmp_path, "never-made", "--memory-limit", "768K")
+    argv += ["--array", "3", "--dry-run"]
+    monkeypatch.setattr(array_job, "HEADER_BYTES", 1 << 30)  # the whole first section
+    assert ingest.main(argv) == 0
+    from_whole_section = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(array_job, "HEADER_BYTES", 1024)
+    caplog.clear()
+    assert ingest.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == from_whole_section
+    assert ("planning from the header of brain-stack/brain_s1.png" in caplog.text) == from_header
 
 
 def test_a_rerun_while_the_earlier_jobs_wait_is_refused(
