@@ -141,7 +141,7 @@ def add_job_options(job: argparse._ArgumentGroup) -> None:
     job.add_argument(
         "--source-private",
         action="store_true",
-        help="read the --source container with the Swift credentials of "
+        help="read the --source container (--stacks) with the Swift credentials of "
         "--settings/$SWIFT_SETTINGS (default: anonymously, as a public container)",
     )
     job.add_argument(
@@ -199,6 +199,11 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
     if args.cleanup and not upload:
         raise errors.UsageError(
             "--cleanup needs an upload to verify first: drop --no-upload or --cleanup"
+        )
+    if args.source_private and not args.stacks:
+        raise errors.UsageError(
+            "--source-private reads a Swift container (--stacks); a single --source URL "
+            "is fetched without credentials"
         )
     if args.container:
         upload_results.validate_container_name(args.container)

@@ -545,6 +545,12 @@ def test_bad_container_name_is_a_usage_error(small_source, settings_env, tmp_pat
     assert exit_info.value.code == errors.EXIT_USAGE
 
 
+def test_source_private_without_stacks_is_a_usage_error(tmp_path, settings_env, capsys):
+    argv = ingest_argv("https://example.org/v.nii.gz", tmp_path, None, stacks=False)
+    code, error = preflight_failure(argv + ["--source-private"], capsys)
+    assert code == errors.EXIT_USAGE and "--source-private" in error and "--stacks" in error
+
+
 def test_unwritable_download_dir_fails_fast(
     small_source, settings_env, unique_container, tmp_path, capsys
 ):
