@@ -328,7 +328,7 @@ def _planning_copy(
             )
             return head
     directory = scratch or options.download_dir / "first-section"
-    return fetch_sections(options, [section], directory, container=checked.source)[0]
+    return fetch_sections(options, [section], directory, checked.source)[0]
 
 
 def _volume_input(options: ingest.IngestOptions, scratch: Path | None) -> PlannedInput:
@@ -362,11 +362,11 @@ def fetch_sections(
     options: ingest.IngestOptions,
     objects: list,
     directory: Path,
+    container: fetch_input.SourceContainer,
     should_stop: Callable[[], bool] | None = None,
-    container: fetch_input.SourceContainer | None = None,
 ) -> list[Path]:
-    """Fetches ``objects`` (listing entries) into ``directory``; returns their paths.
-    ``container`` is the source opened once (its login shared), else it is opened now."""
+    """Fetches ``objects`` (listing entries) of the opened source ``container`` into
+    ``directory``; returns their paths."""
     fetch_input.fetch(
         options.source,
         directory,

@@ -102,8 +102,8 @@ class Job:
                 self.options,
                 self.section_objects(unit),
                 directory,
+                self.source_container(),
                 should_stop,
-                container=self.source_container(),
             )
         return unit_setup.UnitSource(paths, z0, self.options.parameters.channels)
 

@@ -189,8 +189,9 @@ def fetch_head(container: SourceContainer, info: ObjectInfo, destination: Path, 
     written = 0
     with opener(info.name, 0) as stream, open(path, "wb") as out:
         for block in stream:
-            out.write(block[: size - written])
-            written += min(len(block), size - written)
+            piece = block[: size - written]
+            out.write(piece)
+            written += len(piece)
             if written >= size:
                 break
     logger.debug("read the first %d bytes of %s", written, info.name)
