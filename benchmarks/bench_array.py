@@ -29,11 +29,12 @@ import time
 import uuid
 from pathlib import Path
 
-from swift_servers import delete_container, swift_connection
+from swift_servers import delete_container, server_cpu_seconds, swift_connection
 
 REPO = Path(__file__).resolve().parent.parent
 BIGBRAIN = (6572, 5711, 7404)  # x, y, sections at 20 um
 ONE_MICRON_SECTION = (130000, 110000)
+SWIFT_SERVERS = ("proxy", "object", "container", "account")
 
 
 def running(script: str, state: Path) -> bool:
@@ -284,13 +285,18 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
             *(target if args.upload else ["--no-upload"]), *extra,
         ]  # fmt: skip
 
-    walls = {
-        "single ingest --jobs 2": ingest(argv("single", "--jobs", "2"), env, work),
-        "array, 1 task": ingest(argv("array1", "--jobs", "1", "--array", "1", "--wait"), env, work),
-        "array, 2 concurrent tasks": ingest(
-            argv("array2", "--jobs", "1", "--array", "2", "--wait"), env, work
-        ),
+    runs = {
+        "single ingest --jobs 2": ("single", "--jobs", "2"),
+        "array, 1 task": ("array1", "--jobs", "1", "--array", "1", "--wait"),
+        "array, 2 concurrent tasks": ("array2", "--jobs", "1", "--array", "2", "--wait"),
     }
+    # The local Swift serves the fetches from the same cores: its CPU seconds during
+    # a run are cores the run's own work did not get (a production Swift has its own).
+    walls, swift_cpu = {}, {}
+    for label, (name, *extra) in runs.items():
+        before = server_cpu_seconds(swift, SWIFT_SERVERS)
+        walls[label] = ingest(argv(name, *extra), env, work)
+        swift_cpu[label] = server_cpu_seconds(swift, SWIFT_SERVERS) - before
     # The array's ceiling without the object store on the same cores: the
     # conversion of two units' sections by two processes at once against one.
     scaling = conversion_scaling(work / "array2" / "source", parameters, env, work / "scaling")
@@ -304,11 +310,13 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
     for name in ("array1", "array2"):
         print(f"plan of {name}: {plan_summary(work / name / 'results')}")
         print(f"  a unit of {name}: {phase_summary(unit_records(work / name / 'results'))}")
-    report(args, walls, per_unit, finishing["finishing_seconds"], voxels, scaling, tasks_alone)
+    times = {"walls": walls, "swift_cpu": swift_cpu, "per_unit": per_unit}
+    report(args, times, finishing["finishing_seconds"], voxels, scaling, tasks_alone)
     (work / "results.json").write_text(
         json.dumps(
             {
                 "walls": walls,
+                "swift_cpu": swift_cpu,
                 "units": per_unit,
                 "finishing": finishing,
                 "scaling": scaling,
@@ -321,19 +329,15 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
 
 
 def report(
-    args,
-    walls: dict,
-    per_unit: list[float],
-    finishing: float,
-    voxels: int,
-    scaling: float,
-    tasks_alone: float,
+    args, times: dict, finishing: float, voxels: int, scaling: float, tasks_alone: float
 ) -> None:
-    """Prints the measurements, the ratios and the projection."""
+    """Prints the measurements (``times``: the runs' walls, the local Swift's CPU
+    seconds during each, array1's unit seconds), the ratios and the projection."""
+    walls, swift_cpu, per_unit = times["walls"], times["swift_cpu"], times["per_unit"]
     single, one, two = walls.values()
     print(f"stack: {args.sections} sections of {args.size} x {args.size}")
     for name, seconds in walls.items():
-        print(f"  {name:28s} {seconds:7.1f} s")
+        print(f"  {name:28s} {seconds:7.1f} s  (local Swift servers: {swift_cpu[name]:.1f} CPU s)")
     mean = sum(per_unit) / len(per_unit)
     print(f"time per unit of array1 (1 core, fetch + convert): {mean:.1f} s, {len(per_unit)} units")
     fixed = max(0.0, one - sum(per_unit) - finishing)

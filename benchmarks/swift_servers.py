@@ -46,15 +46,22 @@ def stop_swift(state: str | Path) -> None:
     )
 
 
+def server_cpu_seconds(env: dict, names: tuple[str, ...]) -> float:
+    """Returns the CPU seconds the local servers ``names`` (keys of the env's pids: their
+    processes and these processes' children) have used."""
+    total = 0.0
+    for name in names:
+        master = env["pids"][name]
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        for pid in [master, *map(int, children)]:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def keystone_cpu_seconds(env: dict) -> float:
     """Returns the CPU seconds the local Keystone (gunicorn and its workers) has used."""
-    master = env["pids"]["keystone"]
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    total = 0.0
-    for pid in [master, *map(int, children)]:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
+    return server_cpu_seconds(env, ("keystone",))
 
 
 def keystone_session(env: dict):

@@ -150,6 +150,10 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
     assert results["scaling"] > 0 and not (tmp_path / "scaling").exists()
     assert "the busiest task's units (no job start, no finishing job), 2 vs 1:" in done.stdout
     assert results["tasks_alone"] > 0
+    # Every run fetches its sections from the local Swift, whose CPU it reports.
+    assert set(results["swift_cpu"]) == set(results["walls"])
+    assert all(seconds > 0 for seconds in results["swift_cpu"].values())
+    assert done.stdout.count("(local Swift servers: ") == 3
 
 
 HEADERS = BENCHMARK.parent / "bench_headers.py"
