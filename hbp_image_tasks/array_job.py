@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -274,6 +275,7 @@ def load_or_make_plan(
         state = layout.ConversionState(layout.fingerprint_of(checked.inputs))
         layout.write_conversion_state(options.results_dir, state)
         unit_setup.write_info(options.results_dir, info, options.parameters)
+        hand_over_planning_section(options.download_dir, plan)
         run.write_plan(document)
     return document
 
@@ -327,8 +329,23 @@ def _planning_copy(
                 format_bytes(section.bytes),
             )
             return head
-    directory = scratch or options.download_dir / "first-section"
-    return fetch_sections(options, [section], directory, checked.source)[0]
+    directory = scratch or options.download_dir / layout.PLANNING_SECTION_DIR_NAME
+    return fetch_sections(options, [section], directory, checked.source)[0][0]
+
+
+def hand_over_planning_section(download_dir: Path, plan: units.Plan) -> None:
+    """Makes the directory of the first section, fetched whole to plan from, the
+    directory of the first z range: the unit that reads it finds it verified there
+    instead of downloading it again (a section of a 1 um scan is ~14 GB)."""
+    planning = download_dir / layout.PLANNING_SECTION_DIR_NAME
+    if not planning.is_dir():
+        return
+    z1 = min(unit.box.stop[2] for unit in plan.units if unit.box.start[2] == 0)
+    target = layout.sections_directory(download_dir, 0, z1)
+    if target.exists():  # an earlier run's units fetched there
+        shutil.rmtree(planning)
+    else:
+        planning.rename(target)
 
 
 def _volume_input(options: ingest.IngestOptions, scratch: Path | None) -> PlannedInput:
@@ -364,10 +381,11 @@ def fetch_sections(
     directory: Path,
     container: fetch_input.SourceContainer,
     should_stop: Callable[[], bool] | None = None,
-) -> list[Path]:
+) -> tuple[list[Path], int]:
     """Fetches ``objects`` (listing entries) of the opened source ``container`` into
-    ``directory``; returns their paths."""
-    fetch_input.fetch(
+    ``directory``; returns their paths and how many were downloaded (the others
+    were there, verified)."""
+    result = fetch_input.fetch(
         options.source,
         directory,
         stacks=True,
@@ -379,7 +397,7 @@ def fetch_sections(
         objects=objects,
         container=container,
     )
-    return [directory / item.name for item in objects]
+    return [directory / item.name for item in objects], result.downloaded
 
 
 def check_no_active_jobs(run: ArrayRun) -> None:

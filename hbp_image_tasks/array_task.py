@@ -89,23 +89,24 @@ class Job:
         return [ObjectInfo(name, size, md5) for name, size, md5 in self.document["sections"][z0:z1]]
 
     def unit_source(self, unit: units.Unit, should_stop: Callable[[], bool]):
-        """Returns what a unit reads: the volume the submission fetched (opened once
-        a task), or the unit's own sections, fetched now."""
+        """Returns what a unit reads and how many sections it downloaded for it: the
+        volume the submission fetched (opened once a task), or the unit's own
+        sections, fetched now unless an earlier unit or the plan left them there."""
         if "volume" in self.document:
             if self.volume is None:
                 self.volume = sources.VolumeSource(Path(self.document["volume"]))
-            return self.volume
+            return self.volume, 0
         z0, z1 = unit.box.start[2], unit.box.stop[2]
-        directory = self.options.download_dir / f"sections-{z0}-{z1}"
+        directory = layout.sections_directory(self.options.download_dir, z0, z1)
         with locked(directory):
-            paths = array_job.fetch_sections(
+            paths, downloaded = array_job.fetch_sections(
                 self.options,
                 self.section_objects(unit),
                 directory,
                 self.source_container(),
                 should_stop,
             )
-        return unit_setup.UnitSource(paths, z0, self.options.parameters.channels)
+        return unit_setup.UnitSource(paths, z0, self.options.parameters.channels), downloaded
 
 
 @contextlib.contextmanager
@@ -121,7 +122,7 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     """Fetches, converts and uploads one unit; returns its record."""
     started = time.monotonic()
     options = job.options
-    source = job.unit_source(unit, should_stop)
+    source, downloaded = job.unit_source(unit, should_stop)
     fetched = time.monotonic()
     results_dir = options.results_dir
     if unit_conversion.read_done(results_dir, unit) is None:
@@ -145,6 +146,7 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
     return {
         "id": unit.id,
         "seconds": round(ended - started, 3),
+        "downloaded_sections": downloaded,
         # Where a unit's time went, for the task's log and the benchmarks.
         "phases": {
             "fetch": round(fetched - started, 3),

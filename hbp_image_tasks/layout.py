@@ -25,7 +25,9 @@ In a conversion destination (``ingest_ngs``, read by ``upload_results`` and ``in
   .hbp-ingest-report.json        the report of the last ``ingest`` run
 
 In a download directory of ``ingest --array``, each z range's sections-Z0-Z1/
-holds ``.hbp-array-lock``, locked while a unit fetches them.
+holds ``.hbp-array-lock``, locked while a unit fetches them; first-section/ holds
+the first section while the submission plans from it, then becomes the first z
+range's directory (the first unit finds that section fetched and verified).
 
 Hidden names are never uploaded; further per-run records belong here too, as
 hidden names.
@@ -77,6 +79,7 @@ INFO_NAME = "info"
 UNITS_DIR_NAME = ".hbp-units"
 ARRAY_DIR_NAME = ".hbp-array"
 ARRAY_LOCK_NAME = ".hbp-array-lock"
+PLANNING_SECTION_DIR_NAME = "first-section"
 SHARD_PIECES_DIR_NAME = ".hbp-shard-pieces"
 
 UPLOAD_MANIFEST_NAME = ".hbp-upload-manifest.json"
@@ -222,6 +225,11 @@ def remove_conversion_state(destination: Path) -> None:
     """Deletes the conversion state and its checkpoints (the state last)."""
     remove_files(checkpoint_files(destination))
     remove_files([Path(destination) / CONVERSION_STATE_NAME])
+
+
+def sections_directory(download_dir: Path, z0: int, z1: int) -> Path:
+    """Returns where ``ingest --array`` fetches the sections z0..z1-1 of a stack."""
+    return download_dir / f"sections-{z0}-{z1}"
 
 
 def unit_record_path(destination: Path, unit_id: str) -> Path:

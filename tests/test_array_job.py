@@ -113,6 +113,26 @@ def test_a_units_chunk_names_cover_its_box_at_every_scale_it_builds():
     assert len(names) == len(set(names)) and set(names) == expected
 
 
+def test_the_planning_section_becomes_the_first_z_ranges_directory(tmp_path: Path):
+    info = pyramid.build_info(
+        "uint8", 1, (100, 70, 48), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
+    )
+    plan = units.plan_units(info, None, 1, sections_per_unit=16)
+    planning = tmp_path / "first-section"
+    planning.mkdir()
+    (planning / "s1.png").write_bytes(b"section")
+    array_job.hand_over_planning_section(tmp_path, plan)
+    assert not planning.exists()
+    assert (tmp_path / "sections-0-16" / "s1.png").read_bytes() == b"section"
+    # A z range an earlier run's units fetched into is kept; the copy goes.
+    planning.mkdir()
+    (planning / "s1.png").write_bytes(b"newer")
+    array_job.hand_over_planning_section(tmp_path, plan)
+    assert not planning.exists()
+    assert (tmp_path / "sections-0-16" / "s1.png").read_bytes() == b"section"
+    array_job.hand_over_planning_section(tmp_path, plan)  # nothing to hand over
+
+
 def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path):
     info = pyramid.build_info(
         "uint8", 1, (32, 32, 16), (1000.0,) * 3, (0, 0, 0), "image", "raw", 16, None
