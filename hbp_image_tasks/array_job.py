@@ -1,9 +1,9 @@
 """``ingest --array N``: plan the conversion once, then submit it to Slurm as a job array.
 
-The submitting command lists the source, fetches one section to learn the stack's
-shape, writes the dataset's info and the plan of units (units.py) to the results
-directory, and submits N tasks that run the units (array_task.py) and a finishing
-job that builds the upper scales, uploads and verifies. A rerun submits only the
+The submitting command lists the source, reads the first section's header to learn
+the stack's shape, writes the dataset's info and the plan of units (units.py) to the
+results directory, and submits N tasks that run the units (array_task.py) and a
+finishing job that builds the upper scales, uploads and verifies. A rerun submits only the
 units that are not recorded as finished.
 """
 
@@ -28,7 +28,8 @@ from . import (
     ingest,
     ingest_ngs,
     layout,
-    png_rows,
+    remote_file,
+    sections,
     slurm,
     sources,
     unit_setup,
@@ -51,9 +52,11 @@ ERROR_BY_EXIT_CODE: dict[int, type[errors.HbpError]] = {
 }
 # Asked of Slurm beyond a job's planned work: the interpreter, libraries, upload buffers.
 JOB_BASE_BYTES = 512 << 20
-# A PNG section's header (the chunks before its image data) is read from this
-# much of the first section: the submission does not fetch a whole 14 GB section.
-HEADER_BYTES = 1 << 20
+# The first section is fetched whole to plan from up to this size; a larger one is
+# read by ranges, only what its header's parsers read: the submission does not
+# fetch a whole 14 GB section. More than HEADER_LIMIT read that way, it is fetched.
+WHOLE_SECTION_BYTES = 1 << 20
+HEADER_LIMIT = 64 << 20
 # How Slurm ended a task that could not say why itself.
 EXIT_CODE_OF_STATE = {
     "CANCELLED": errors.EXIT_INTERRUPTED,
@@ -295,16 +298,16 @@ def _stack_input(
     options: ingest.IngestOptions, checked: ingest.Preflight, scratch: Path | None
 ) -> PlannedInput:
     """Returns a section stack's input, its shape and sample type from the first section."""
-    sections = unit_setup.ordered_sections(checked.objects, options.order_file)
+    ordered = unit_setup.ordered_sections(checked.objects, options.order_file)
     with tempfile.TemporaryDirectory(prefix="hbp-header-") as head_dir:
-        first = _planning_copy(options, checked, sections[0], Path(head_dir), scratch)
+        first = _planning_copy(options, checked, ordered[0], Path(head_dir), scratch)
         stack = sources.StackSource([first])
         return PlannedInput(
-            unit_setup.stack_info(first, len(sections), options.parameters),
+            unit_setup.stack_info(first, len(ordered), options.parameters),
             whole_sections=not stack.reads_regions,
             bands=stack.reads_rows,
             held_bytes=0,
-            entries={"sections": [[i.name, i.bytes, i.hash] for i in sections]},
+            entries={"sections": [[i.name, i.bytes, i.hash] for i in ordered]},
         )
 
 
@@ -315,22 +318,55 @@ def _planning_copy(
     head_dir: Path,
     scratch: Path | None,
 ) -> Path:
-    """Returns a local copy of the first section that tells its size, samples and row
-    layout: the first HEADER_BYTES of a larger PNG when its header (every chunk
-    before the image data) lies within them, else the whole section (a TIFF's
-    directory may lie at its end)."""
-    if section.name.lower().endswith(".png") and section.bytes > HEADER_BYTES:
-        head = fetch_input.fetch_head(checked.source, section, head_dir, HEADER_BYTES)
-        if png_rows.read_header(head) is not None:
-            logger.info(
-                "planning from the header of %s (the first %s of %s)",
-                section.name,
-                format_bytes(HEADER_BYTES),
-                format_bytes(section.bytes),
-            )
-            return head
+    """Returns a local copy of the first section that tells its size, samples and
+    layout: for a section above WHOLE_SECTION_BYTES, a sparse file of what its
+    header's parsers read (:func:`header_copy`), else, or when that fails, the whole
+    section."""
+    if section.bytes > WHOLE_SECTION_BYTES:
+        copy = header_copy(checked.source, section, head_dir)
+        if copy is not None:
+            return copy
     directory = scratch or options.download_dir / layout.PLANNING_SECTION_DIR_NAME
     return fetch_sections(options, [section], directory, checked.source)[0][0]
+
+
+def header_copy(
+    container: fetch_input.SourceContainer, section: ObjectInfo, destination: Path
+) -> Path | None:
+    """Returns ``destination``/the section's name: a sparse file of the section's size
+    holding the blocks its header's parsers read by ranges (a TIFF's directory may lie
+    at its end), or None when they cannot be read so or the copy tells otherwise."""
+    _, _, opener = container
+    remote = remote_file.RangeFile(opener, section.name, section.bytes, HEADER_LIMIT)
+    try:
+        facts = sections.header_facts(remote)
+    except (errors.InputError, remote_file.RangeUnavailable) as exc:
+        return _whole_for_planning(section, str(exc))
+    if remote.failure is not None:  # swallowed by a parser, which then judged wrongly
+        return _whole_for_planning(section, str(remote.failure))
+    path = destination / section.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remote.write_sparse(path)
+    try:
+        same = sections.header_facts(path) == facts
+    except errors.InputError:
+        same = False
+    if not same:  # a parser read past what it read through the remote file
+        return _whole_for_planning(section, "its parsers read beyond the blocks fetched")
+    logger.info(
+        "planning from the header of %s (%s of %s read in %d requests)",
+        section.name,
+        format_bytes(remote.fetched),
+        format_bytes(section.bytes),
+        remote.requests,
+    )
+    return path
+
+
+def _whole_for_planning(section: ObjectInfo, why: str) -> None:
+    logger.info(
+        "fetching %s whole to plan from: its header was not read by ranges (%s)", section.name, why
+    )
 
 
 def hand_over_planning_section(download_dir: Path, plan: units.Plan) -> None:

@@ -104,7 +104,8 @@ def stated_md5(headers: Mapping[str, str]) -> str | None:
     return etag if MD5_PATTERN.fullmatch(etag) else None
 
 
-def _content_range_start(headers: Mapping[str, str]) -> int | None:
+def content_range_start(headers: Mapping[str, str]) -> int | None:
+    """Returns the first byte of a 206 response's ``Content-Range``, None without one."""
     match = re.match(r"bytes (\d+)-", headers.get("content-range", ""))
     return int(match.group(1)) if match else None
 
@@ -134,7 +135,7 @@ class _Transfer:
     def begin(self, stream: ObjectStream) -> None:
         """Takes a new response: a resume, else a fresh start whose headers say what to expect."""
         if self.written and (
-            stream.status != 206 or _content_range_start(stream.headers) != self.written
+            stream.status != 206 or content_range_start(stream.headers) != self.written
         ):
             # The server ignored the Range (or the object changed, with
             # If-Range): start again from the first byte.

@@ -179,25 +179,6 @@ def open_container(
     return location, lister, opener
 
 
-def fetch_head(container: SourceContainer, info: ObjectInfo, destination: Path, size: int) -> Path:
-    """Writes the first ``size`` bytes of object ``info`` (all of it when smaller) to
-    ``destination``/its name, for reading a header; returns the path. The rest of the
-    object is not read: the connection is closed."""
-    path = destination / info.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _, _, opener = container
-    written = 0
-    with opener(info.name, 0) as stream, open(path, "wb") as out:
-        for block in stream:
-            piece = block[: size - written]
-            out.write(piece)
-            written += len(piece)
-            if written >= size:
-                break
-    logger.debug("read the first %d bytes of %s", written, info.name)
-    return path
-
-
 def has_right_size(destination: Path, info: ObjectInfo) -> bool:
     """True when ``info`` is already a file of its listed size under ``destination``."""
     try:

@@ -7,12 +7,14 @@ stream is left as soon as the region's last row is read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -68,11 +70,13 @@ class PngHeader:
         return not self.interlaced and self.step in _BYTE_TYPES
 
 
-def read_header(path: Path) -> PngHeader | None:
-    """Returns the header of a PNG file, or None when it is not a single-image PNG
-    (animated ones included) or cannot be read: decoding it whole names the problem."""
+def read_header(path: Path | BinaryIO) -> PngHeader | None:
+    """Returns the header of a PNG file (a path or a file open for binary reads), or None
+    when it is not a single-image PNG (animated ones included) or cannot be read:
+    decoding it whole names the problem."""
     try:
-        with open(path, "rb") as handle:
+        with _opened(path) as handle:
+            handle.seek(0)
             if handle.read(len(SIGNATURE)) != SIGNATURE:
                 return None
             offset, fields = len(SIGNATURE), None
@@ -97,6 +101,13 @@ def read_header(path: Path) -> PngHeader | None:
     if colour not in _CHANNELS or compression != 0 or filtering != 0 or interlace > 1:
         return None
     return PngHeader(width, height, depth, colour, interlace == 1, offset)
+
+
+def _opened(path: Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    """Returns a context that opens a path and leaves an open file open."""
+    if isinstance(path, (str, Path)):
+        return open(path, "rb")
+    return contextlib.nullcontext(path)
 
 
 def block_size(region_bytes: int) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 
@@ -120,21 +121,26 @@ class SectionFormat:
         return f"{self.width}x{self.height} {self.dtype} {kind}"
 
 
-def _open(path: Path):
+# A section's path, or a file opened for binary reads whose ``name`` ends with its
+# suffix (remote_file.RangeFile): what the header probes below take.
+SectionFile = Union[Path, BinaryIO]
+
+
+def _open(path: SectionFile):
     from PIL import Image
 
     # Pillow refuses images above 179 Mpx as decompression bombs; sections of 1 um
     # scans have 14 Gpx (130 000 x 110 000), and a tiled conversion reads them by region.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        return Image.open(path)
+        return Image.open(_rewound(path))
     except FileNotFoundError:
         raise InputError(f"{path}: section not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None
 
 
-def _format_of(path: Path, image) -> SectionFormat:
+def _format_of(path: SectionFile, image) -> SectionFormat:
     mode = image.mode
     if mode in ("RGBA", "LA", "P", "PA"):
         # Alpha and palettes are expanded to what a viewer shows.
@@ -150,10 +156,17 @@ def _format_of(path: Path, image) -> SectionFormat:
     return SectionFormat(width, height, dtype, channels, mode)
 
 
-def probe_section(path: Path) -> SectionFormat:
+def probe_section(path: SectionFile) -> SectionFormat:
     """Returns the format of one section, reading only its header."""
     with _open(path) as image:
         return _format_of(path, image)
+
+
+def header_facts(path: SectionFile) -> tuple[SectionFormat, bool, bool]:
+    """Returns what a stack's plan learns from its first section's header: the format,
+    :func:`reads_regions` and :func:`reads_rows` (RGB read as RGB)."""
+    found = probe_section(path)
+    return found, reads_regions(path, found), reads_rows(path)
 
 
 def format_mismatch(path: Path, found: SectionFormat, expected: SectionFormat) -> str | None:
@@ -321,10 +334,10 @@ def read_section_region(
     return array
 
 
-def reads_regions(path: Path, expected: SectionFormat, grey: bool = False) -> bool:
+def reads_regions(path: SectionFile, expected: SectionFormat, grey: bool = False) -> bool:
     """Returns whether :func:`read_section_region` reads a region of ``path`` without
     decoding the whole section (plain tiled or stripped TIFF, non-interlaced PNG)."""
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix == ".png":
         return _png_header(path) is not None
     if grey or suffix not in (".tif", ".tiff"):
@@ -332,16 +345,28 @@ def reads_regions(path: Path, expected: SectionFormat, grey: bool = False) -> bo
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tiff:
+        with tifffile.TiffFile(_rewound(path)) as tiff:
             return len(tiff.pages) == 1 and _plain_tiff_page(tiff.pages[0], expected)
     except Exception:  # unreadable here: read_section names the problem later
         return False
 
 
-def reads_rows(path: Path) -> bool:
+def reads_rows(path: SectionFile) -> bool:
     """Returns whether :func:`read_section_region` reads ``path`` by rows from its top
     (non-interlaced PNG): a region costs every row above it, and whole rows."""
-    return path.suffix.lower() == ".png" and _png_header(path) is not None
+    return _suffix(path) == ".png" and _png_header(path) is not None
+
+
+def _suffix(path: SectionFile) -> str:
+    return Path(path.name).suffix.lower()
+
+
+def _rewound(path: SectionFile) -> SectionFile:
+    """Returns a path as it is, an open file moved to its first byte (Pillow and
+    tifffile read from where a file stands)."""
+    if not isinstance(path, Path):
+        path.seek(0)
+    return path
 
 
 def _read_tiff_region(path: Path, expected: SectionFormat, region, out) -> np.ndarray | None:
@@ -417,7 +442,7 @@ def _copy_segments(tiff, page, region, out: np.ndarray) -> None:
             out[a - y0 : b - y0, c - x0 : d - x0] = segment[a - top : b - top, c - left : d - left]
 
 
-def _png_header(path: Path) -> png_rows.PngHeader | None:
+def _png_header(path: SectionFile) -> png_rows.PngHeader | None:
     """Returns the header of a PNG whose rows stream (see :mod:`png_rows`), else None."""
     header = png_rows.read_header(path)
     return header if header is not None and header.streams else None

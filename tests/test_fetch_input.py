@@ -722,26 +722,6 @@ def test_private_container_needs_the_settings(
 
 
 @pytest.mark.swift
-@pytest.mark.parametrize("private", [False, True], ids=["public", "private"])
-def test_fetch_head_writes_only_the_first_bytes(
-    make_container, swift_settings_file, tmp_path, private
-):
-    body = bytes(range(256)) * (12 << 10)  # 3 MiB: three of the reader's blocks
-    container = make_container({"d/big.png": body, "small": b"tiny"}, public=not private)
-    settings = load_settings(swift_settings_file) if private else None
-    source = fetch_input.open_container(container.url, settings)
-    listed = {
-        info.name: info
-        for info in fetch_input.select_objects(container.url, None, container=source)
-    }
-    head = fetch_input.fetch_head(source, listed["d/big.png"], tmp_path, (3 << 19) + 5)
-    assert head == tmp_path / "d" / "big.png"
-    assert head.read_bytes() == body[: (3 << 19) + 5]
-    whole = fetch_input.fetch_head(source, listed["small"], tmp_path, 1024)
-    assert whole.read_bytes() == b"tiny"
-
-
-@pytest.mark.swift
 def test_static_large_object_is_checked_by_size(make_container, swift_client, tmp_path):
     segments = make_container({"seg/1": b"a" * 1000, "seg/2": b"b" * 500}, public=True)
     container = make_container({"small.png": b"small"})

@@ -302,35 +302,47 @@ def with_text_chunk(png: bytes, size: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize(
-    "text_bytes, from_header", [(0, True), (4096, False)], ids=["header", "header-beyond"]
-)
-def test_the_plan_reads_only_the_first_sections_header_when_it_lies_in_the_prefix(
-    make_container,
-    swift_settings_file,
-    monkeypatch,
-    tmp_path,
-    capsys,
-    caplog,
-    text_bytes,
-    from_header,
+def section_as(png: bytes, suffix: str) -> bytes:
+    """Returns an example section as ``suffix``: a PNG with a 200 KB text chunk before
+    its pixels, a TIFF written by libtiff (its directory at the end) or a JPEG."""
+    import io
+
+    from PIL import Image
+
+    if suffix == ".png":
+        return with_text_chunk(png, 200_000)
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as image:
+        if suffix == ".tif":
+            image.save(out, format="TIFF", compression="tiff_lzw")
+        else:
+            image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".jpg"])
+def test_the_plan_reads_only_the_first_sections_header_by_ranges(
+    make_container, swift_settings_file, monkeypatch, tmp_path, capsys, caplog, suffix
 ):
     objects = {
-        f"brain-stack/{p.name}": with_text_chunk(p.read_bytes(), text_bytes)
+        f"brain-stack/{p.stem}{suffix}": section_as(p.read_bytes(), suffix)
         for p in EXAMPLE.glob("*.png")
     }
     source = make_container(objects)
     monkeypatch.setenv("SWIFT_SETTINGS", str(swift_settings_file))
     argv = argv_for(source.url, tmp_path, "never-made", "--memory-limit", "768K")
-    argv += ["--array", "3", "--dry-run"]
-    monkeypatch.setattr(array_job, "HEADER_BYTES", 1 << 30)  # the whole first section
+    argv[argv.index(FILTER)] = rf"brain-stack/brain_s\d+\{suffix}"
+    argv += ["--array", "2", "--dry-run"]
+    monkeypatch.setattr(array_job, "WHOLE_SECTION_BYTES", 1 << 30)  # the whole first section
     assert ingest.main(argv) == 0
     from_whole_section = json.loads(capsys.readouterr().out)
-    monkeypatch.setattr(array_job, "HEADER_BYTES", 1024)
+    assert "planning from the header" not in caplog.text
+    monkeypatch.setattr(array_job, "WHOLE_SECTION_BYTES", 0)
     caplog.clear()
     assert ingest.main(argv) == 0
     assert json.loads(capsys.readouterr().out) == from_whole_section
-    assert ("planning from the header of brain-stack/brain_s1.png" in caplog.text) == from_header
+    assert f"planning from the header of brain-stack/brain_s1{suffix} (" in caplog.text
+    assert not (tmp_path / "source").exists()  # nothing fetched whole
 
 
 def test_a_rerun_while_the_earlier_jobs_wait_is_refused(
