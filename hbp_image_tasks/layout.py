@@ -26,8 +26,9 @@ In a conversion destination (``ingest_ngs``, read by ``upload_results`` and ``in
 
 In a download directory of ``ingest --array``, each z range's sections-Z0-Z1/
 holds ``.hbp-array-lock``, locked while a unit fetches them; first-section/ holds
-the first section while the submission plans from it, then becomes the first z
-range's directory (the first unit finds that section fetched and verified).
+the first section when the submission fetches it whole to plan from (one of at
+most 1 MiB, or one whose header could not be read by ranges), then becomes the
+first z range's directory (the first unit finds that section fetched and verified).
 
 Hidden names are never uploaded; further per-run records belong here too, as
 hidden names.
