@@ -325,14 +325,23 @@ def _planning_copy(
     if section.bytes > WHOLE_SECTION_BYTES:
         copy = header_copy(checked.source, section, head_dir)
         if copy is not None:
-            return copy
+            return copy.path
     directory = scratch or options.download_dir / layout.PLANNING_SECTION_DIR_NAME
     return fetch_sections(options, [section], directory, checked.source)[0][0]
 
 
+@dataclasses.dataclass(frozen=True)
+class HeaderCopy:
+    """A sparse local copy of a section's header blocks, and what reading them cost."""
+
+    path: Path
+    bytes_read: int
+    requests: int
+
+
 def header_copy(
     container: fetch_input.SourceContainer, section: ObjectInfo, destination: Path
-) -> Path | None:
+) -> HeaderCopy | None:
     """Returns ``destination``/the section's name: a sparse file of the section's size
     holding the blocks its header's parsers read by ranges (a TIFF's directory may lie
     at its end), or None when they cannot be read so or the copy tells otherwise."""
@@ -360,7 +369,7 @@ def header_copy(
         format_bytes(section.bytes),
         remote.requests,
     )
-    return path
+    return HeaderCopy(path, remote.fetched, remote.requests)
 
 
 def _whole_for_planning(section: ObjectInfo, why: str) -> None:

@@ -198,3 +198,22 @@ def test_fetch_benchmark_times_both_tools_and_the_reading_with_credentials(local
         check=True,
     )
     assert json.loads(now.stdout)["pids"] == local_swift.env["pids"]
+
+
+PLANNING_BENCHMARK = BENCHMARK.parent / "bench_planning.py"
+
+
+@pytest.mark.swift
+def test_planning_benchmark_reads_each_formats_header_by_ranges(local_swift):
+    done = subprocess.run(
+        [sys.executable, str(PLANNING_BENCHMARK), "--size", "1024", "--repeat", "1"]
+        + ["--swift-dir", local_swift.env["state_dir"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for suffix in (".tif", ".png", ".jpg"):
+        assert f"  {suffix:5s} " in done.stdout and "whole fetch (baseline)" in done.stdout
+    assert "a 1 um section of 130000 x 110000" in done.stdout
+    assert done.stdout.count("x fewer bytes") == 4
