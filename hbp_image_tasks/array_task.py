@@ -19,6 +19,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,10 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
             record = run_unit(job, job.units[unit_id], executor, should_stop)
             job.run.record_unit(unit_id, record)
             ran += 1
+            if job.options.cleanup and "sections" in job.document:
+                release_sections(
+                    job.run, job.plan.units, job.options.download_dir, job.units[unit_id]
+                )
             logger.info(
                 "unit %s (%d/%d of this task): %d files in %s (%s)",
                 unit_id,
@@ -192,6 +197,35 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
                 ", ".join(f"{name} {seconds:.1f} s" for name, seconds in record["phases"].items()),
             )
     return ran
+
+
+def release_sections(
+    run: ArrayRun, plan_units: Iterable[units.Unit], download_dir: Path, unit: units.Unit
+) -> bool:
+    """Deletes the sections of ``unit``'s z range once every unit of that range is
+    recorded as finished (``--cleanup``): the shared file system then holds the input
+    of the z ranges in flight, not the whole stack's. Returns whether it deleted them."""
+    z_range = (unit.box.start[2], unit.box.stop[2])
+    sharing = (u for u in plan_units if (u.box.start[2], u.box.stop[2]) == z_range)
+    if any(run.unit_record(u.id) is None for u in sharing):
+        return False
+    directory = layout.sections_directory(download_dir, *z_range)
+    if not directory.is_dir():
+        return False
+    try:
+        with locked(directory):
+            for entry in directory.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name != layout.ARRAY_LOCK_NAME:
+                    entry.unlink()
+        # The lock file last, closed: NFS keeps an open file's name until it is closed.
+        shutil.rmtree(directory)
+    except OSError as exc:  # the finishing job's --cleanup deletes what is left
+        logger.warning("--cleanup: could not delete %s yet (%s)", directory, exc)
+        return False
+    logger.info("--cleanup: deleted %s, its z range's units are all finished", directory)
+    return True
 
 
 def seed_upload_manifest(job: Job, records: list[dict]) -> None:

@@ -13,6 +13,7 @@ from hbp_image_tasks import (
     array_state,
     array_task,
     errors,
+    layout,
     pyramid,
     unit_setup,
     units,
@@ -223,3 +224,43 @@ def test_bad_order_files_name_the_line_or_the_problem(tmp_path, text, message):
     order.write_text(text)
     with pytest.raises(errors.InputError, match=message):
         unit_setup.ordered_sections(listing_entries(["d/s1.png"]), order)
+
+
+@pytest.mark.parametrize("cleanup", [True, False])
+def test_with_cleanup_a_z_ranges_sections_go_once_all_its_units_are_finished(
+    tmp_path: Path, monkeypatch, cleanup
+):
+    tiles = [
+        units.Unit(units.Box((x, 0, z), (x + 64, 64, z + 16)), 0, False)
+        for z in (0, 16)
+        for x in (0, 64)
+    ]
+    download = tmp_path / "download"
+    for z in (0, 16):
+        stack = layout.sections_directory(download, z, z + 16) / "stack"
+        stack.mkdir(parents=True)
+        (stack / "s.png").write_bytes(b"section")
+        (stack.parent / ".fetch_state.jsonl").write_text("{}\n")
+    job = types.SimpleNamespace(
+        run=array_state.ArrayRun(tmp_path / "results"),
+        plan=types.SimpleNamespace(units=tuple(tiles)),
+        units={unit.id: unit for unit in tiles},
+        document={"sections": []},
+        options=types.SimpleNamespace(cleanup=cleanup, download_dir=download, jobs=1),
+        # Task 0 runs z 0-16 and the first tile of z 16-32, task 1 the last tile.
+        record={"tasks": [[tiles[0].id, tiles[1].id, tiles[2].id], [tiles[3].id]]},
+    )
+    left = []
+
+    def run_unit(job, unit, executor, should_stop):  # the unit's own work is not at issue
+        left.append(sorted(p.name for p in download.iterdir()))
+        return {"seconds": 0.0, "files": [], "phases": {}}
+
+    monkeypatch.setattr(array_task, "run_unit", run_unit)
+    assert array_task.run_task(job, 0, lambda: False) == 3
+    both = ["sections-0-16", "sections-16-32"]
+    assert left == [both, both, (["sections-16-32"] if cleanup else both)]
+    assert array_task.run_task(job, 1, lambda: False) == 1
+    assert sorted(p.name for p in download.iterdir()) == ([] if cleanup else both)
+    # A z range that is gone already is left alone.
+    assert array_task.release_sections(job.run, tiles, download, tiles[0]) != cleanup
