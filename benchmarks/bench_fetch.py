@@ -28,9 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from swift_servers import attach_swift, keystone_cpu_seconds, keystone_session, start_swift
+from swift_servers import (
+    add_swift_options,
+    keystone_cpu_seconds,
+    keystone_session,
+    swift_of_options,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
@@ -85,17 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run fetch_input --settings (reading with the test user's credentials)",
     )
-    parser.add_argument(
-        "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
-    )
-    parser.add_argument(
-        "--swift-dir",
-        default=None,
-        help="state directory of a running local Swift to use as it is (instead of --state)",
-    )
+    add_swift_options(parser)
     args = parser.parse_args(argv)
 
-    env = attach_swift(args.swift_dir) if args.swift_dir else start_swift(args.state)
+    env = swift_of_options(args)
     container = f"bench-fetch-{args.objects}x{args.size}"
     token, url = fill_container(env, container, args.objects, args.size)
     swift = [

@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from swift_servers import attach_swift, delete_container, start_swift, swift_connection
+from swift_servers import add_swift_options, delete_container, swift_connection, swift_of_options
 
 from hbp_image_tasks import array_job, fetch_input, remote_file, sections
 from hbp_image_tasks.progress import format_bytes
 from hbp_image_tasks.swift import ObjectStream
 
-REPO = Path(__file__).resolve().parent.parent
 ONE_MICRON_SECTION = (130000, 110000)
 
 
@@ -135,17 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also read the header of a sparse 130 000 x 110 000 section (default: on)",
     )
-    parser.add_argument(
-        "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
-    )
-    parser.add_argument(
-        "--swift-dir",
-        default=None,
-        help="state directory of a running local Swift to use as it is (instead of --state)",
-    )
+    add_swift_options(parser)
     args = parser.parse_args(argv)
 
-    env = attach_swift(args.swift_dir) if args.swift_dir else start_swift(args.state)
+    env = swift_of_options(args)
     container = f"bench-planning-{args.size}"
     connection = swift_connection(env)
     connection.put_container(container, headers={"X-Container-Read": ".r:*,.rlistings"})

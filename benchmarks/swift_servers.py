@@ -37,6 +37,24 @@ def attach_swift(state: str | Path) -> dict:
     return _local_swift_env("env", state, f"no local Swift runs in {state}")
 
 
+def add_swift_options(parser) -> None:
+    """Adds --state (where to start the local Swift, or reuse the one running there)
+    and --swift-dir (a running local Swift to use as it is) to an argparse parser."""
+    parser.add_argument(
+        "--state", default=str(REPO / ".local-swift" / "bench"), help="local-swift state directory"
+    )
+    parser.add_argument(
+        "--swift-dir",
+        default=None,
+        help="state directory of a running local Swift to use as it is (instead of --state)",
+    )
+
+
+def swift_of_options(args) -> dict:
+    """Returns the env JSON of the local Swift that :func:`add_swift_options` chose."""
+    return attach_swift(args.swift_dir) if args.swift_dir else start_swift(args.state)
+
+
 def stop_swift(state: str | Path) -> None:
     """Stops the local Swift that ``start_swift`` started in ``state``."""
     subprocess.run(
