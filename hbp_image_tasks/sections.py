@@ -364,7 +364,7 @@ def _suffix(path: SectionFile) -> str:
 def _rewound(path: SectionFile) -> SectionFile:
     """Returns a path as it is, an open file moved to its first byte (Pillow and
     tifffile read from where a file stands)."""
-    if not isinstance(path, Path):
+    if not isinstance(path, (str, Path)):
         path.seek(0)
     return path
 
