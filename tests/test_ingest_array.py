@@ -170,8 +170,8 @@ def test_array_publishes_the_same_objects_as_a_single_ingest(
     asked = run.read_plan()["plan"]["unit_memory"] + array_job.JOB_BASE_BYTES
     for unit_id in run.finished_units():
         assert 0 < run.unit_record(unit_id)["peak_rss_bytes"] <= asked
-    # The first section, fetched whole to plan from (it is smaller than the header
-    # prefix), was handed to the units' z range: no unit downloaded it again.
+    # The first section, fetched whole to plan from (it is smaller than
+    # WHOLE_SECTION_BYTES), was handed to the units' z range: no unit downloaded it again.
     downloaded = [run.unit_record(u)["downloaded_sections"] for u in run.finished_units()]
     assert sum(downloaded) == len(list(EXAMPLE.glob("*.png"))) - 1
     assert sorted(p.name for p in (tmp_path / "source").iterdir()) == ["sections-0-16"]
