@@ -8,14 +8,12 @@ a few MB, and a TIFF's directory may lie at its end.
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .download import content_range_start
+from .progress import format_bytes
 from .swift import ObjectStream
-
-logger = logging.getLogger(__name__)
 
 BLOCK_BYTES = 64 << 10
 
@@ -97,7 +95,7 @@ class RangeFile(io.RawIOBase):
         start = first * BLOCK_BYTES
         length = min((last + 1) * BLOCK_BYTES, self.size) - start
         if self.fetched + length > self.limit:
-            self._fail(f"its parsers read more than {self.limit} bytes")
+            self._fail(f"its parsers read more than {format_bytes(self.limit)}")
         data = bytearray()
         with self.opener(self.name, start) as stream:
             self.requests += 1
@@ -114,7 +112,7 @@ class RangeFile(io.RawIOBase):
             self.blocks[index] = bytes(data[offset : offset + BLOCK_BYTES])
         self.fetched += length
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
         self.failure = RangeUnavailable(f"{self.name}: {why}")
         raise self.failure
 
