@@ -342,9 +342,10 @@ class HeaderCopy:
 def header_copy(
     container: fetch_input.SourceContainer, section: ObjectInfo, destination: Path
 ) -> HeaderCopy | None:
-    """Returns ``destination``/the section's name: a sparse file of the section's size
-    holding the blocks its header's parsers read by ranges (a TIFF's directory may lie
-    at its end), or None when they cannot be read so or the copy tells otherwise."""
+    """Returns the HeaderCopy at ``destination``/the section's name: a sparse file of
+    the section's size holding the blocks its header's parsers read by ranges (a TIFF's
+    directory may lie at its end); None when they cannot be read so or the copy tells
+    otherwise. A fetch that fails after its retries raises FetchError."""
     _, _, opener = container
     remote = remote_file.RangeFile(opener, section.name, section.bytes, HEADER_LIMIT)
     try:
