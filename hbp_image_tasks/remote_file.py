@@ -11,6 +11,9 @@ import io
 from pathlib import Path
 from typing import Callable, NoReturn
 
+import requests
+import urllib3
+
 from .download import content_range_start
 from .progress import format_bytes
 from .swift import ObjectStream
@@ -101,10 +104,14 @@ class RangeFile(io.RawIOBase):
             self.requests += 1
             if start and (stream.status != 206 or content_range_start(stream.headers) != start):
                 self._fail(f"the server answered a Range request with status {stream.status}")
-            for chunk in stream:
-                data += chunk[: length - len(data)]
-                if len(data) >= length:
-                    break
+            try:
+                for chunk in stream:
+                    data += chunk[: length - len(data)]
+                    if len(data) >= length:
+                        break
+            except (OSError, requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                # The whole fetch that stands in resumes and retries; this does not.
+                self._fail(f"the body from byte {start} broke off ({exc})")
         if len(data) < length:
             self._fail(f"{len(data)} bytes from byte {start}, {length} expected")
         for index in range(first, last + 1):

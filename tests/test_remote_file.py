@@ -51,6 +51,24 @@ def test_a_range_file_reads_the_objects_bytes_and_fetches_each_block_once(
     assert remote.failure is not None
 
 
+def test_a_body_that_breaks_off_is_refused_for_the_whole_fetch_to_stand_in():
+    import requests
+
+    from hbp_image_tasks.swift import ObjectStream
+
+    def opener(name: str, start: int) -> ObjectStream:
+        def chunks():
+            yield b"x" * 100
+            raise requests.exceptions.ChunkedEncodingError("connection broken")
+
+        return ObjectStream(200, {}, chunks(), lambda: None)
+
+    remote = RangeFile(opener, "stack/s1.tif", 10 * BLOCK_BYTES, limit=1 << 20)
+    with pytest.raises(RangeUnavailable, match="broke off .*connection broken"):
+        remote.read(10)
+    assert remote.failure is not None and not remote.blocks
+
+
 SWIFT = "http://swift.invalid/v1/AUTH_test/c"
 
 
