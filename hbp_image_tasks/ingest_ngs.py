@@ -255,6 +255,7 @@ def _remove_previous_output(destination: Path) -> None:
         if key and ".." not in key and target.is_dir():
             shutil.rmtree(target)
     shutil.rmtree(destination / layout.UNITS_DIR_NAME, ignore_errors=True)
+    shutil.rmtree(destination / layout.RELEASED_DIR_NAME, ignore_errors=True)
     layout.remove_files(layout.checkpoint_files(destination))
     layout.remove_files([destination / layout.INFO_NAME])
 

@@ -20,6 +20,9 @@ In a conversion destination (``ingest_ngs``, read by ``upload_results`` and ``in
   <scale>/.hbp-shard-pieces/<shard>/  the chunks of a shard not yet assembled
   .hbp-array/                    an ``ingest --array`` run: plan, unit records, jobs
                                  (see array_state)
+  .hbp-released/                 <unit id>.json per work unit of ``ingest --array
+                                 --cleanup`` whose files were deleted once uploaded:
+                                 the container, prefix and objects (name, bytes, MD5)
   .hbp-upload-manifest.json      what upload_results verified in the container
   .hbp-ingest-state.json         the steps an ``ingest`` run finished
   .hbp-ingest-report.json        the report of the last ``ingest`` run
@@ -42,6 +45,10 @@ The publish contract: a conversion destination is publishable only when
   state is present), and
 * no conversion state of another fingerprint is present, and
 * no shard is left unassembled.
+
+Files listed in ``.hbp-released/`` are part of the dataset although they are no
+longer on disk: upload_results verifies them in the container they were uploaded
+to (names, sizes, MD5s) and refuses to publish the destination anywhere else.
 
 It is *unfinished* when a conversion state is present and no marker of the
 same fingerprint, or a shard is unassembled (a killed or running conversion;
@@ -82,6 +89,7 @@ ARRAY_DIR_NAME = ".hbp-array"
 ARRAY_LOCK_NAME = ".hbp-array-lock"
 PLANNING_SECTION_DIR_NAME = "first-section"
 SHARD_PIECES_DIR_NAME = ".hbp-shard-pieces"
+RELEASED_DIR_NAME = ".hbp-released"
 
 UPLOAD_MANIFEST_NAME = ".hbp-upload-manifest.json"
 
@@ -257,6 +265,33 @@ def read_unit_record(destination: Path, unit_id: str) -> tuple[int, int] | None:
 def unit_piece_path(destination: Path, unit_id: str) -> Path:
     """Returns the piece a work unit leaves for the finishing step."""
     return Path(destination) / UNITS_DIR_NAME / "pieces" / f"{unit_id}.npy"
+
+
+def write_released(destination: Path, unit_id: str, document: dict[str, Any]) -> None:
+    """Records the files of a work unit about to be deleted after their upload."""
+    path = Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, document)
+
+
+def read_released(destination: Path) -> dict[str, dict[str, Any]]:
+    """Returns the released files' records by unit id; an unreadable one is an input
+    error (without it the dataset would be published without those files)."""
+    directory = Path(destination) / RELEASED_DIR_NAME
+    if not directory.is_dir():
+        return {}
+    records = {}
+    for path in sorted(directory.glob("*.json")):
+        document = read_json(path)
+        if not isinstance(document, dict) or not isinstance(document.get("objects"), list):
+            raise InputError(f"{path}: unreadable record of files deleted after their upload")
+        records[path.stem] = document
+    return records
+
+
+def forget_released(destination: Path, unit_ids) -> None:
+    """Deletes the released files' records of ``unit_ids`` (their units run again)."""
+    remove_files(Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json" for unit_id in unit_ids)
 
 
 def unassembled_shards(destination: Path) -> list[Path]:

@@ -41,6 +41,7 @@ from .upload_plan import (
     SegmentReader,
     check_conversion_complete,
     check_object_names,
+    content_type_for,
     file_digest,
     normalize_prefix,
     read_exactly,
@@ -612,6 +613,82 @@ def _plan(
     return _Plan(results_dir, objects, to_upload, skipped, digests)
 
 
+class ReleasedObjectsMissing(UploadError):
+    """Files deleted after their upload (``ingest --array --cleanup``) are not in the
+    container as recorded; ``names`` are their object names (without the prefix)."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message, object_name=names[0])
+        self.names = names
+
+
+def _released_objects(
+    results_dir: Path, container: str, prefix: str, objects: list[LocalObject]
+) -> tuple[list[LocalObject], dict[str, Digest]]:
+    """Returns the dataset's files that were deleted after their upload, as objects to
+    verify, with their recorded digests; refuses another container or prefix."""
+    on_disk = {local.name for local in objects}
+    released: list[LocalObject] = []
+    digests: dict[str, Digest] = {}
+    for unit_id, record in layout.read_released(results_dir).items():
+        target = (record.get("container"), record.get("prefix", ""))
+        if target != (container, prefix):
+            where = f"container {target[0]}" + (f" under {target[1]}" if target[1] else "")
+            raise InputError(
+                f"{results_dir}: {len(record['objects'])} files of unit {unit_id} were "
+                f"deleted after their upload to {where} (ingest --array --cleanup); publish "
+                "to that container and prefix, or convert again with --restart"
+            )
+        for entry in record["objects"]:
+            name = entry["name"]
+            if name in on_disk:  # deleting them was cut short: the file is used
+                continue
+            released.append(
+                LocalObject(
+                    f"{results_dir}/{name} (deleted after its upload)",
+                    name,
+                    entry["bytes"],
+                    content_type_for(name),
+                    entry.get("content_encoding", ""),
+                    entry.get("mtime_ns", 0),
+                )
+            )
+            segments = tuple(tuple(segment) for segment in entry.get("segments", ()))
+            digests[name] = Digest(entry["md5"], segments)
+    if released:
+        logger.info(
+            "%s: %d files deleted after their upload are verified in the container",
+            results_dir,
+            len(released),
+        )
+    return released, digests
+
+
+def _check_released(
+    released: list[LocalObject],
+    digests: Mapping[str, Digest],
+    remote: Mapping[str, ObjectInfo],
+    container: str,
+    prefix: str,
+) -> None:
+    """Refuses to go on when a released file is not in the listing as recorded:
+    uploading the rest would publish a dataset with holes."""
+    missing, problems = [], []
+    for local in released:
+        full_name = join_prefix(prefix, local.name)
+        problem = _describe_difference(remote.get(full_name), local, digests[local.name], full_name)
+        if problem:
+            missing.append(local.name)
+            problems.append(problem)
+    if problems:
+        raise ReleasedObjectsMissing(
+            f"{len(problems)} of {len(released)} objects deleted locally after their upload "
+            f"(ingest --array --cleanup) are missing or different in container {container}: "
+            f"{_examples(problems)}",
+            missing,
+        )
+
+
 class _Runner:
     """Runs the bounded pool over the dataset's files: hashing them, uploading them."""
 
@@ -701,12 +778,14 @@ def upload(
     options = options or UploadOptions()
     results_dir = Path(results_dir)
     objects = _scan_dataset(results_dir, container, options)
+    released, released_digests = _released_objects(results_dir, container, options.prefix, objects)
     runner = _Runner(jobs or default_upload_jobs(), show_progress, should_stop)
     exists = _prepare_container(connection, container, options)
     remote = _list_remote(connection, container, options.prefix) if exists else {}
     if exists:
         under = listing_prefix(options.prefix)
         logger.info("%d objects already under %s/%s", len(remote), container, under)
+    _check_released(released, released_digests, remote, container, options.prefix)
     plan = _plan(
         results_dir,
         objects,
@@ -714,6 +793,10 @@ def upload(
         options,
         lambda files: runner.hash_files(files, options.segment_size),
     )
+    # Verified above, never sent: they count as identical objects of the dataset.
+    plan.objects += released
+    plan.skipped += released
+    plan.digests.update(released_digests)
     public_url = _public_url(connection, container, options.prefix)
     link = neuroglancer_link(public_url, options.viewer_base, info=_read_local_info(results_dir))
     if options.dry_run:
@@ -726,11 +809,11 @@ def upload(
         options.container_headers(),
     )
     retries = runner.upload_all(uploader, plan)
-    _verify(connection, container, options.prefix, objects, plan.digests)
+    _verify(connection, container, options.prefix, plan.objects, plan.digests)
     if options.public:
         _check_public_access(public_url, options.cors_origin)
     manifest_path = _write_manifest(
-        results_dir, container, options.prefix, public_url, objects, plan.digests
+        results_dir, container, options.prefix, public_url, plan.objects, plan.digests
     )
     return _report(plan, options, public_url, link, started, retries, manifest_path)
 

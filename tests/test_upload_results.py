@@ -21,7 +21,7 @@ import requests
 import responses
 from fake_keystone import FAKE_AUTH, FAKE_STORAGE, token_body
 
-from hbp_image_tasks import errors, upload_results
+from hbp_image_tasks import errors, layout, upload_results
 from hbp_image_tasks.errors import InputError, Interrupted, UploadError, UsageError
 from hbp_image_tasks.layout import CONVERSION_STATE_NAME, UPLOAD_MANIFEST_NAME
 from hbp_image_tasks.neuroglancer_link import neuroglancer_link
@@ -423,6 +423,59 @@ def test_unchanged_rerun_sends_no_put_and_a_changed_file_is_sent_again(
     )
     assert forced.uploaded == total
     assert proxy_log.count("PUT", path + "/") == total
+
+
+@swift
+def test_files_deleted_after_their_upload_are_verified_in_their_container_not_sent(
+    dataset, settings, unique_container, proxy_log, swift_client, local_swift
+):
+    container = unique_container()
+    path = container_path(local_swift, container)
+    upload(dataset, container, fresh_connection(settings), show_progress=False)
+    total = len(local_objects(dataset))
+    # What a unit of ingest --array --cleanup leaves: its uploaded files recorded, then deleted.
+    chunks = sorted(dataset.glob("1mm/*.gz"))[:3]
+    entries = [
+        {
+            "name": f"1mm/{chunk.name[:-3]}",
+            "bytes": chunk.stat().st_size,
+            "md5": md5_of(chunk),
+            "content_encoding": "gzip",
+        }
+        for chunk in chunks
+    ]
+    record = {"container": container, "prefix": "", "objects": entries}
+    layout.write_released(dataset, "unit-a", record)
+    for chunk in chunks:
+        chunk.unlink()
+
+    proxy_log.mark()
+    result = upload(dataset, container, fresh_connection(settings), show_progress=False)
+    assert (result.uploaded, result.skipped, result.total_objects) == (0, total, total)
+    assert proxy_log.count("PUT", path) == 0
+    verified = {e["name"]: e["md5"] for e in layout.read_upload_manifest(dataset)["objects"]}
+    assert all(verified[e["name"]] == e["md5"] for e in entries)
+
+    # Anywhere else the dataset would lack them: refused before any request.
+    other = unique_container("other")
+    with pytest.raises(InputError) as refused:
+        upload(dataset, other, fresh_connection(settings), show_progress=False)
+    assert str(refused.value) == (
+        f"{dataset}: 3 files of unit unit-a were deleted after their upload to container "
+        f"{container} (ingest --array --cleanup); publish to that container and prefix, "
+        "or convert again with --restart"
+    )
+    assert other not in {c["name"] for c in swift_client.get_account()[1]}
+
+    # One of them gone from the container: nothing is sent, the object is named.
+    swift_client.delete_object(container, entries[1]["name"])
+    proxy_log.mark()
+    with pytest.raises(upload_results.ReleasedObjectsMissing) as caught:
+        upload(dataset, container, fresh_connection(settings), show_progress=False)
+    assert caught.value.names == [entries[1]["name"]]
+    assert "1 of 3 objects deleted locally after their upload" in str(caught.value)
+    assert f"{entries[1]['name']}: missing" in str(caught.value)
+    assert proxy_log.count("PUT", path) == 0
 
 
 @swift
