@@ -43,7 +43,7 @@ from .atomic import write_json_atomically
 from .object_names import join_prefix
 from .progress import format_duration
 from .swift import ObjectInfo, SwiftConnection
-from .upload_plan import read_manifest_digests
+from .upload_plan import Digest, LocalObject, read_manifest_digests
 
 logger = logging.getLogger(__name__)
 
@@ -156,16 +156,23 @@ def run_unit(job: Job, unit: units.Unit, executor, should_stop: Callable[[], boo
         },
         # The task's peak so far (Linux counts KiB): what --mem must cover.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "files": [
-            {
-                "name": local.name,
-                "bytes": local.size,
-                "mtime_ns": local.mtime_ns,
-                "md5": digests[local.name].md5 if local.name in digests else None,
-            }
-            for local in files
-        ],
+        "files": [file_entry(local, digests.get(local.name)) for local in files],
     }
+
+
+def file_entry(local: LocalObject, digest: Digest | None) -> dict:
+    """Returns what a unit record keeps of one of its files (the MD5 once uploaded)."""
+    entry = {
+        "name": local.name,
+        "bytes": local.size,
+        "mtime_ns": local.mtime_ns,
+        "md5": digest.md5 if digest else None,
+    }
+    if local.content_encoding:
+        entry["content_encoding"] = local.content_encoding
+    if digest and digest.segments:
+        entry["segments"] = [list(segment) for segment in digest.segments]
+    return entry
 
 
 def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
@@ -183,10 +190,12 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
             record = run_unit(job, job.units[unit_id], executor, should_stop)
             job.run.record_unit(unit_id, record)
             ran += 1
-            if job.options.cleanup and "sections" in job.document:
-                release_sections(
-                    job.run, job.plan.units, job.options.download_dir, job.units[unit_id]
-                )
+            if job.options.cleanup:
+                release_unit_files(job, unit_id, record)
+                if "sections" in job.document:
+                    release_sections(
+                        job.run, job.plan.units, job.options.download_dir, job.units[unit_id]
+                    )
             logger.info(
                 "unit %s (%d/%d of this task): %d files in %s (%s)",
                 unit_id,
@@ -197,6 +206,32 @@ def run_task(job: Job, index: int, should_stop: Callable[[], bool]) -> int:
                 ", ".join(f"{name} {seconds:.1f} s" for name, seconds in record["phases"].items()),
             )
     return ran
+
+
+def release_unit_files(job: Job, unit_id: str, record: dict) -> int:
+    """Deletes the files a unit uploaded (``--cleanup``), after recording them as
+    released: the finishing job verifies them in the container instead, and the
+    shared file system holds the output of the units in flight, not the whole
+    dataset's. The units' pieces stay for the finishing job. Returns how many went."""
+    files = record["files"]
+    if job.connection is None or not files or any(not entry["md5"] for entry in files):
+        return 0
+    options = job.options
+    layout.write_released(
+        options.results_dir,
+        unit_id,
+        {
+            "container": options.container,
+            "prefix": options.upload_options.prefix,
+            "objects": files,
+        },
+    )
+    base = os.path.join(options.results_dir, "")
+    for entry in files:
+        # A gzipped chunk is on disk as NAME.gz.
+        layout.remove_files([base + entry["name"] + ".gz", base + entry["name"]])
+    logger.info("--cleanup: deleted the %d files unit %s uploaded", len(files), unit_id)
+    return len(files)
 
 
 def release_sections(
@@ -244,11 +279,13 @@ def seed_upload_manifest(job: Job, records: list[dict]) -> None:
     layout.write_upload_manifest(job.options.results_dir, {"objects": list(known.values())})
 
 
-def check_unit_files(job: Job, records: list[dict]) -> None:
-    """Refuses a results directory whose unit files changed since they were recorded."""
+def check_unit_files(job: Job, records: list[dict], released: Iterable[str] = ()) -> None:
+    """Refuses a results directory whose unit files changed since they were recorded;
+    the files of the ``released`` units (deleted after their upload) may be missing."""
     # Plain strings: a dataset has up to millions of files, and pathlib's joins cost
     # more than the stat calls.
     base = os.path.join(job.options.results_dir, "")
+    released = set(released)
     for record in records:
         for entry in record["files"]:
             size = None
@@ -259,6 +296,8 @@ def check_unit_files(job: Job, records: list[dict]) -> None:
                     break
                 except FileNotFoundError:
                     continue
+            if size is None and record["id"] in released:
+                continue
             if size != entry["bytes"]:
                 raise errors.ConversionError(
                     f"{path}: recorded by unit {record['id']} with {entry['bytes']} bytes, "
@@ -276,7 +315,8 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             "ingest --array command again to resubmit them"
         )
     records = [job.run.unit_record(unit_id) for unit_id in job.units]
-    check_unit_files(job, records)
+    released = layout.read_released(job.options.results_dir)
+    check_unit_files(job, records, released)
     options = job.options
     with ThreadPoolExecutor(max_workers=options.jobs) as executor:
         context = unit_setup.make_context(
@@ -299,20 +339,59 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
     uploaded = None
     if job.connection is not None:
         seed_upload_manifest(job, records)
-        uploaded = upload_results.upload(
-            options.results_dir,
-            options.container,
-            job.connection,
-            options.upload_options,
-            jobs=options.transfers,
-            show_progress=False,
-            should_stop=should_stop,
-        ).to_dict()
-    return finish_report(job, records, counts, uploaded, time.monotonic() - started, job_id)
+        try:
+            uploaded = upload_results.upload(
+                options.results_dir,
+                options.container,
+                job.connection,
+                options.upload_options,
+                jobs=options.transfers,
+                show_progress=False,
+                should_stop=should_stop,
+            ).to_dict()
+        except upload_results.ReleasedObjectsMissing as exc:
+            lost = forget_units_of(job, released, exc.names)
+            raise errors.UploadError(
+                f"{exc}; their {len(lost)} unit(s) are marked unfinished (e.g. {lost[0]}): "
+                "run the same ingest --array command again to convert them again",
+                object_name=exc.object_name,
+            ) from None
+    seconds = time.monotonic() - started
+    released_files = sum(len(record["objects"]) for record in released.values())
+    return finish_report(job, records, counts, uploaded, seconds, job_id, released_files)
+
+
+def forget_units_of(job: Job, released: dict[str, dict], names: Iterable[str]) -> list[str]:
+    """Marks unfinished the units whose released files are not in the container, so
+    that the next run converts and uploads them again; returns their ids."""
+    names = set(names)
+    lost = sorted(
+        unit_id
+        for unit_id, record in released.items()
+        if any(entry["name"] in names for entry in record["objects"])
+    )
+    results_dir = job.options.results_dir
+    # Unfinished before anything is forgotten: the state back, then the marker gone.
+    layout.write_conversion_state(
+        results_dir, layout.ConversionState(layout.fingerprint_of(job.document["inputs"]))
+    )
+    layout.remove_complete_marker(results_dir)
+    for unit_id in lost:
+        layout.remove_files(
+            [job.run.unit_path(unit_id), layout.unit_record_path(results_dir, unit_id)]
+        )
+    layout.forget_released(results_dir, lost)
+    return lost
 
 
 def finish_report(
-    job: Job, records: list[dict], counts, uploaded: dict | None, seconds: float, job_id: str
+    job: Job,
+    records: list[dict],
+    counts,
+    uploaded: dict | None,
+    seconds: float,
+    job_id: str,
+    released_files: int = 0,
 ) -> dict:
     """Returns the run report of an array run."""
     unit_files = sum(len(record["files"]) for record in records)
@@ -336,6 +415,8 @@ def finish_report(
             "finishing_seconds": round(seconds, 3),
             "finishing_chunks": counts.chunks,
             "unit_peak_rss_bytes": max(record.get("peak_rss_bytes", 0) for record in records),
+            # deleted by their units once uploaded (--cleanup), verified in the listing
+            "released_files": released_files,
         },
         "upload": uploaded,
         "public_url": uploaded.get("public_url") if uploaded else None,

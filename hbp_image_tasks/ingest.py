@@ -153,8 +153,9 @@ def add_job_options(job: argparse._ArgumentGroup) -> None:
         "--cleanup",
         action="store_true",
         help="after the upload was verified, delete the download and results "
-        "directories (never after a failure); with --array, each z range's "
-        "sections also as soon as all its units are finished",
+        "directories (never after a failure); with --array, each unit also "
+        "deletes the files it uploaded (the finishing job verifies them in the "
+        "container), and each z range's sections go once all its units are finished",
     )
     job.add_argument(
         "--restart",

@@ -247,6 +247,7 @@ def test_with_cleanup_a_z_ranges_sections_go_once_all_its_units_are_finished(
         units={unit.id: unit for unit in tiles},
         document={"sections": []},
         options=types.SimpleNamespace(cleanup=cleanup, download_dir=download, jobs=1),
+        connection=None,  # no upload: the units have no files to delete
         # Task 0 runs z 0-16 and the first tile of z 16-32, task 1 the last tile.
         record={"tasks": [[tiles[0].id, tiles[1].id, tiles[2].id], [tiles[3].id]]},
     )

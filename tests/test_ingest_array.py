@@ -236,6 +236,61 @@ def test_cancelled_task_ends_the_wait_with_143_and_a_rerun_submits_only_unfinish
     assert listing(swift_client, container) == single_ingest_listing
 
 
+def test_with_cleanup_units_delete_what_they_uploaded_and_a_lost_object_runs_its_unit_again(
+    cluster_env,
+    example_source,
+    single_ingest_listing,
+    unique_container,
+    swift_client,
+    tmp_path,
+    caplog,
+):
+    from hbp_image_tasks import layout, slurm
+
+    container = unique_container("array")
+    argv = argv_for(
+        example_source, tmp_path, container, "--memory-limit", "768K", "--array", "4", "--cleanup"
+    )
+    # Held jobs: the units run once released, the finishing job when the test says.
+    assert ingest.main(argv + ["--sbatch-option=--hold"]) == 0
+    run = array_state.ArrayRun(tmp_path / "results")
+    first = run.read_submission(1)
+    subprocess.run(["scontrol", "release", first["array_job"]], check=True)
+    assert slurm.wait(first["array_job"], poll_seconds=0.5) == "COMPLETED"
+
+    results = tmp_path / "results"
+    released = layout.read_released(results)
+    assert sorted(released) == sorted(run.finished_units()) and len(released) == 4
+    published = listing(swift_client, container)
+    for unit_id, record in released.items():
+        assert record["objects"] == run.unit_record(unit_id)["files"]
+        for entry in record["objects"]:
+            assert published[entry["name"]] == entry["md5"]
+    # Of the dataset's files only 'info' is on disk: every chunk went once uploaded.
+    on_disk = [p.relative_to(results) for p in results.rglob("*") if p.is_file()]
+    assert [str(p) for p in on_disk if not str(p).startswith(".")] == ["info"]
+
+    # A released object is lost from the container before the finishing job runs.
+    lost_unit = sorted(released)[0]
+    lost = released[lost_unit]["objects"][0]["name"]
+    swift_client.delete_object(container, lost)
+    subprocess.run(["scontrol", "release", first["finish_job"]], check=True)
+    assert slurm.wait(first["finish_job"], poll_seconds=0.5) == "FAILED"
+    (outcome,) = run.outcomes("finish").values()
+    assert outcome["exit_code"] == 5
+    assert f"{lost}: missing" in outcome["message"]
+    assert f"their 1 unit(s) are marked unfinished (e.g. {lost_unit})" in outcome["message"]
+    assert run.finished_units() == set(released) - {lost_unit}
+    assert layout.conversion_status(results).kind == layout.UNFINISHED
+
+    # The same command converts that unit again, and publishes the whole dataset.
+    caplog.clear()
+    assert ingest.main(argv + ["--wait"]) == 0
+    assert ", 3 finished, 1 left for 1 task(s)" in caplog.text
+    assert listing(swift_client, container) == single_ingest_listing
+    assert not results.exists()  # --cleanup, after the verification
+
+
 def first_units(record: dict) -> list[str]:
     return [unit for task in record["tasks"] for unit in task]
 
