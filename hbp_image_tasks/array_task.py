@@ -19,7 +19,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -279,13 +279,12 @@ def seed_upload_manifest(job: Job, records: list[dict]) -> None:
     layout.write_upload_manifest(job.options.results_dir, {"objects": list(known.values())})
 
 
-def check_unit_files(job: Job, records: list[dict], released: Iterable[str] = ()) -> None:
+def check_unit_files(job: Job, records: list[dict], released: Container[str] = ()) -> None:
     """Refuses a results directory whose unit files changed since they were recorded;
     the files of the ``released`` units (deleted after their upload) may be missing."""
     # Plain strings: a dataset has up to millions of files, and pathlib's joins cost
     # more than the stat calls.
     base = os.path.join(job.options.results_dir, "")
-    released = set(released)
     for record in records:
         for entry in record["files"]:
             size = None
@@ -315,7 +314,7 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
             "ingest --array command again to resubmit them"
         )
     records = [job.run.unit_record(unit_id) for unit_id in job.units]
-    released = layout.read_released(job.options.results_dir)
+    released = layout.released_units(job.options.results_dir)
     check_unit_files(job, records, released)
     options = job.options
     with ThreadPoolExecutor(max_workers=options.jobs) as executor:
@@ -350,27 +349,27 @@ def run_finish(job: Job, should_stop: Callable[[], bool], job_id: str) -> dict:
                 should_stop=should_stop,
             ).to_dict()
         except upload_results.ReleasedObjectsMissing as exc:
-            lost = forget_units_of(job, released, exc.names)
+            lost = forget_units_of(job, exc.names)
             raise errors.UploadError(
                 f"{exc}; their {len(lost)} unit(s) are marked unfinished (e.g. {lost[0]}): "
                 "run the same ingest --array command again to convert them again",
                 object_name=exc.object_name,
             ) from None
     seconds = time.monotonic() - started
-    released_files = sum(len(record["objects"]) for record in released.values())
+    released_files = sum(len(record["files"]) for record in records if record["id"] in released)
     return finish_report(job, records, counts, uploaded, seconds, job_id, released_files)
 
 
-def forget_units_of(job: Job, released: dict[str, dict], names: Iterable[str]) -> list[str]:
+def forget_units_of(job: Job, names: Iterable[str]) -> list[str]:
     """Marks unfinished the units whose released files are not in the container, so
     that the next run converts and uploads them again; returns their ids."""
     names = set(names)
+    results_dir = job.options.results_dir
     lost = sorted(
         unit_id
-        for unit_id, record in released.items()
+        for unit_id, record in layout.read_released(results_dir).items()
         if any(entry["name"] in names for entry in record["objects"])
     )
-    results_dir = job.options.results_dir
     # Unfinished before anything is forgotten: the state back, then the marker gone.
     layout.write_conversion_state(
         results_dir, layout.ConversionState(layout.fingerprint_of(job.document["inputs"]))

@@ -289,6 +289,12 @@ def read_released(destination: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+def released_units(destination: Path) -> set[str]:
+    """Returns the ids of the units whose files were deleted after their upload."""
+    directory = Path(destination) / RELEASED_DIR_NAME
+    return {path.stem for path in directory.glob("*.json")} if directory.is_dir() else set()
+
+
 def forget_released(destination: Path, unit_ids) -> None:
     """Deletes the released files' records of ``unit_ids`` (their units run again)."""
     remove_files(Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json" for unit_id in unit_ids)

@@ -177,6 +177,29 @@ def test_a_unit_file_changed_after_its_unit_was_recorded_stops_the_finishing_ste
     )
 
 
+def test_the_files_a_unit_deleted_after_their_upload_may_be_missing_but_not_changed(
+    tmp_path: Path,
+):
+    (tmp_path / "20um").mkdir()
+    (tmp_path / "20um" / "8-16_0-8_0-8").write_bytes(b"def")
+    records = [
+        {
+            "id": "unit-a",
+            "files": [
+                {"name": "20um/0-8_0-8_0-8", "bytes": 3},
+                {"name": "20um/8-16_0-8_0-8", "bytes": 3},
+            ],
+        }
+    ]
+    job = types.SimpleNamespace(options=types.SimpleNamespace(results_dir=tmp_path))
+    with pytest.raises(errors.ConversionError, match="now missing"):
+        array_task.check_unit_files(job, records)
+    array_task.check_unit_files(job, records, {"unit-a"})
+    (tmp_path / "20um" / "8-16_0-8_0-8").write_bytes(b"longer")
+    with pytest.raises(errors.ConversionError, match="now 6 bytes"):
+        array_task.check_unit_files(job, records, {"unit-a"})
+
+
 @pytest.mark.parametrize("option", [["--wait"], ["--sbatch-option=--qos=high"]])
 def test_array_options_without_array_are_refused(tmp_path, caplog, option):
     from hbp_image_tasks import ingest
