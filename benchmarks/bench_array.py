@@ -10,8 +10,13 @@ speed-up of two concurrent tasks, that of two conversions alone (two units'
 fetched sections converted at once by ``ingest_ngs``, no Swift on the cores),
 and a linear projection for the full BigBrain and for 1 um sections.
 
+With --disk it measures instead the peak size of the download and results
+directories during ``ingest --array 2`` with upload, with and without --cleanup
+(with it, each unit deletes its sections and the files it uploaded once done).
+
 examples:
   benchmarks/bench_array.py                       # 1024 x 1024 x 256, 4 units
+  benchmarks/bench_array.py --disk --sections 512 # 8 units: the disk each run holds
   benchmarks/bench_array.py --size 256 --sections 32 --chunk 16 --work-dir /tmp/b
 """
 
@@ -25,9 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from swift_servers import delete_container, server_cpu_seconds, swift_connection
 
@@ -213,6 +220,11 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=64, help="chunk_size (a unit: its z grid)")
     parser.add_argument("--upload", action="store_true", help="also upload (default: --no-upload)")
     parser.add_argument(
+        "--disk",
+        action="store_true",
+        help="measure the peak disk of --array 2 with and without --cleanup instead",
+    )
+    parser.add_argument(
         "--nodes", type=int, nargs="+", default=[1, 10, 100], help="node counts to project to"
     )
     parser.add_argument("--cores-per-node", type=int, default=128, help="cores of one node")
@@ -282,8 +294,11 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
             "--download-dir", str(work / name / "source"),
             "--results-dir", str(work / name / "results"),
             "--parameters", json.dumps(parameters),
-            *(target if args.upload else ["--no-upload"]), *extra,
+            *(target if args.upload or args.disk else ["--no-upload"]), *extra,
         ]  # fmt: skip
+
+    if args.disk:
+        return measure_disk(args, work, env, argv)
 
     runs = {
         "single ingest --jobs 2": ("single", "--jobs", "2"),
@@ -325,6 +340,58 @@ def measure(args, work: Path, swift: dict, slurm: dict, made: list[str]) -> int:
             indent=1,
         )
     )
+    return 0
+
+
+def tree_bytes(*roots: Path) -> int:
+    """Returns the bytes the files under ``roots`` take on disk (sparse files count less)."""
+    total = 0
+    for root in roots:
+        for directory, _, files in os.walk(root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+                except FileNotFoundError:  # deleted while walking
+                    pass
+    return total
+
+
+def peak_disk(argv: list[str], env: dict, cwd: Path, roots: list[Path]) -> tuple[int, float]:
+    """Runs ingest, sampling the size of ``roots`` every 0.1 s and once at the end;
+    returns the largest and the wall-clock seconds."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], tree_bytes(*roots))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        seconds = ingest(argv, env, cwd)
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], tree_bytes(*roots)), seconds
+
+
+def measure_disk(args, work: Path, env: dict, argv: Callable[..., list[str]]) -> int:
+    """Prints the peak disk of ``ingest --array 2`` with upload, without and with --cleanup."""
+    runs = {"without --cleanup": ("keep",), "with --cleanup": ("cleanup", "--cleanup")}
+    peaks, walls = {}, {}
+    for label, (name, *extra) in runs.items():
+        # Units one chunk deep: the most units, hence the least of the stack at once.
+        units = ["--sections-per-unit", str(args.chunk)]
+        command = argv(name, "--jobs", "1", "--array", "2", *units, "--wait", *extra)
+        roots = [work / name / "source", work / name / "results"]
+        peaks[label], walls[label] = peak_disk(command, env, work, roots)
+    kept, cleaned = peaks.values()
+    for label in runs:
+        print(f"  {label:18s} peak {peaks[label] / 2**20:8.1f} MiB on disk, {walls[label]:.1f} s")
+    stack, dataset = tree_bytes(work / "keep" / "source"), tree_bytes(work / "keep" / "results")
+    print(f"the whole stack {stack / 2**20:.1f} MiB, the dataset {dataset / 2**20:.1f} MiB")
+    print(f"peak disk, without / with --cleanup: {kept / max(cleaned, 1):.2f}x")
+    (work / "results.json").write_text(json.dumps({"disk": peaks, "walls": walls}, indent=1))
     return 0
 
 

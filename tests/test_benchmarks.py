@@ -156,6 +156,28 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
     assert done.stdout.count("(local Swift servers: ") == 3
 
 
+@pytest.mark.swift
+def test_array_benchmark_measures_the_disk_with_and_without_cleanup(
+    tmp_path, local_swift, local_slurm
+):
+    done = subprocess.run(
+        [sys.executable, str(ARRAY_BENCHMARK), "--disk", "--size", "64", "--sections", "32"]
+        + ["--chunk", "8", "--work-dir", str(tmp_path)]
+        + ["--swift-dir", local_swift.env["state_dir"]]
+        + ["--slurm-dir", str(local_slurm.slurm_conf.parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "peak disk, without / with --cleanup: " in done.stdout
+    peaks = json.loads((tmp_path / "results.json").read_text())["disk"]
+    # Four units, two at a time: with --cleanup the finished ones are gone.
+    assert 0 < peaks["with --cleanup"] < peaks["without --cleanup"]
+    assert not (tmp_path / "cleanup" / "results").exists()
+    assert (tmp_path / "keep" / "results" / "info").is_file()
+
+
 HEADERS = BENCHMARK.parent / "bench_headers.py"
 
 
