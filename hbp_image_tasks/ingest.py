@@ -399,6 +399,11 @@ def preflight(options: IngestOptions) -> Preflight:
         connection = SwiftConnection(options.settings, error_type=errors.UploadError)
     check_writable(options.download_dir, options.dry_run)
     check_writable(options.results_dir, options.dry_run)
+    if options.upload and not options.restart:
+        # Units of an earlier --array --cleanup run left their files only there.
+        upload_results.check_released_target(
+            options.results_dir, options.container, options.upload_options.prefix
+        )
     if options.order_file is not None and not options.order_file.is_file():
         raise errors.UsageError(f"--order-file {options.order_file} does not exist")
     if connection is not None:

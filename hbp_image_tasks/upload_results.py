@@ -622,15 +622,11 @@ class ReleasedObjectsMissing(UploadError):
         self.names = names
 
 
-def _released_objects(
-    results_dir: Path, container: str, prefix: str, objects: list[LocalObject]
-) -> tuple[list[LocalObject], dict[str, Digest]]:
-    """Returns the dataset's files that were deleted after their upload, as objects to
-    verify, with their recorded digests; refuses another container or prefix."""
-    on_disk = {local.name for local in objects}
-    released: list[LocalObject] = []
-    digests: dict[str, Digest] = {}
-    for unit_id, record in layout.read_released(results_dir).items():
+def check_released_target(results_dir: Path, container: str, prefix: str) -> dict[str, dict]:
+    """Returns the records of the files deleted after their upload (``ingest --array
+    --cleanup``) by unit id; refuses a container or prefix other than theirs."""
+    records = layout.read_released(results_dir)
+    for unit_id, record in records.items():
         target = (record.get("container"), record.get("prefix", ""))
         if target != (container, prefix):
             where = f"container {target[0]}" + (f" under {target[1]}" if target[1] else "")
@@ -639,6 +635,18 @@ def _released_objects(
                 f"deleted after their upload to {where} (ingest --array --cleanup); publish "
                 "to that container and prefix, or convert again with --restart"
             )
+    return records
+
+
+def _released_objects(
+    results_dir: Path, container: str, prefix: str, objects: list[LocalObject]
+) -> tuple[list[LocalObject], dict[str, Digest]]:
+    """Returns the dataset's files that were deleted after their upload, as objects to
+    verify, with their recorded digests; refuses another container or prefix."""
+    on_disk = {local.name for local in objects}
+    released: list[LocalObject] = []
+    digests: dict[str, Digest] = {}
+    for record in check_released_target(results_dir, container, prefix).values():
         for entry in record["objects"]:
             name = entry["name"]
             if name in on_disk:  # deleting them was cut short: the file is used

@@ -283,6 +283,15 @@ def test_with_cleanup_units_delete_what_they_uploaded_and_a_lost_object_runs_its
     assert run.finished_units() == set(released) - {lost_unit}
     assert layout.conversion_status(results).kind == layout.UNFINISHED
 
+    # Another container would lack the deleted files: refused before anything is submitted.
+    caplog.clear()
+    elsewhere = argv_for(
+        example_source, tmp_path, unique_container("other"), "--array", "4", "--cleanup"
+    )
+    assert ingest.main(elsewhere + ["--memory-limit", "768K", "--wait"]) == 2
+    assert f"were deleted after their upload to container {container} " in caplog.text
+    assert run.submissions() == [1]
+
     # The same command converts that unit again, and publishes the whole dataset.
     caplog.clear()
     assert ingest.main(argv + ["--wait"]) == 0
