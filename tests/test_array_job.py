@@ -143,6 +143,24 @@ def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path
         unit_setup.unit_files(tmp_path, info, unit)
 
 
+def recorded_unit(results_dir: Path) -> tuple[types.SimpleNamespace, list[dict]]:
+    """Writes the two files of a recorded unit; returns the job and the unit records."""
+    # Gzipped chunks are on disk as NAME.gz, the other files under their name.
+    (results_dir / "20um").mkdir()
+    (results_dir / "20um" / "0-8_0-8_0-8.gz").write_bytes(b"abc")
+    (results_dir / "20um" / "8-16_0-8_0-8").write_bytes(b"def")
+    records = [
+        {
+            "id": "unit-a",
+            "files": [
+                {"name": "20um/0-8_0-8_0-8", "bytes": 3},
+                {"name": "20um/8-16_0-8_0-8", "bytes": 3},
+            ],
+        }
+    ]
+    return types.SimpleNamespace(options=types.SimpleNamespace(results_dir=results_dir)), records
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -153,20 +171,7 @@ def test_a_missing_chunk_of_a_finished_unit_is_a_conversion_error(tmp_path: Path
 def test_a_unit_file_changed_after_its_unit_was_recorded_stops_the_finishing_step(
     tmp_path: Path, change, message
 ):
-    # Gzipped chunks are on disk as NAME.gz, the other files under their name.
-    (tmp_path / "20um").mkdir()
-    (tmp_path / "20um" / "0-8_0-8_0-8.gz").write_bytes(b"abc")
-    (tmp_path / "20um" / "8-16_0-8_0-8").write_bytes(b"def")
-    records = [
-        {
-            "id": "unit-a",
-            "files": [
-                {"name": "20um/0-8_0-8_0-8", "bytes": 3},
-                {"name": "20um/8-16_0-8_0-8", "bytes": 3},
-            ],
-        }
-    ]
-    job = types.SimpleNamespace(options=types.SimpleNamespace(results_dir=tmp_path))
+    job, records = recorded_unit(tmp_path)
     array_task.check_unit_files(job, records)
     change(tmp_path / "20um" / "8-16_0-8_0-8")
     with pytest.raises(errors.ConversionError) as caught:
@@ -180,18 +185,8 @@ def test_a_unit_file_changed_after_its_unit_was_recorded_stops_the_finishing_ste
 def test_the_files_a_unit_deleted_after_their_upload_may_be_missing_but_not_changed(
     tmp_path: Path,
 ):
-    (tmp_path / "20um").mkdir()
-    (tmp_path / "20um" / "8-16_0-8_0-8").write_bytes(b"def")
-    records = [
-        {
-            "id": "unit-a",
-            "files": [
-                {"name": "20um/0-8_0-8_0-8", "bytes": 3},
-                {"name": "20um/8-16_0-8_0-8", "bytes": 3},
-            ],
-        }
-    ]
-    job = types.SimpleNamespace(options=types.SimpleNamespace(results_dir=tmp_path))
+    job, records = recorded_unit(tmp_path)
+    (tmp_path / "20um" / "0-8_0-8_0-8.gz").unlink()
     with pytest.raises(errors.ConversionError, match="now missing"):
         array_task.check_unit_files(job, records)
     array_task.check_unit_files(job, records, {"unit-a"})

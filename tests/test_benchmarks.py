@@ -129,20 +129,26 @@ def test_publish_benchmark_ingests_unsharded_and_sharded_to_the_local_swift(tmp_
 ARRAY_BENCHMARK = BENCHMARK.parent / "bench_array.py"
 
 
-@pytest.mark.swift
-def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
-    tmp_path, local_swift, local_slurm
-):
+def run_array_benchmark(work: Path, local_swift, local_slurm, *options: str):
+    """Runs bench_array.py small on the test Swift and Slurm; returns the finished process."""
     done = subprocess.run(
-        [sys.executable, str(ARRAY_BENCHMARK), "--size", "64", "--sections", "16"]
-        + ["--chunk", "8", "--nodes", "1", "--work-dir", str(tmp_path)]
-        + ["--swift-dir", local_swift.env["state_dir"]]
+        [sys.executable, str(ARRAY_BENCHMARK), "--size", "64", "--chunk", "8", *options]
+        + ["--work-dir", str(work), "--swift-dir", local_swift.env["state_dir"]]
         + ["--slurm-dir", str(local_slurm.slurm_conf.parent)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.swift
+def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
+    tmp_path, local_swift, local_slurm
+):
+    options = ["--sections", "16", "--nodes", "1"]
+    done = run_array_benchmark(tmp_path, local_swift, local_slurm, *options)
     assert "2 concurrent tasks vs 1:" in done.stdout and "BigBrain 20 um" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["units"]) == 2 and results["finishing"]["units"] == 2
@@ -160,16 +166,7 @@ def test_array_benchmark_runs_single_and_array_ingests_on_the_local_slurm(
 def test_array_benchmark_measures_the_disk_with_and_without_cleanup(
     tmp_path, local_swift, local_slurm
 ):
-    done = subprocess.run(
-        [sys.executable, str(ARRAY_BENCHMARK), "--disk", "--size", "64", "--sections", "32"]
-        + ["--chunk", "8", "--work-dir", str(tmp_path)]
-        + ["--swift-dir", local_swift.env["state_dir"]]
-        + ["--slurm-dir", str(local_slurm.slurm_conf.parent)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_array_benchmark(tmp_path, local_swift, local_slurm, "--disk", "--sections", "32")
     assert "peak disk, without / with --cleanup: " in done.stdout
     peaks = json.loads((tmp_path / "results.json").read_text())["disk"]
     # Four units, two at a time: with --cleanup the finished ones are gone.
