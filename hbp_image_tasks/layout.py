@@ -267,9 +267,14 @@ def unit_piece_path(destination: Path, unit_id: str) -> Path:
     return Path(destination) / UNITS_DIR_NAME / "pieces" / f"{unit_id}.npy"
 
 
+def released_path(destination: Path, unit_id: str) -> Path:
+    """Returns the record of a work unit's files deleted after their upload."""
+    return Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json"
+
+
 def write_released(destination: Path, unit_id: str, document: dict[str, Any]) -> None:
     """Records the files of a work unit about to be deleted after their upload."""
-    path = Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json"
+    path = released_path(destination, unit_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, document)
 
@@ -297,7 +302,7 @@ def released_units(destination: Path) -> set[str]:
 
 def forget_released(destination: Path, unit_ids) -> None:
     """Deletes the released files' records of ``unit_ids`` (their units run again)."""
-    remove_files(Path(destination) / RELEASED_DIR_NAME / f"{unit_id}.json" for unit_id in unit_ids)
+    remove_files(released_path(destination, unit_id) for unit_id in unit_ids)
 
 
 def unassembled_shards(destination: Path) -> list[Path]:
