@@ -595,4 +595,4 @@ def test_dry_run_writes_nothing(
     plan = json.loads(capsys.readouterr().out)
     assert plan["objects"] == 3
     assert not (tmp_path / "source").exists() and not (tmp_path / "results").exists()
-    assert output not in [c["name"] for c in swift_client.get_account()[1]]
+    assert swift_client.get_account(prefix=output)[1] == []
