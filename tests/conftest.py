@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -54,15 +55,29 @@ class LocalSwift:
     memcached_port: int | None
     pids: dict
     env: dict
+    # True when this session started the servers: it deletes their data when it
+    # stops them, so tests need not delete their containers object by object.
+    data_deleted_at_end: bool = False
 
     @classmethod
     def from_env(cls, env: dict) -> LocalSwift:
         """Builds it from the env JSON."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"env"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"env", "data_deleted_at_end"}
         values = {name: env.get(name) for name in names}
         values["settings_file"] = Path(env["settings_file"])
         values["proxy_log"] = Path(env["proxy_log"])
         return cls(env=env, **values)
+
+    def delete_container(self, name: str) -> None:
+        """Deletes a test's container and its objects, unless the session deletes all
+        the servers' data at its end anyway (deleting each object only costs time)."""
+        if self.data_deleted_at_end:
+            return
+        connection = self.connection()
+        try:
+            bulk_delete(connection, name)
+        finally:
+            connection.close()
 
     def keystone_session(self, password: str | None = None):
         """Returns a keystoneauth1 session of the test user."""
@@ -130,7 +145,7 @@ class LocalSwift:
         """Creates container ``name`` (public, with CORS) holding ``objects``; returns its URL.
 
         For containers shared by several tests (module-scoped fixtures); the
-        caller deletes it with :func:`bulk_delete`.
+        caller deletes it with :meth:`delete_container`.
         """
         headers = {}
         if public:
@@ -185,7 +200,8 @@ def local_swift() -> Iterator[LocalSwift]:
     """Starts the local Swift + Keystone once per session (reusing a running one).
 
     State goes to $LOCAL_SWIFT_TEST_DIR (default <repo>/.local-swift/tests); the
-    servers stop at the end unless they were already running or LOCAL_SWIFT_KEEP=1.
+    servers stop at the end unless they were already running or LOCAL_SWIFT_KEEP=1,
+    and then their data goes too (the tests' containers, deleted all at once).
     Skips when they cannot start, but fails when CI=true.
     """
     state = os.environ.get("LOCAL_SWIFT_TEST_DIR") or str(REPO / ".local-swift" / "tests")
@@ -211,12 +227,14 @@ def local_swift() -> Iterator[LocalSwift]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    owned = not was_running and os.environ.get("LOCAL_SWIFT_KEEP") != "1"
     env = json.loads(started.stdout)
     try:
-        yield LocalSwift.from_env(env)
+        yield dataclasses.replace(LocalSwift.from_env(env), data_deleted_at_end=owned)
     finally:
-        if not was_running and os.environ.get("LOCAL_SWIFT_KEEP") != "1":
-            run_script("stop", "--dir", state, timeout=60)
+        if owned and run_script("stop", "--dir", state, timeout=60).returncode == 0:
+            # The tests' containers, all at once (the next start begins empty).
+            shutil.rmtree(Path(state) / "storage", ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -320,10 +338,8 @@ def unique_container(request, local_swift: LocalSwift) -> Iterator[Callable[...,
         return name
 
     yield make
-    connection = local_swift.connection()
     for name in created:
-        bulk_delete(connection, name)
-    connection.close()
+        local_swift.delete_container(name)
 
 
 def put_objects(connection, container: str, objects: Mapping[str, bytes]) -> None:

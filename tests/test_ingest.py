@@ -226,7 +226,7 @@ def finish(argv: list[str], settings: Path) -> str:
 @pytest.fixture(scope="module")
 def big_stack(local_swift):
     """A public container of 192 sections of 128x128 (many small transfers)."""
-    from conftest import PUBLIC_READ_ACL, bulk_delete, put_objects
+    from conftest import PUBLIC_READ_ACL, put_objects
 
     volume = smooth_stack(192, 128, 128, seed=7)
     connection = local_swift.connection()
@@ -234,8 +234,8 @@ def big_stack(local_swift):
     connection.put_container(name, headers={"X-Container-Read": PUBLIC_READ_ACL})
     put_objects(connection, name, stack_objects(volume))
     yield name, volume
-    bulk_delete(connection, name)
     connection.close()
+    local_swift.delete_container(name)
 
 
 # 32^3 chunks of the big stack: 4 x 4 x 6 at scale 0, about 120 objects in all.

@@ -31,14 +31,10 @@ def example_container(local_swift, public: bool):
     """Yields the URL of a container holding the bundled example stack."""
     import uuid
 
-    from conftest import bulk_delete
-
     name = f"array-example-{uuid.uuid4().hex[:8]}"
     objects = {f"brain-stack/{p.name}": p.read_bytes() for p in sorted(EXAMPLE.glob("*.png"))}
     yield local_swift.create_container(name, objects, public)
-    connection = local_swift.connection()
-    bulk_delete(connection, name)
-    connection.close()
+    local_swift.delete_container(name)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +95,6 @@ def reference_listings(local_swift, example_source, tmp_path_factory, swift_sett
     """Returns what one ``ingest`` process publishes from the example, per parameters."""
     import uuid
 
-    from conftest import bulk_delete
-
     made: dict[str, dict[str, str]] = {}
 
     def listing_for(parameters: dict) -> dict[str, str]:
@@ -120,8 +114,8 @@ def reference_listings(local_swift, example_source, tmp_path_factory, swift_sett
                     os.environ["SWIFT_SETTINGS"] = previous
             connection = local_swift.connection()
             made[key] = listing(connection, container)
-            bulk_delete(connection, container)
             connection.close()
+            local_swift.delete_container(container)
         return made[key]
 
     return listing_for

@@ -87,14 +87,10 @@ def listed_container(local_swift):
     """Returns (name, url) of one public container holding LISTED, shared by the module."""
     import uuid
 
-    from conftest import bulk_delete
-
     name = f"test-swift-listing-{uuid.uuid4().hex[:8]}"
     url = local_swift.create_container(name, LISTED)
     yield name, url
-    connection = local_swift.connection()
-    bulk_delete(connection, name)
-    connection.close()
+    local_swift.delete_container(name)
 
 
 @swift
